@@ -1,0 +1,365 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted `key.sub=value` overrides.
+
+Every mistake a user can make in a config (unknown key, wrong type, value out of range) is reported as one
+`ConfigError` line naming the key, with a close-match suggestion for typos; `pretrain` turns it into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as a single line."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Procedural motion dataset generated when `data.root` is empty (the CPU demo)."""
+    num_classes: int = 8
+    videos_per_class: int = 24
+    frames: int = 40
+    height: int = 64
+    width: int = 80
+    fps: int = 25
+    test_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    loader: Literal["auto", "cpu", "dali"] = "auto"
+    root: str = ""                      # prepared dataset (index.jsonl); "" = synthetic dataset in cache_dir
+    cache_dir: str = "~/.cache/goca_fast"
+    train_split: str = "train"
+    test_split: str = "test"
+    modalities: Literal["rgb_flow", "rgb", "flow"] = "rgb_flow"
+    clips_per_group: list[int] = field(default_factory=lambda: [2, 4])
+    frames_per_group: list[int] = field(default_factory=lambda: [16, 8])
+    stride: int = 2
+    min_distance: int = 16
+    crop_size: int = 112
+    scale_range: list[int] = field(default_factory=lambda: [128, 160])
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0                 # the official code builds a blur but never applies it
+    time_reverse_p: float = 0.0
+    flow_mode: Literal["shared", "official"] = "shared"
+    batch_size: int = 8                 # per process
+    workers: int = 4
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["r2plus1d_18", "r3d_18", "s3d", "tiny"] = "r2plus1d_18"
+    pool: Literal["1x2x2", "global"] = "1x2x2"
+    hidden_dim: int = 2048
+    embed_dim: int = 128
+    num_prototypes: int = 1000
+    shared_head: bool = False
+    prototypes_path: str = ""           # .npy K×D; loaded and frozen when set
+    prototype_reg_weight: float = 0.0   # mean max (1+cos) separation penalty; 0 = off
+    channels_last: bool = False
+    sync_bn: bool = True                # only under DDP
+
+
+@dataclass
+class GocaConfig:
+    merge: Literal["prior", "mix", "avg"] = "prior"
+    epsilon: float = 0.05
+    prior_epsilon: float = 0.01
+    iterations: int = 3
+    cycles: Literal[1, 2] = 1
+    prior_sign: Literal["kl", "official"] = "kl"
+    prior_start_epoch: int = 0
+    assign_clips: list[int] = field(default_factory=lambda: [0, 1])
+    temperature: float = 0.1
+    queue_length: int = 0               # global; 0 = no queue
+    queue_start_epoch: int = 10
+    official_loss_scale: bool = False   # the official code divides by |assign_clips| twice
+    backend: Literal["auto", "torch", "cuda"] = "auto"
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    base_lr: float = 0.15               # × sqrt(global batch)
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    final_lr: float = 0.0048
+    start_warmup: float = 0.3
+    warmup_epochs: int = 10
+    fix_lr: bool = False
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    larc: bool = True
+    larc_trust: float = 0.001
+    larc_clip: bool = False
+    exclude_bn_bias: bool = False       # official: LARC and wd on every parameter
+    use_apex: bool = False
+    freeze_prototypes_epochs: int = 1
+    freeze_prototypes_iters: int = 0
+
+
+@dataclass
+class EngineConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    max_bad_steps: int = 20             # consecutive non-finite losses before aborting
+    checkpoint_minutes: float = 30.0    # also write `latest` mid-epoch this often (0 = only at epoch ends)
+    checkpoint_every_iters: int = 0     # also write `latest` every N iterations (0 = off)
+    snapshot_every_epochs: int = 10
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    max_iters_per_epoch: int = 0        # 0 = full epoch (smoke tests cut epochs short)
+    torch_threads: int = 0              # 0 = leave torch's default
+
+
+@dataclass
+class EvalConfig:
+    knn_after_training: bool = True
+    clips: int = 5
+    crops: int = 3
+    clip_length: int = 0                # 0 = the longest pretraining clip
+    batch_size: int = 8
+    compare_random_init: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "goca"
+    output_dir: str = "runs"
+    seed: int = 31
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    goca: GocaConfig = field(default_factory=GocaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def clip_lengths(self) -> list[int]:
+        """Flat per-clip frame counts in batch order, e.g. [16, 16, 8, 8, 8, 8]."""
+        return [t for n, t in zip(self.data.clips_per_group, self.data.frames_per_group) for _ in range(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic typed conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value to the annotated type; raise a one-line ConfigError otherwise."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            # YAML reads `1` as int: accept "1" too for int literals and vice versa for str literals.
+            for c in choices:
+                if str(c) == str(value):
+                    return c
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if origin is typing.Union:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _convert(value, inner, key)
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and item_tp in (int, float):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _suggest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(str(k), names)}")
+        kwargs[k] = _convert(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def _check_override_path(key: str) -> None:
+    """Catch `data.batchsize=4`-style typos with the full dotted path in the message."""
+    cls: Any = Config
+    prefix = ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"config key '{prefix.rstrip('.')}' has no sub-key '{part}'")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise ConfigError(f"unknown config key '{prefix}{part}'{_suggest(part, names)}")
+        cls = typing.get_type_hints(cls)[part]
+        prefix += part + "."
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    d, m, g, o = cfg.data, cfg.model, cfg.goca, cfg.optim
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(len(d.clips_per_group) == len(d.frames_per_group) and len(d.clips_per_group) > 0,
+         "data.clips_per_group and data.frames_per_group must be non-empty lists of the same length")
+    need(all(n > 0 for n in d.clips_per_group), "data.clips_per_group: every group needs at least one clip")
+    need(all(t > 0 for t in d.frames_per_group), "data.frames_per_group: every clip needs at least one frame")
+    n_clips = sum(d.clips_per_group)
+    need(n_clips >= 2, "data.clips_per_group: swapped prediction needs at least 2 clips per video")
+    need(len(g.assign_clips) > 0 and all(0 <= i < n_clips for i in g.assign_clips),
+         f"goca.assign_clips: indices must lie in [0, {n_clips}) (the number of clips per video)")
+    need(len(set(g.assign_clips)) == len(g.assign_clips), "goca.assign_clips: indices must be distinct")
+    need(d.stride >= 1, "data.stride must be >= 1")
+    need(d.min_distance >= 0, "data.min_distance must be >= 0")
+    need(len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
+         "data.scale_range must be [min_short_side, max_short_side] with 0 < min <= max")
+    need(d.crop_size > 0 and d.crop_size <= d.scale_range[0],
+         f"data.crop_size ({d.crop_size}) must be positive and <= data.scale_range[0] ({d.scale_range[0]})")
+    for name in ("color_jitter_p", "grayscale_p", "blur_p", "time_reverse_p"):
+        p = getattr(d, name)
+        need(0.0 <= p <= 1.0, f"data.{name} must be a probability in [0, 1], got {p}")
+    need(d.batch_size >= 1, "data.batch_size must be >= 1")
+    need(d.workers >= 0, "data.workers must be >= 0")
+    need(g.merge == "prior" or d.modalities == "rgb_flow" or g.merge == "avg",
+         "goca.merge 'mix' needs data.modalities=rgb_flow")
+    need(not (g.merge == "avg" and d.modalities != "rgb_flow"), "goca.merge 'avg' needs data.modalities=rgb_flow")
+    need(g.epsilon > 0, f"goca.epsilon must be > 0, got {g.epsilon}")
+    need(g.prior_epsilon >= 0, f"goca.prior_epsilon must be >= 0, got {g.prior_epsilon}")
+    need(g.iterations >= 1, "goca.iterations must be >= 1")
+    need(g.temperature > 0, "goca.temperature must be > 0")
+    need(g.queue_length >= 0, "goca.queue_length must be >= 0")
+    need(m.num_prototypes >= 2, "model.num_prototypes must be >= 2")
+    need(m.embed_dim >= 2 and m.hidden_dim >= 1, "model.embed_dim must be >= 2 and model.hidden_dim >= 1")
+    need(o.epochs >= 1, "optim.epochs must be >= 1")
+    need(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs must lie in [0, optim.epochs]")
+    need(o.base_lr > 0 and o.final_lr >= 0 and o.start_warmup >= 0, "optim: learning rates must be positive")
+    need(cfg.engine.max_bad_steps >= 1, "engine.max_bad_steps must be >= 1")
+    need(cfg.eval.clips >= 1 and cfg.eval.crops in (1, 3), "eval.clips must be >= 1 and eval.crops 1 or 3")
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a Config from defaults, an optional YAML file (may `include:` another) and dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _read_yaml(Path(path))
+    for text in overrides:
+        upd = _parse_override(text)
+        _check_override_path(text.split("=", 1)[0].strip().lstrip("-"))
+        values = _merge(values, upd)
+    return validate(_build(Config, values))
+
+
+def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of settings")
+    base = values.pop("include", None)
+    if base is not None:
+        if depth > 8:
+            raise ConfigError(f"{path}: include chain too deep")
+        values = _merge(_read_yaml((path.parent / base).resolve(), depth + 1), values)
+    return values
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

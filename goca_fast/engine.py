@@ -1,0 +1,354 @@
+"""The training loop: AMP, LARC/SGD step, prototype normalisation, queue, logging, checkpoints, exact resume.
+
+Exact resume rests on three facts: the data order and every augmentation draw are functions of
+(seed, epoch, video index) only (see goca_fast.data.cpu_loader), checkpoints are written at iteration boundaries
+with everything that changes during training (model, optimiser, scaler, queue, RNG states of every rank,
+epoch + iteration), and nothing else in a step is random.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from goca_fast import checkpoint as ckpt
+from goca_fast.config import Config
+from goca_fast.data.batch import ClipBatch
+from goca_fast.distributed import DistInfo, all_reduce_sum
+from goca_fast.models import GocaModel, load_prototypes, prototype_separation
+from goca_fast.objective import GocaObjective, ObjectiveResult
+from goca_fast.optim import build_optimizer, lr_schedule, set_lr
+from goca_fast.queue import FeatureQueue, local_queue_length
+
+log = logging.getLogger("goca_fast")
+
+LoaderFactory = Callable[[int, int], Iterable[ClipBatch]]  # (epoch, start_batch) → batches of that epoch
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after `engine.max_bad_steps` consecutive non-finite losses."""
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 on GPU by default, fp32 on CPU; the Sinkhorn assignment is always fp32 regardless."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode in ("auto", "bf16"):
+        return torch.bfloat16
+    return torch.float16
+
+
+def build_model(cfg: Config) -> GocaModel:
+    init = load_prototypes(cfg.model.prototypes_path) if cfg.model.prototypes_path else None
+    return GocaModel(cfg.model.arch, cfg.data.modalities, cfg.model.pool, cfg.model.hidden_dim, cfg.model.embed_dim,
+                     cfg.model.num_prototypes, cfg.model.shared_head,
+                     flow_channels=3 if cfg.data.flow_mode == "official" else 2, merge=cfg.goca.merge,
+                     prototypes_init=init)
+
+
+def clips_of(batch: ClipBatch, streams: list[str]) -> dict[str, list[torch.Tensor]]:
+    out = {"rgb": batch.rgb}
+    if "flow" in streams:
+        if batch.flow is None:
+            raise ValueError("the model has a flow stream but the loader returned no flow")
+        out["flow"] = batch.flow
+    return {s: out[s] for s in streams}
+
+
+def code_statistics(result: ObjectiveResult, num_prototypes: int) -> dict[str, float]:
+    """Prototype-usage entropy (1 = uniform use of all K) and RGB–flow argmax agreement of the codes."""
+    stats: dict[str, float] = {}
+    all_codes = [q for per in result.codes.values() for q in per.values()]
+    if not all_codes:
+        return stats
+    hist = torch.bincount(torch.cat([q.argmax(1) for q in all_codes]), minlength=num_prototypes).float()
+    p = hist / hist.sum()
+    stats["proto_usage_entropy"] = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(num_prototypes))
+    if "rgb" in result.codes and "flow" in result.codes:
+        agree = [(result.codes["rgb"][i].argmax(1) == result.codes["flow"][i].argmax(1)).float().mean()
+                 for i in result.codes["rgb"]]
+        stats["rgb_flow_agreement"] = float(torch.stack(agree).mean())
+    return stats
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0        # current epoch
+    iteration: int = 0    # batches of `epoch` already consumed
+    step: int = 0         # global optimiser steps attempted
+    bad_in_row: int = 0
+    bad_total: int = 0
+    skipped_videos: int = 0
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    """Owns the model, optimiser and state of one pretraining run (one process of it)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, make_loader: LoaderFactory,
+                 batches_per_epoch: int):
+        self.cfg, self.info, self.run_dir = cfg, info, Path(run_dir)
+        self.make_loader = make_loader
+        limit = cfg.engine.max_iters_per_epoch
+        self.iters_per_epoch = min(batches_per_epoch, limit) if limit > 0 else batches_per_epoch
+        if self.iters_per_epoch < 1:
+            raise ValueError("the training split yields no full batch: lower data.batch_size or add videos")
+        self.device = info.device
+        self.amp = amp_dtype(cfg.engine.amp, self.device)
+
+        model = build_model(cfg).to(self.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        if info.enabled and cfg.model.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model: GocaModel = model
+        self.ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
+                                                        else None, broadcast_buffers=False)
+                    if info.enabled else None)
+        o = cfg.optim
+        global_batch = cfg.data.batch_size * info.world_size
+        self.lr = lr_schedule(o.base_lr, o.final_lr, o.start_warmup, self.iters_per_epoch * o.warmup_epochs,
+                              self.iters_per_epoch * o.epochs, global_batch, o.lr_scaling, o.fix_lr)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, float(self.lr[0]), o.momentum, o.weight_decay, o.larc, o.larc_trust,
+                                         o.larc_clip, o.exclude_bn_bias, o.use_apex)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        g = cfg.goca
+        self.objective = GocaObjective(g.merge, sum(cfg.data.clips_per_group), g.assign_clips, g.epsilon,
+                                       g.prior_epsilon, g.iterations, g.cycles, g.prior_sign, g.prior_start_epoch,
+                                       g.temperature, g.official_loss_scale, g.backend, info.group)
+        self.queue: Optional[FeatureQueue] = None
+        self.state = TrainState()
+        self.stop_signal: Optional[int] = None
+        self.writer = None
+        self.timer = ckpt.CheckpointTimer(cfg.engine.checkpoint_minutes or None)
+
+    # ------------------------------------------------------------------ queue
+    def _maybe_create_queue(self) -> None:
+        g = self.cfg.goca
+        if self.queue is not None or g.queue_length <= 0 or self.state.epoch < g.queue_start_epoch:
+            return
+        length = local_queue_length(g.queue_length, self.cfg.data.batch_size, self.info.world_size)
+        if length <= 0:
+            raise ValueError(f"goca.queue_length={g.queue_length} is shorter than one global batch")
+        streams, slots = self.objective.queue_shape(len(self.model.streams))
+        self.queue = FeatureQueue(streams, slots, length, self.cfg.model.embed_dim, self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _gather_rng(self) -> list:
+        state = ckpt.rng_state()
+        if not self.info.enabled:
+            return [state]
+        out: list = [None] * self.info.world_size
+        dist.all_gather_object(out, state)
+        return out
+
+    def save(self, snapshot: bool = False) -> None:
+        """Write `latest` (and a numbered snapshot) atomically; called on every rank (RNG states are gathered)."""
+        rng = self._gather_rng()
+        if not self.info.is_main:
+            return
+        s = self.state
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "queue": None if self.queue is None else self.queue.state_dict(),
+            "rng": rng, "epoch": s.epoch, "iteration": s.iteration, "step": s.step, "bad_total": s.bad_total,
+            "skipped_videos": s.skipped_videos, "world_size": self.info.world_size, "config": self.cfg.to_dict(),
+        }
+        ckpt.save_checkpoint(ckpt.latest_path(self.run_dir), state)
+        if snapshot:
+            ckpt.save_checkpoint(ckpt.snapshot_path(self.run_dir, s.epoch), state)
+        self.timer.reset()
+
+    def resume(self, path: Optional[Path] = None) -> bool:
+        """Restore everything from `path` or the run directory's latest valid checkpoint; False if none."""
+        path = path or ckpt.find_latest(self.run_dir)
+        if path is None:
+            return False
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ckpt.strip_ddp_prefix(state["model"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        s = self.state
+        s.epoch, s.iteration, s.step = state["epoch"], state["iteration"], state["step"]
+        s.bad_total, s.skipped_videos = state["bad_total"], state["skipped_videos"]
+        if state["queue"] is not None:
+            self._maybe_create_queue()
+            if self.queue is None:
+                raise ValueError(f"{path} holds a feature queue but this config has none (goca.queue_length)")
+            self.queue.load_state_dict(state["queue"])
+        rng = state["rng"]
+        ckpt.set_rng_state(rng[self.info.rank] if len(rng) == self.info.world_size else rng[0])
+        if self.info.is_main:
+            log.info("resumed from %s at epoch %d, iteration %d", path, s.epoch, s.iteration)
+        return True
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # ------------------------------------------------------------------ one step
+    def _freeze_prototypes(self) -> bool:
+        o = self.cfg.optim
+        return (self.model.prototypes.frozen or self.state.epoch < o.freeze_prototypes_epochs
+                or self.state.step < o.freeze_prototypes_iters)
+
+    def train_step(self, batch: ClipBatch) -> tuple[Optional[float], dict[str, float]]:
+        """One optimiser step; returns (loss or None when skipped as non-finite, statistics)."""
+        model = self.model
+        net = self.ddp or model
+        set_lr(self.optimizer, float(self.lr[min(self.state.step, len(self.lr) - 1)]))
+        model.prototypes.normalize_()
+        batch = batch.to(self.device)
+        clips = clips_of(batch, model.streams)
+        if self.cfg.model.channels_last:
+            clips = {s: [c.contiguous(memory_format=torch.channels_last_3d) for c in v] for s, v in clips.items()}
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            outputs = net(clips)
+        self._maybe_create_queue()
+        result = self.objective(outputs, model.prototypes.weight, self.state.epoch, self.queue)
+        loss = result.loss
+        reg = torch.zeros((), device=self.device)
+        if self.cfg.model.prototype_reg_weight > 0 and not model.prototypes.frozen:
+            reg = prototype_separation(model.prototypes.weight)
+            loss = loss + self.cfg.model.prototype_reg_weight * reg
+        # every rank must agree to skip, or DDP's gradient all-reduce would hang
+        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device), self.info)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = code_statistics(result, self.cfg.model.num_prototypes)
+        stats["prototype_separation"] = float(reg)
+        self.state.step += 1
+        if bad.item() > 0:
+            self.state.bad_in_row += 1
+            self.state.bad_total += 1
+            if self.state.bad_in_row >= self.cfg.engine.max_bad_steps:
+                raise TrainingDiverged(
+                    f"loss was NaN/inf for {self.state.bad_in_row} steps in a row (epoch {self.state.epoch}, "
+                    f"step {self.state.step}); lower optim.base_lr, check the data, or try engine.amp=off")
+            return None, stats
+        self.state.bad_in_row = 0
+        if result.queue_update is not None:
+            self.queue.push(result.queue_update)
+        self.scaler.scale(loss).backward()
+        if self._freeze_prototypes():
+            model.prototypes.weight.grad = None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach()), stats
+
+    # ------------------------------------------------------------------ loop
+    def _log_scalars(self, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(f"train/{k}", v, self.state.step)
+
+    def fit(self) -> dict:
+        """Train until `optim.epochs`; returns a summary. Raises StopRequested after a signal (checkpoint saved)."""
+        cfg = self.cfg
+        if self.info.is_main and cfg.engine.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state.step)
+        history_path = self.run_dir / "metrics.jsonl"
+        summary: dict = {}
+        try:
+            while self.state.epoch < cfg.optim.epochs:
+                summary = self._run_epoch()
+                if self.info.is_main:
+                    with open(history_path, "a") as f:
+                        f.write(json.dumps(summary) + "\n")
+                self.state.epoch += 1
+                self.state.iteration = 0
+                every = cfg.engine.snapshot_every_epochs
+                snap = (every > 0 and self.state.epoch % every == 0) or self.state.epoch == cfg.optim.epochs
+                self.save(snapshot=snap)
+        except StopRequested:
+            self.save()
+            raise
+        finally:
+            if self.writer is not None:
+                self.writer.flush()
+        return summary
+
+    def _run_epoch(self) -> dict:
+        cfg, s = self.cfg, self.state
+        n = self.iters_per_epoch
+        bar = None
+        if self.info.is_main and cfg.engine.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n, initial=s.iteration, desc=f"epoch {s.epoch + 1}/{cfg.optim.epochs}",
+                       dynamic_ncols=True, leave=True)
+        losses: list[float] = []
+        data_time = step_time = 0.0
+        clips_done = 0
+        self.model.train()
+        loader = iter(self.make_loader(s.epoch, s.iteration))
+        t_end = time.perf_counter()
+        while s.iteration < n:
+            if self._stop_requested():
+                raise StopRequested()
+            try:
+                batch = next(loader)
+            except StopIteration:
+                break
+            t_data = time.perf_counter()
+            s.skipped_videos += batch.skipped
+            loss, stats = self.train_step(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t_step = time.perf_counter()
+            dt, iter_time = t_data - t_end, t_step - t_end
+            data_time += dt
+            step_time += iter_time
+            clips = batch.batch_size * len(batch.rgb) * self.info.world_size
+            clips_done += clips
+            t_end = t_step
+            s.iteration += 1
+            if loss is not None:
+                losses.append(loss)
+            scalars = {"loss": loss if loss is not None else float("nan"), "lr": float(self.lr[s.step - 1]),
+                       "clips_per_s": clips / max(iter_time, 1e-9), "data_time": dt,
+                       "skipped_videos": s.skipped_videos, "bad_steps": s.bad_total, **stats}
+            if s.step % max(cfg.engine.log_every, 1) == 0 or s.iteration == n:
+                self._log_scalars(scalars)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.3g}",
+                                clips_s=f"{clips_done / max(step_time, 1e-9):.1f}", data=f"{dt:.2f}s")
+            if s.iteration < n and self._checkpoint_due():
+                self.save()
+        if bar is not None:
+            bar.close()
+        return {"epoch": s.epoch + 1, "loss": sum(losses) / max(len(losses), 1), "iterations": s.iteration,
+                "clips_per_s": clips_done / max(step_time, 1e-9), "data_time_frac": data_time / max(step_time, 1e-9),
+                "skipped_videos": s.skipped_videos, "bad_steps": s.bad_total}
+
+    def _stop_requested(self) -> bool:
+        """SIGTERM/SIGUSR1 seen on any rank (SLURM pre-emption) → every rank stops at this batch boundary."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        return bool(all_reduce_sum(flag, self.info).item() > 0)
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.engine.checkpoint_every_iters
+        due = (every > 0 and self.state.step % every == 0) or self.timer.due()
+        if self.info.enabled:  # decided on rank 0, so that every rank enters the gather in save()
+            flag = torch.tensor([1.0 if due else 0.0], device=self.device)
+            dist.broadcast(flag, 0)
+            due = bool(flag.item())
+        return due

@@ -1,0 +1,62 @@
+"""Projection heads and the shared prototype layer."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def projection_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
+    """enc → hidden → hidden → out with BN+ReLU on the hidden layers (the official 3-linear MLP)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class Prototypes(nn.Module):
+    """K×D prototype matrix (no bias) shared by both streams; rows are L2-normalised before every step."""
+
+    def __init__(self, dim: int, count: int, init: Optional[np.ndarray] = None, frozen: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(count, dim))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default, as in the official code
+        if init is not None:
+            if init.shape != (count, dim):
+                raise ValueError(f"precomputed prototypes have shape {init.shape}, expected {(count, dim)} "
+                                 f"(model.num_prototypes × model.embed_dim)")
+            with torch.no_grad():
+                self.weight.copy_(torch.from_numpy(np.asarray(init, dtype=np.float32)))
+        self.frozen = frozen
+        if frozen:
+            self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        self.weight.copy_(F.normalize(self.weight, dim=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.weight.t()
+
+
+def load_prototypes(path: str) -> np.ndarray:
+    """Read a K×D `.npy` of precomputed (e.g. hyperspherical) prototypes with a clear error."""
+    try:
+        arr = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read prototypes file {path}: {e}") from None
+    if arr.ndim != 2 or not np.isfinite(arr).all():
+        raise ValueError(f"prototypes file {path} must hold a finite 2-D K×D array, got shape {arr.shape}")
+    return arr
+
+
+def prototype_separation(weight: torch.Tensor) -> torch.Tensor:
+    """mean_i max_{j≠i} (1 + cos(c_i, c_j)): the official regulariser that spreads prototypes apart."""
+    w = F.normalize(weight, dim=1)
+    gram = w @ w.t() + 1.0
+    gram = gram - 2.0 * torch.diag(torch.diagonal(gram))  # push the diagonal below any off-diagonal value
+    return gram.max(dim=1).values.mean()
