@@ -1,0 +1,214 @@
+"""`python -m goca_fast.pretrain [--config FILE] [key.sub=value ...]` — GOCA pretraining.
+
+With no arguments it runs the CPU demo (configs/demo.yaml): it generates a small procedural motion dataset, pretrains
+both streams, then compares kNN retrieval of held-out videos against the same network at random initialisation.
+Under torchrun or SLURM (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS) it trains data-parallel; a run directory with
+a checkpoint is resumed automatically; SIGTERM/SIGUSR1 write a checkpoint and exit cleanly (exit code 0), so a
+requeued job continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from goca_fast.config import Config, ConfigError, config_to_yaml, load_config
+from goca_fast.distributed import DistInfo, barrier, cleanup, init_distributed
+
+log = logging.getLogger("goca_fast")
+
+
+def default_config_path() -> Path:
+    """configs/demo.yaml from the source tree, or from an installed package's share/ folder."""
+    candidates = [Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                  Path(sys.prefix) / "share" / "goca_fast" / "configs" / "demo.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError("cannot find configs/demo.yaml; pass --config FILE")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[Config, bool]:
+    p = argparse.ArgumentParser(prog="goca-pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (default: configs/demo.yaml, the CPU demo)")
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the run directory")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.batch_size=16")
+    a = p.parse_args(argv)
+    path = Path(a.config) if a.config else default_config_path()
+    return load_config(path, a.overrides), a.fresh
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def dataset_root(cfg: Config, info: DistInfo) -> Path:
+    """The prepared dataset, or the synthetic one (generated once, by rank 0) when `data.root` is empty."""
+    if cfg.data.root:
+        root = Path(cfg.data.root).expanduser()
+        if not (root / "index.jsonl").is_file():
+            raise ConfigError(f"data.root={root} holds no index.jsonl; prepare it with goca-prepare and goca-flow")
+        return root
+    from goca_fast.data.synthetic import make_synthetic_dataset
+    syn = cfg.data.synthetic
+    key = hashlib.sha1(json.dumps(vars(syn), sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.data.cache_dir).expanduser() / f"synthetic-{key}"
+    if info.is_main:
+        t0 = time.time()
+        make_synthetic_dataset(root, syn.num_classes, syn.videos_per_class, syn.frames, syn.height, syn.width,
+                               syn.fps, syn.seed, syn.test_fraction, with_flow=cfg.data.modalities != "rgb")
+        log.info("synthetic dataset ready at %s (%.1fs)", root, time.time() - t0)
+    barrier(info)
+    return root
+
+
+def choose_loader(cfg: Config, info: DistInfo) -> str:
+    if cfg.data.loader == "cpu":
+        return "cpu"
+    dali_ok = False
+    try:
+        import nvidia.dali  # noqa: F401
+        import dali_pipelines.train  # noqa: F401
+        dali_ok = True
+    except ImportError:
+        pass
+    if cfg.data.loader == "dali":
+        if not dali_ok:
+            raise ConfigError("data.loader=dali but the DALI pipelines are not available here "
+                              "(pip install -e '.[dali]'); use data.loader=cpu")
+        return "dali"
+    return "dali" if dali_ok and info.device.type == "cuda" else "cpu"
+
+
+def train_augment(cfg: Config):
+    from goca_fast.data.augment import ClipAugment
+    d = cfg.data
+    return ClipAugment(crop_size=d.crop_size, scale_range=tuple(d.scale_range), color_jitter_p=d.color_jitter_p,
+                       grayscale_p=d.grayscale_p, blur_p=d.blur_p, time_reverse_p=d.time_reverse_p,
+                       flow_mode=d.flow_mode)
+
+
+def build_train_loader(cfg: Config, info: DistInfo, root: Path):
+    """Returns (factory(epoch, start_batch) → iterable of ClipBatch, batches per epoch)."""
+    from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
+    from goca_fast.data.index import read_index, select_split
+    records, _ = read_index(root)
+    train = select_split(records, cfg.data.train_split)
+    dataset = TrainClipDataset(root, train, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
+                               train_augment(cfg), with_flow=cfg.data.modalities != "rgb", seed=cfg.seed)
+    per_rank = len(dataset) // info.world_size
+    batches = per_rank // cfg.data.batch_size
+
+    def factory(epoch: int, start_batch: int):
+        return make_train_loader(dataset, cfg.data.batch_size, cfg.data.workers, info.rank, info.world_size,
+                                 cfg.seed, epoch, start_batch)
+
+    return factory, batches
+
+
+def knn_retrieval(model, cfg: Config, root: Path, device: torch.device) -> dict[str, dict[int, float]]:
+    """R@k of test-split queries against the train split, per stream and for both streams averaged."""
+    from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
+    from goca_fast.data.index import read_index, select_split
+    from goca_fast.eval.features import extract_video_features
+    from goca_fast.eval.retrieval import combine_streams, recall_at_k
+    records, _ = read_index(root)
+    length = cfg.eval.clip_length or max(cfg.data.frames_per_group)
+    with_flow = "flow" in model.streams
+    feats = {}
+    for split in (cfg.data.train_split, cfg.data.test_split):
+        ds = EvalClipDataset(root, select_split(records, split), length, cfg.data.stride, cfg.eval.clips,
+                             cfg.data.crop_size, cfg.data.scale_range[0], with_flow, crops=cfg.eval.crops)
+        feats[split] = extract_video_features(model, make_eval_loader(ds, cfg.eval.batch_size, cfg.data.workers),
+                                              device)
+    (gal, gal_y), (qry, qry_y) = feats[cfg.data.train_split], feats[cfg.data.test_split]
+    out = {s: recall_at_k(qry[s], qry_y, gal[s], gal_y) for s in model.streams}
+    if len(model.streams) == 2:
+        out["both"] = recall_at_k(combine_streams(qry), qry_y, combine_streams(gal), gal_y)
+    return out
+
+
+def run(cfg: Config, fresh: bool = False) -> dict:
+    from goca_fast.engine import StopRequested, Trainer, build_model
+    from goca_fast.eval.retrieval import DEFAULT_KS, format_table
+
+    info = init_distributed(cfg.engine.device)
+    if cfg.engine.torch_threads > 0:
+        torch.set_num_threads(cfg.engine.torch_threads)
+    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    seed_everything(cfg.seed + info.rank)
+    root = dataset_root(cfg, info)
+    if choose_loader(cfg, info) == "dali":
+        from dali_pipelines.train import build_dali_train_loader
+        factory, batches = build_dali_train_loader(cfg, info, root)
+    else:
+        factory, batches = build_train_loader(cfg, info, root)
+
+    # the random-init reference is built from the same seed as the trained network's initial weights
+    seed_everything(cfg.seed)
+    trainer = Trainer(cfg, info, run_dir, factory, batches)
+    init_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    seed_everything(cfg.seed + info.rank)
+    if not fresh:
+        trainer.resume()
+    trainer.install_signal_handlers()
+    t0 = time.time()
+    try:
+        summary = trainer.fit()
+    except StopRequested:
+        if info.is_main:
+            print(f"stopped by signal {trainer.stop_signal}; checkpoint written to {run_dir / 'checkpoints'}. "
+                  f"Run the same command again to resume.", flush=True)
+        cleanup(info)
+        return {"stopped": True}
+    train_seconds = time.time() - t0
+    result = {"run_dir": str(run_dir), "train_seconds": round(train_seconds, 1), "last_epoch": summary}
+    if cfg.eval.knn_after_training and info.is_main:
+        rows = {"GOCA": knn_retrieval(trainer.model, cfg, root, info.device)}
+        if cfg.eval.compare_random_init:
+            ref = build_model(cfg).to(info.device)
+            ref.load_state_dict(init_state)
+            rows["random init"] = knn_retrieval(ref, cfg, root, info.device)
+        ks = DEFAULT_KS
+        table = format_table(rows, ks)
+        result["knn"] = {m: {s: {str(k): v for k, v in r.items()} for s, r in per.items()} for m, per in rows.items()}
+        (run_dir / "knn.json").write_text(json.dumps(result, indent=2))
+        print(f"\nkNN retrieval, {cfg.data.test_split} → {cfg.data.train_split} (R@k, %):\n{table}\n")
+    if info.is_main:
+        print(f"run directory: {run_dir}\n  checkpoints: {run_dir / 'checkpoints'}\n"
+              f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}\n"
+              f"  per-epoch metrics: {run_dir / 'metrics.jsonl'}", flush=True)
+    barrier(info)
+    cleanup(info)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg, fresh = parse_args(argv)
+        run(cfg, fresh)
+    except ConfigError as e:
+        print(f"goca-pretrain: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
