@@ -168,8 +168,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _Raw(str):
+    """An override's text, typed only once the target field is known (so `amp=off` stays the string 'off')."""
+
+
+def _is_text_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp))
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one YAML value to the annotated type; raise a one-line ConfigError otherwise."""
+    if isinstance(value, _Raw):
+        if _is_text_type(tp):
+            value = str(value)
+        else:
+            try:
+                value = yaml.safe_load(value) if value.strip() else ""
+            except yaml.YAMLError:
+                value = str(value)
+    if isinstance(value, bool) and get_origin(tp) is Literal and "off" in get_args(tp):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as false
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -256,10 +276,7 @@ def _parse_override(text: str) -> dict[str, Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = _Raw(raw)
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")

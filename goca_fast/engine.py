@@ -308,6 +308,11 @@ class Trainer:
             except StopIteration:
                 break
             t_data = time.perf_counter()
+            if batch is None:  # every video of this batch was unreadable (each reported by the loader)
+                s.skipped_videos += self.cfg.data.batch_size
+                s.iteration += 1
+                t_end = time.perf_counter()
+                continue
             s.skipped_videos += batch.skipped
             loss, stats = self.train_step(batch)
             if self.device.type == "cuda":

@@ -96,8 +96,8 @@ def choose_loader(cfg: Config, info: DistInfo) -> str:
 def train_augment(cfg: Config):
     from goca_fast.data.augment import ClipAugment
     d = cfg.data
-    return ClipAugment(crop_size=d.crop_size, scale_range=tuple(d.scale_range), color_jitter_p=d.color_jitter_p,
-                       grayscale_p=d.grayscale_p, blur_p=d.blur_p, time_reverse_p=d.time_reverse_p,
+    return ClipAugment(crop_size=d.crop_size, scale_range=tuple(d.scale_range), jitter_prob=d.color_jitter_p,
+                       grayscale_prob=d.grayscale_p, blur_prob=d.blur_p, time_reverse_prob=d.time_reverse_p,
                        flow_mode=d.flow_mode)
 
 
@@ -131,7 +131,8 @@ def knn_retrieval(model, cfg: Config, root: Path, device: torch.device) -> dict[
     feats = {}
     for split in (cfg.data.train_split, cfg.data.test_split):
         ds = EvalClipDataset(root, select_split(records, split), length, cfg.data.stride, cfg.eval.clips,
-                             cfg.data.crop_size, cfg.data.scale_range[0], with_flow, crops=cfg.eval.crops)
+                             cfg.data.crop_size, cfg.data.scale_range[0], with_flow, crops=cfg.eval.crops,
+                             flow_mode=cfg.data.flow_mode)
         feats[split] = extract_video_features(model, make_eval_loader(ds, cfg.eval.batch_size, cfg.data.workers),
                                               device)
     (gal, gal_y), (qry, qry_y) = feats[cfg.data.train_split], feats[cfg.data.test_split]

@@ -1,0 +1,164 @@
+"""The training engine end to end: demo smoke run, exact resume after kill -9 and after SIGTERM, NaN handling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from goca_fast.config import load_config
+from goca_fast.data.batch import ClipBatch
+from goca_fast.distributed import DistInfo
+from goca_fast.engine import Trainer, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
+         "engine.progress=false"]
+
+
+def pretrain(out: Path, cache: Path, *extra: str, wait: bool = True, name: str = "run"):
+    cmd = [sys.executable, "-m", "goca_fast.pretrain", f"output_dir={out}", f"name={name}",
+           f"data.cache_dir={cache}", *SMALL, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+
+def test_demo_smoke_run(tmp_path):
+    r = pretrain(tmp_path / "out", tmp_path / "cache", "optim.epochs=2", "engine.max_iters_per_epoch=2",
+                 "eval.clips=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "out" / "run"
+    result = json.loads((run / "knn.json").read_text())
+    for model in ("GOCA", "random init"):
+        for stream in ("rgb", "flow", "both"):
+            rec = result["knn"][model][stream]
+            assert 0.0 <= rec["1"] <= rec["5"] <= 100.0
+    history = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2] and all(h["iterations"] == 2 for h in history)
+    assert (run / "checkpoints" / "latest.pth").is_file()
+    assert "kNN retrieval" in r.stdout and "R@1" in r.stdout
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+RESUME = ["optim.epochs=4", "engine.max_iters_per_epoch=3", "engine.checkpoint_every_iters=1",
+          "eval.knn_after_training=false", "engine.tensorboard=false", "goca.queue_length=16",
+          "goca.queue_start_epoch=1", "goca.prior_start_epoch=1"]
+TOTAL_STEPS = 12
+
+
+def _final(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "latest.pth", map_location="cpu", weights_only=True)
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == TOTAL_STEPS and a["epoch"] == b["epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["queue"]["embeddings"], b["queue"]["embeddings"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+def _wait_for_step(run: Path, proc, step: int, timeout: float = 300) -> None:
+    t0 = time.time()
+    latest = run / "checkpoints" / "latest.pth"
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, f"training ended early: {proc.stderr.read()[-2000:]}"
+        if latest.is_file():
+            try:
+                if torch.load(latest, map_location="cpu", weights_only=True)["step"] >= step:
+                    return
+            except Exception:  # being replaced right now; atomic rename means the next read is whole
+                pass
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    r = pretrain(base / "out", base / "cache", *RESUME, name="straight")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return base, _final(base / "out" / "straight")
+
+
+def test_kill9_then_resume_is_bitwise_identical(uninterrupted):
+    base, want = uninterrupted
+    run = base / "out" / "killed"
+    proc = pretrain(base / "out", base / "cache", *RESUME, wait=False, name="killed")
+    _wait_for_step(run, proc, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _final(run)["step"] < TOTAL_STEPS  # really interrupted mid-run
+    r = pretrain(base / "out", base / "cache", *RESUME, name="killed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr
+    _assert_bitwise_equal(_final(run), want)
+
+
+def test_sigterm_checkpoints_exits_cleanly_and_resumes_identically(uninterrupted):
+    base, want = uninterrupted
+    run = base / "out" / "term"
+    proc = pretrain(base / "out", base / "cache", *RESUME, "engine.checkpoint_every_iters=0", wait=False,
+                    name="term")
+    # wait until training has started (the first epoch-end checkpoint), then pre-empt
+    _wait_for_step(run, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    assert _final(run)["step"] < TOTAL_STEPS
+    r = pretrain(base / "out", base / "cache", *RESUME, "engine.checkpoint_every_iters=0", name="term")
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_bitwise_equal(_final(run), want)
+
+
+def _tiny_trainer(tmp_path, *overrides):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["engine.tensorboard=false", "engine.progress=false",
+                                                       "data.batch_size=4", *overrides])
+    return Trainer(cfg, DistInfo(), tmp_path, lambda e, s: [], 100), cfg
+
+
+def _batch(cfg, value=None):
+    g = torch.Generator().manual_seed(0)
+    rgb = [torch.randn(4, 3, t, 56, 56, generator=g) for t in cfg.clip_lengths]
+    flow = [torch.randn(4, 2, t, 56, 56, generator=g) for t in cfg.clip_lengths]
+    if value is not None:
+        rgb[0][0] = value
+    return ClipBatch(rgb, flow, torch.zeros(4, dtype=torch.long), torch.arange(4))
+
+
+def test_nonfinite_loss_skips_the_step_then_aborts_clearly(tmp_path):
+    trainer, cfg = _tiny_trainer(tmp_path, "engine.max_bad_steps=3")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "backbones" in k and "weight" in k}
+    loss, _ = trainer.train_step(_batch(cfg, float("nan")))
+    assert loss is None and trainer.state.bad_total == 1
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update from a NaN step
+    loss, _ = trainer.train_step(_batch(cfg))
+    assert loss is not None and trainer.state.bad_in_row == 0
+    trainer.train_step(_batch(cfg, float("inf")))
+    trainer.train_step(_batch(cfg, float("nan")))
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        trainer.train_step(_batch(cfg, float("nan")))
+
+
+def test_prototypes_are_normalised_and_frozen_in_the_first_epoch(tmp_path):
+    trainer, cfg = _tiny_trainer(tmp_path, "optim.freeze_prototypes_epochs=1")
+    w0 = torch.nn.functional.normalize(trainer.model.prototypes.weight.detach().clone(), dim=1)
+    trainer.train_step(_batch(cfg))
+    assert torch.allclose(trainer.model.prototypes.weight, w0, atol=1e-6)  # only normalised, not stepped
+    trainer.state.epoch = 1
+    trainer.train_step(_batch(cfg))
+    assert not torch.allclose(trainer.model.prototypes.weight, w0, atol=1e-6)
+
+
+def test_lr_follows_the_schedule_per_iteration(tmp_path):
+    trainer, cfg = _tiny_trainer(tmp_path)
+    for i in range(3):
+        trainer.train_step(_batch(cfg))
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(float(trainer.lr[i]))
