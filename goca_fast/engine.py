@@ -112,11 +112,13 @@ class Trainer:
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         if info.enabled and cfg.model.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif info.is_main:
+                log.info("model.sync_bn: SyncBatchNorm needs CUDA; CPU processes keep per-process BatchNorm")
         self.model: GocaModel = model
-        self.ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
-                                                        else None, broadcast_buffers=False)
-                    if info.enabled else None)
+        self.ddp = (nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device] if self.device.type == "cuda" else None) if info.enabled else None)
         o = cfg.optim
         global_batch = cfg.data.batch_size * info.world_size
         self.lr = lr_schedule(o.base_lr, o.final_lr, o.start_warmup, self.iters_per_epoch * o.warmup_epochs,

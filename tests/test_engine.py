@@ -162,3 +162,19 @@ def test_lr_follows_the_schedule_per_iteration(tmp_path):
     for i in range(3):
         trainer.train_step(_batch(cfg))
         assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(float(trainer.lr[i]))
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """DDP on CPU (gloo): two ranks train, rank 0 checkpoints and evaluates."""
+    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "goca_fast.pretrain",
+           f"output_dir={tmp_path / 'out'}", "name=ddp", f"data.cache_dir={tmp_path / 'cache'}", *SMALL,
+           "data.batch_size=4", "optim.epochs=1", "optim.warmup_epochs=0", "engine.max_iters_per_epoch=2",
+           "eval.clips=1", "eval.compare_random_init=false", "goca.queue_length=16", "goca.queue_start_epoch=0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = _final(tmp_path / "out" / "ddp")
+    assert state["world_size"] == 2 and state["step"] == 2 and len(state["rng"]) == 2
+    # the local queue holds 16 / 2 ranks = 8 rows per stream and slot
+    assert state["queue"]["embeddings"].shape[2] == 8
+    assert "R@1" in r.stdout

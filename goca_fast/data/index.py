@@ -1,0 +1,179 @@
+"""The on-disk dataset index shared by every loader (CPU PyAV and DALI).
+
+A dataset root holds:
+  index.jsonl     one JSON object per video:
+                  {"id", "rgb", "flow", "label", "class", "frames", "fps", "width", "height", "splits"}
+                  rgb/flow are paths relative to the root (flow may be null); splits lists the
+                  split names the video belongs to (e.g. ["train"], ["test"], ["train", "trainval"]).
+  classes.txt     one class name per line; line number (0-based) = label.
+  excluded.jsonl  inputs left out, one {"id", "path", "reason"} per line (a report, never read back
+                  by loaders).
+Files are written atomically (temp file + os.replace) and index.jsonl last, so a present
+index.jsonl means the dataset is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable, Optional, Sequence
+
+from goca_fast.data.video_io import VideoReadError, _umask_mode, probe_video
+
+INDEX_FILE = "index.jsonl"
+CLASSES_FILE = "classes.txt"
+EXCLUDED_FILE = "excluded.jsonl"
+
+
+class DatasetIndexError(ValueError):
+    """The dataset index is missing, corrupt, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    id: str
+    rgb: str
+    flow: Optional[str]
+    label: int
+    cls: str
+    frames: int
+    fps: float
+    width: int
+    height: int
+    splits: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["class"] = d.pop("cls")
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "VideoRecord":
+        return VideoRecord(id=str(d["id"]), rgb=str(d["rgb"]),
+                           flow=None if d.get("flow") is None else str(d["flow"]),
+                           label=int(d["label"]), cls=str(d["class"]), frames=int(d["frames"]),
+                           fps=float(d["fps"]), width=int(d["width"]), height=int(d["height"]),
+                           splits=[str(s) for s in d.get("splits", [])])
+
+
+def _write_atomic(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_index(root: str | os.PathLike, records: Sequence[VideoRecord], classes: Sequence[str],
+                excluded: Iterable[dict] = ()) -> None:
+    """Write index.jsonl, classes.txt and excluded.jsonl under `root` (each atomically)."""
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
+    _check_consistent(records, list(classes), where=root)
+    _write_atomic(os.path.join(root, CLASSES_FILE), "".join(f"{c}\n" for c in classes))
+    _write_atomic(os.path.join(root, EXCLUDED_FILE), "".join(json.dumps(e) + "\n" for e in excluded))
+    _write_atomic(os.path.join(root, INDEX_FILE), "".join(json.dumps(r.to_json()) + "\n" for r in records))
+
+
+def _check_consistent(records: Sequence[VideoRecord], classes: list[str], where: str) -> None:
+    for name in classes:
+        if not name or "\n" in name:
+            raise DatasetIndexError(f"{where}: invalid class name {name!r}")
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise DatasetIndexError(f"{where}: duplicate video id {r.id!r}")
+        seen.add(r.id)
+        if not 0 <= r.label < len(classes) or classes[r.label] != r.cls:
+            raise DatasetIndexError(f"{where}: video {r.id!r} has label {r.label} / class {r.cls!r}, "
+                                    f"inconsistent with classes.txt ({len(classes)} classes)")
+
+
+def read_index(root: str | os.PathLike) -> tuple[list[VideoRecord], list[str]]:
+    """Records and class names of a prepared dataset root (clear error if missing/corrupt)."""
+    root = os.fspath(root)
+    ipath, cpath = os.path.join(root, INDEX_FILE), os.path.join(root, CLASSES_FILE)
+    for p in (ipath, cpath):
+        if not os.path.isfile(p):
+            raise DatasetIndexError(f"{p} not found: is {root!r} a prepared dataset root "
+                                    f"(run goca_fast.data.prepare or make_synthetic_dataset)?")
+    with open(cpath, encoding="utf-8") as f:
+        classes = [line.rstrip("\n") for line in f if line.strip()]
+    records = []
+    with open(ipath, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(VideoRecord.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DatasetIndexError(f"{ipath}:{lineno}: corrupt record ({type(e).__name__}: {e})") from None
+    _check_consistent(records, classes, where=ipath)
+    return records, classes
+
+
+def split_names(records: Sequence[VideoRecord]) -> list[str]:
+    return sorted({s for r in records for s in r.splits})
+
+
+def select_split(records: Sequence[VideoRecord], split: str) -> list[VideoRecord]:
+    """Records belonging to `split` (order preserved); unknown split -> error naming the known ones."""
+    out = [r for r in records if split in r.splits]
+    if not out:
+        raise DatasetIndexError(f"unknown or empty split {split!r}; available: {split_names(records)}")
+    return out
+
+
+def _validate_one(root: str, r: VideoRecord, min_frames: int, decode: bool,
+                  max_frame_diff: int) -> tuple[Optional[VideoRecord], Optional[dict]]:
+    def bad(path: Optional[str], reason: str):
+        return None, {"id": r.id, "path": path, "reason": reason}
+
+    try:
+        rgb = probe_video(os.path.join(root, r.rgb), decode=decode)
+    except VideoReadError as e:
+        return bad(r.rgb, f"rgb unreadable: {e}")
+    n = rgb.frames
+    if r.flow is not None:
+        try:
+            flow = probe_video(os.path.join(root, r.flow), decode=decode)
+        except VideoReadError as e:
+            return bad(r.flow, f"flow unreadable: {e}")
+        if abs(flow.frames - rgb.frames) > max_frame_diff:
+            return bad(r.flow, f"frame count mismatch: rgb {rgb.frames}, flow {flow.frames}")
+        if (flow.width, flow.height) != (rgb.width, 2 * rgb.height):
+            return bad(r.flow, f"flow size {flow.width}x{flow.height} is not rgb {rgb.width}x{rgb.height} "
+                               f"with u stacked above v")
+        n = min(n, flow.frames)
+    if n < min_frames:
+        return bad(r.rgb, f"too short: {n} frames < {min_frames}")
+    return replace(r, frames=n, fps=rgb.fps or r.fps, width=rgb.width, height=rgb.height), None
+
+
+def validate_records(root: str | os.PathLike, records: Sequence[VideoRecord], min_frames: int,
+                     decode: bool = False, max_frame_diff: int = 0,
+                     workers: int = 1) -> tuple[list[VideoRecord], list[dict]]:
+    """Probe every file; keep usable records (frames/size refreshed from the files), exclude the rest.
+
+    Exclusion reasons: missing/undecodable rgb or flow, too short, RGB/flow frame-count
+    mismatch beyond `max_frame_diff` (our flow videos have exactly the RGB count), wrong
+    flow frame size. decode=True decodes every frame (slow, catches mid-file corruption).
+    """
+    root = os.fspath(root)
+    args = [(root, r, min_frames, decode, max_frame_diff) for r in records]
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as ex:
+            results = list(ex.map(lambda a: _validate_one(*a), args))
+    else:
+        results = [_validate_one(*a) for a in args]
+    ok = [r for r, _ in results if r is not None]
+    excluded = [e for _, e in results if e is not None]
+    return ok, excluded

@@ -1,0 +1,311 @@
+"""Procedural datasets: a motion-classification set for the CPU demo, and frame-index videos for tests.
+
+Motion dataset: each video is a random smooth colour texture (drawn per video, so appearance
+carries no class information) moved by a class-specific parametric motion. The class can only
+be told from motion, which is what a two-stream RGB+flow method should pick up. The texture is
+an analytic random-Fourier field, so every frame is rendered exactly (no borders, no resampling
+of a finite image), and the forward flow t -> t+1 is exact: x' = A_{t+1} A_t^{-1} x.
+
+Frame-index videos: every frame writes its own index as a binary code in full-width horizontal
+bands (two reference bands + one band per bit), in RGB and in both flow channels. The code
+survives H.264, resizing, horizontal crops and flips, brightness/contrast, greyscale and
+normalisation, so a loader test can decode the index back and prove frame alignment.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from goca_fast.data.index import VideoRecord, _write_atomic, write_index
+from goca_fast.data.video_io import write_video
+from goca_fast.flow.codec import pad_flow_to_frames, quantise_flow, write_flow_video
+
+log = logging.getLogger(__name__)
+
+MOTION_CLASSES = ("translate_right", "translate_left", "translate_up", "translate_down",
+                  "rotate_cw", "rotate_ccw", "zoom_in", "zoom_out")
+_MARKER = "synthetic.json"
+_VERSION = 2
+
+
+# ----------------------------------------------------------------------- motion videos
+
+
+@dataclass(frozen=True)
+class Texture:
+    """Random Fourier colour field: value(p)[c] = 0.5 + sum_k amp[c,k] cos(freq[k]·p + phase[k])."""
+
+    freq: np.ndarray   # K×2, radians per texture pixel
+    phase: np.ndarray  # K
+    amp: np.ndarray    # 3×K
+
+
+def random_texture(rng: np.random.Generator, components: int = 16,
+                   wavelength: tuple[float, float] = (12.0, 40.0)) -> Texture:
+    """Smooth isotropic texture; wavelengths >= 12 px keep it well sampled under zoom-out."""
+    lam = rng.uniform(*wavelength, size=components)
+    ang = rng.uniform(0, 2 * np.pi, size=components)
+    freq = (2 * np.pi / lam)[:, None] * np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    amp = rng.normal(0, 0.13 * np.sqrt(2.0 / components), size=(3, components))
+    return Texture(freq.astype(np.float32), rng.uniform(0, 2 * np.pi, components).astype(np.float32),
+                   amp.astype(np.float32))
+
+
+def render_texture(tex: Texture, p: np.ndarray) -> np.ndarray:
+    """Texture at texture coordinates p (2×N) -> N×3 float32 in [0, 1]."""
+    arg = tex.freq @ p + tex.phase[:, None]  # K×N
+    return np.clip(0.5 + (tex.amp @ np.cos(arg)).T, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Motion:
+    """x = c + s_t R(theta_t) p + d_t maps texture point p to image point x at frame t."""
+
+    scale: np.ndarray   # T
+    theta: np.ndarray   # T, radians (positive = clockwise on screen, y points down)
+    shift: np.ndarray   # T×2 (dx, dy)
+
+    def matrices(self, centre: np.ndarray) -> np.ndarray:
+        """T×3×3 homogeneous A_t."""
+        t = len(self.scale)
+        c, s = np.cos(self.theta), np.sin(self.theta)
+        a = np.zeros((t, 3, 3))
+        a[:, 0, 0], a[:, 0, 1], a[:, 1, 0], a[:, 1, 1] = c * self.scale, -s * self.scale, s * self.scale, c * self.scale
+        a[:, :2, 2] = centre[None] + self.shift
+        a[:, 2, 2] = 1
+        return a
+
+
+def camera_pan(num_frames: int, rng: np.random.Generator, speed: tuple[float, float] = (1.0, 2.5),
+               turn: float = 0.15) -> np.ndarray:
+    """A nuisance camera pan (T×2 displacement) whose direction turns during the video.
+
+    It is what makes the demo a real test: the mean flow of a clip is dominated by the pan, which differs
+    between clips of one video, so a randomly initialised network does not separate the motion classes while a
+    network trained to match clips of the same video learns to look past the pan.
+    """
+    t = np.arange(num_frames, dtype=np.float64)
+    direction = rng.uniform(0, 2 * np.pi) + rng.uniform(-turn, turn) * t
+    velocity = rng.uniform(*speed) * np.stack([np.cos(direction), np.sin(direction)], axis=1)
+    return np.concatenate([np.zeros((1, 2)), np.cumsum(velocity[:-1], axis=0)])
+
+
+def class_motion(cls: str, num_frames: int, rng: np.random.Generator, pan: bool = True) -> Motion:
+    """Class-specific motion with random speed and random start phase, plus a random camera pan."""
+    t = np.arange(num_frames, dtype=np.float64)
+    theta0 = rng.uniform(0, 2 * np.pi)
+    scale = np.full(num_frames, rng.uniform(0.9, 1.2))
+    theta = np.full(num_frames, theta0)
+    shift = np.zeros((num_frames, 2)) + rng.uniform(-100, 100, size=2)
+    if cls.startswith("translate"):
+        v = rng.uniform(1.0, 2.5)
+        d = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[cls.split("_")[1]]
+        shift = shift + v * t[:, None] * np.array(d, dtype=np.float64)[None]
+    elif cls.startswith("rotate"):
+        w = np.deg2rad(rng.uniform(1.5, 3.0)) * (1 if cls == "rotate_cw" else -1)
+        theta = theta0 + w * t
+        shift = np.zeros((num_frames, 2))  # rotate about the image centre
+    elif cls.startswith("zoom"):
+        k = min(rng.uniform(0.015, 0.03), np.log(3.0) / max(1, num_frames))  # at most 3x overall
+        k *= 1 if cls == "zoom_in" else -1
+        scale = scale * np.exp(k * (t - (num_frames - 1) / 2))
+        shift = np.zeros((num_frames, 2))  # zoom about the image centre
+    else:
+        raise ValueError(f"unknown motion class {cls!r}; known: {MOTION_CLASSES}")
+    if pan:
+        shift = shift + camera_pan(num_frames, rng)
+    return Motion(scale, theta, shift)
+
+
+def render_motion_video(tex: Texture, motion: Motion, height: int,
+                        width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames T×H×W×3 float32 in [0,1] and exact forward flow (T-1)×H×W×2 float32 px."""
+    n = len(motion.scale)
+    centre = np.array([(width - 1) / 2, (height - 1) / 2])
+    a = motion.matrices(centre)
+    yy, xx = np.mgrid[0:height, 0:width]
+    x = np.stack([xx.ravel(), yy.ravel(), np.ones(xx.size)]).astype(np.float64)  # 3×N
+    frames = np.empty((n, height, width, 3), np.float32)
+    flow = np.empty((max(n - 1, 0), height, width, 2), np.float32)
+    for i in range(n):
+        p = np.linalg.solve(a[i], x)  # texture coordinates of every pixel
+        frames[i] = render_texture(tex, p[:2].astype(np.float32)).reshape(height, width, 3)
+        if i + 1 < n:
+            x_next = a[i + 1] @ p
+            flow[i] = (x_next[:2] - x[:2]).T.reshape(height, width, 2)
+    return frames, flow
+
+
+def _make_one(job: dict) -> dict:
+    rng = np.random.default_rng([job["seed"], job["label"], job["num"]])
+    tex = random_texture(rng)
+    motion = class_motion(job["cls"], job["frames"], rng)
+    frames, flow = render_motion_video(tex, motion, job["height"], job["width"])
+    rgb_u8 = np.round(frames * 255).astype(np.uint8)
+    write_video(os.path.join(job["root"], job["rgb"]), rgb_u8, job["fps"], gop=job["gop"])
+    if job["flow"] is not None:
+        fq = pad_flow_to_frames(quantise_flow(flow), job["frames"])
+        write_flow_video(os.path.join(job["root"], job["flow"]), fq, job["fps"], gop=job["gop"])
+    return job
+
+
+def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos_per_class: int = 24,
+                           frames: int = 48, height: int = 64, width: int = 80, fps: float = 25,
+                           seed: int = 0, test_fraction: float = 0.25, with_flow: bool = True,
+                           gop: int = 16, workers: Optional[int] = None) -> str:
+    """Write the motion dataset in the on-disk format; returns root.
+
+    Deterministic from the parameters. Idempotent: a complete dataset with the same
+    parameters is reused; one we made with other parameters (or left incomplete) is
+    regenerated; a non-empty directory that is not ours is an error.
+    """
+    root = os.fspath(root)
+    if not 1 <= num_classes <= len(MOTION_CLASSES):
+        raise ValueError(f"num_classes must be in 1..{len(MOTION_CLASSES)}, got {num_classes}")
+    if frames < 2 or videos_per_class < 1 or not 0 <= test_fraction < 1:
+        raise ValueError("need frames >= 2, videos_per_class >= 1 and 0 <= test_fraction < 1")
+    params = dict(version=_VERSION, num_classes=num_classes, videos_per_class=videos_per_class,
+                  frames=frames, height=height, width=width, fps=fps, seed=seed,
+                  test_fraction=test_fraction, with_flow=with_flow, gop=gop)
+    marker = os.path.join(root, _MARKER)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("params") == params and old.get("complete"):
+            return root
+        for sub in ("rgb", "flow", "index.jsonl", "classes.txt", "excluded.jsonl"):
+            p = os.path.join(root, sub)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    elif os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f"{root} is not empty and holds no {_MARKER}; refusing to write a synthetic dataset there")
+    os.makedirs(root, exist_ok=True)
+    _write_atomic(marker, json.dumps({"params": params, "complete": False}))
+
+    classes = list(MOTION_CLASSES[:num_classes])
+    n_test = int(round(videos_per_class * test_fraction))
+    jobs = []
+    for label, cls in enumerate(classes):
+        test_ids = set(np.random.default_rng([seed, label, 10**6]).permutation(videos_per_class)[:n_test].tolist())
+        for num in range(videos_per_class):
+            vid = f"{cls}_{num:04d}"
+            jobs.append(dict(root=root, seed=seed, label=label, cls=cls, num=num, id=vid,
+                             rgb=f"rgb/{cls}/{vid}.mp4", flow=f"flow/{cls}/{vid}.mp4" if with_flow else None,
+                             frames=frames, height=height, width=width, fps=fps, gop=gop,
+                             split="test" if num in test_ids else "train"))
+    t0 = time.time()
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            done = list(ex.map(_make_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        done = [_make_one(j) for j in jobs]
+    records = [VideoRecord(id=j["id"], rgb=j["rgb"], flow=j["flow"], label=j["label"], cls=j["cls"],
+                           frames=frames, fps=float(fps), width=width, height=height, splits=[j["split"]])
+               for j in done]
+    write_index(root, records, classes)
+    _write_atomic(marker, json.dumps({"params": params, "complete": True, "seconds": round(time.time() - t0, 2)}))
+    log.info("synthetic dataset: %d videos in %.1fs at %s", len(records), time.time() - t0, root)
+    return root
+
+
+# ----------------------------------------------------------------------- frame-index videos
+
+INDEX_BITS = 10
+_LEVELS = (40, 215)
+
+
+def _bands(height: int, nbits: int) -> list[tuple[int, int]]:
+    """Row range (middle half) of each band: 2 references then nbits bits, top to bottom."""
+    nb = nbits + 2
+    out = []
+    for k in range(nb):
+        a, b = k * height / nb, (k + 1) * height / nb
+        q = (b - a) / 4
+        out.append((int(np.floor(a + q)), max(int(np.floor(a + q)) + 1, int(np.ceil(b - q)))))
+    return out
+
+
+def _code_column(index: int, height: int, nbits: int, invert: bool = False) -> np.ndarray:
+    """H values: band k gets dark/bright according to reference pattern and the bits of index."""
+    lo, hi = (_LEVELS[1], _LEVELS[0]) if invert else _LEVELS
+    bits = [0, 1] + [(index >> b) & 1 for b in range(nbits)]
+    nb = len(bits)
+    col = np.empty(height, np.uint8)
+    for k, bit in enumerate(bits):
+        col[int(round(k * height / nb)):int(round((k + 1) * height / nb))] = hi if bit else lo
+    return col
+
+
+def frame_index_video(num_frames: int, height: int, width: int,
+                      nbits: int = INDEX_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """RGB T×H×W×3 and flow T×H×W×2 uint8 frames whose pixels encode their own index.
+
+    RGB is grey; flow u carries the code, flow v the code with dark/bright swapped (both decode
+    to the same index). Needs height >= 3*(nbits+2) so bands survive H.264.
+    """
+    if num_frames > 2 ** nbits:
+        raise ValueError(f"{num_frames} frames need more than {nbits} bits")
+    if height < 3 * (nbits + 2):
+        raise ValueError(f"height {height} too small for {nbits + 2} bands")
+    rgb = np.empty((num_frames, height, width, 3), np.uint8)
+    flow = np.empty((num_frames, height, width, 2), np.uint8)
+    for i in range(num_frames):
+        rgb[i] = _code_column(i, height, nbits)[:, None, None]
+        flow[i, ..., 0] = _code_column(i, height, nbits)[:, None]
+        flow[i, ..., 1] = _code_column(i, height, nbits, invert=True)[:, None]
+    return rgb, flow
+
+
+def decode_frame_index(frame, nbits: int = INDEX_BITS) -> int:
+    """Index written by frame_index_video, from an H×W or H×W×C frame of any affine scaling.
+
+    Each bit band is read as closer to the bright or to the dark reference band, so any
+    monotone or sign-flipping affine map of the values (normalisation, /20, negation) keeps it.
+    """
+    f = np.asarray(frame, dtype=np.float64)
+    if f.ndim == 3:
+        f = f.mean(axis=2)
+    if f.ndim != 2:
+        raise ValueError(f"expected H×W or H×W×C, got shape {f.shape}")
+    means = [f[a:b].mean() for a, b in _bands(f.shape[0], nbits)]
+    dark, bright = means[0], means[1]
+    idx = 0
+    for b, m in enumerate(means[2:]):
+        if abs(m - bright) < abs(m - dark):
+            idx |= 1 << b
+    return idx
+
+
+def make_frame_index_dataset(root: str | os.PathLike, frame_counts: Sequence[int], height: int = 64,
+                             width: int = 80, fps: float = 25, gop: int = 16, with_flow: bool = True,
+                             num_classes: int = 2) -> str:
+    """Small dataset of frame-index videos in the on-disk format (loader alignment tests)."""
+    root = os.fspath(root)
+    classes = [f"class{c}" for c in range(num_classes)]
+    records = []
+    for i, n in enumerate(frame_counts):
+        label = i % num_classes
+        vid = f"idx_{i:04d}"
+        rgb, flow = frame_index_video(n, height, width)
+        rel_rgb = f"rgb/{classes[label]}/{vid}.mp4"
+        write_video(os.path.join(root, rel_rgb), rgb, fps, gop=gop)
+        rel_flow = None
+        if with_flow:
+            rel_flow = f"flow/{classes[label]}/{vid}.mp4"
+            write_flow_video(os.path.join(root, rel_flow), flow, fps, gop=gop)
+        records.append(VideoRecord(id=vid, rgb=rel_rgb, flow=rel_flow, label=label, cls=classes[label],
+                                   frames=n, fps=float(fps), width=width, height=height,
+                                   splits=["train", "test"]))
+    write_index(root, records, classes)
+    return root

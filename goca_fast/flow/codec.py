@@ -1,0 +1,97 @@
+"""Optical-flow codec: 8-bit quantisation and the flow-video container.
+
+Quantisation is the MemDPC / CoCLR / GOCA formula u8 = round((clip(f, -20, 20) + 20) * 255/40)
+with numpy's round-half-to-even (np.round then astype, exactly as MemDPC), so 0 px -> 127.5 -> 128.
+
+Flow video layout (our format; the official code expects a 3-channel colour video whose
+JPEG-to-video step is not in its repo):
+  * one H.264 yuv420p video, frame size 2H×W, FULL range (color_range = JPEG/pc), so luma
+    carries the u8 values 0..255 untouched by any limited-range scaling;
+  * luma = u image stacked above the v image; chroma constant 128 (so a decoder that
+    converts to RGB with the signalled full-range matrix gets R = G = B = luma);
+  * same fps and GOP as the RGB video and the SAME frame count: n frames give n-1 flows,
+    and the last flow is repeated (flow frame j = motion from RGB frame j to j+1).
+Readers take the Y plane directly (no colour conversion), honouring linesize padding.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import av
+import numpy as np
+
+from goca_fast.data.video_io import VideoReadError, _decode_at, _encode, _planes_frame
+
+FLOW_BOUND = 20.0
+# Measured on smooth random flow fields (64×80, 30 frames): mean |error| 0.37 levels at crf 8
+# (p99 2 levels) vs 0.68 at crf 18 and 0 at crf 0 (lossless, ~4x the size of crf 8).
+# One level is 40/255 = 0.157 px, below TV-L1's own accuracy; tests assert <= 1 level.
+FLOW_CRF = 8
+
+
+def quantise_flow(flow_px: np.ndarray) -> np.ndarray:
+    """Flow in pixels -> uint8 (clip to ±20 px, 255/40 levels per px, round half to even)."""
+    f = np.clip(np.asarray(flow_px, dtype=np.float32), -FLOW_BOUND, FLOW_BOUND)
+    return np.round((f + FLOW_BOUND) * (255.0 / (2 * FLOW_BOUND))).astype(np.uint8)
+
+
+def dequantise_flow(u8: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 pixels (inverse of quantise_flow up to half a level, 0.078 px)."""
+    return np.asarray(u8, dtype=np.float32) * np.float32(2 * FLOW_BOUND / 255.0) - np.float32(FLOW_BOUND)
+
+
+def flow_u8_to_unit(u8: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1] (= px / 20), the network's flow input."""
+    return dequantise_flow(u8) / np.float32(FLOW_BOUND)
+
+
+def pad_flow_to_frames(flow: np.ndarray, num_frames: int) -> np.ndarray:
+    """n-1 flows (T×H×W×2) -> n frames by repeating the last flow, so indices match the RGB."""
+    flow = np.asarray(flow)
+    if len(flow) == 0:
+        raise ValueError("no flow frames to pad")
+    if len(flow) >= num_frames:
+        return flow[:num_frames]
+    reps = np.repeat(flow[-1:], num_frames - len(flow), axis=0)
+    return np.concatenate([flow, reps], axis=0)
+
+
+def write_flow_video(path: str | os.PathLike, flow_u8: np.ndarray, fps: float, gop: int = 16,
+                     crf: float = FLOW_CRF) -> None:
+    """Write T×H×W×2 uint8 flow as a full-range 2H×W luma video (atomic)."""
+    flow_u8 = np.asarray(flow_u8)
+    if flow_u8.ndim != 4 or flow_u8.shape[-1] != 2 or flow_u8.dtype != np.uint8 or len(flow_u8) == 0:
+        raise ValueError(f"flow must be a non-empty T×H×W×2 uint8 array, got {flow_u8.dtype} {flow_u8.shape}")
+    _, h, w, _ = flow_u8.shape
+    chroma = np.full((h, w // 2), 128, dtype=np.uint8)  # yuv420p chroma of a 2H×W frame
+
+    def gen():
+        for i, f in enumerate(flow_u8):
+            luma = np.concatenate([f[..., 0], f[..., 1]], axis=0)
+            vf = _planes_frame((luma, chroma, chroma), w, 2 * h)
+            vf.color_range = av.video.reformatter.ColorRange.JPEG
+            vf.pts = i
+            yield vf
+
+    _encode(path, w, 2 * h, fps, gop, crf, gen, full_range=True)
+
+
+def _luma(frame: "av.VideoFrame") -> np.ndarray:
+    """The Y plane as H×W uint8, dropping line padding, with no range conversion."""
+    plane = frame.planes[0]
+    h, w = frame.height, frame.width
+    buf = np.frombuffer(plane, dtype=np.uint8)
+    return buf.reshape(-1, plane.line_size)[:h, :w].copy()
+
+
+def read_flow_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+    """Flow frames at arbitrary indices -> len(indices)×H×W×2 uint8 (u, v)."""
+    frames = _decode_at(path, indices, _luma)
+    if not frames:
+        raise VideoReadError(f"{os.fspath(path)}: no frame indices requested")
+    y = np.stack(frames)  # N×2H×W
+    if y.shape[1] % 2:
+        raise VideoReadError(f"{os.fspath(path)}: flow video height {y.shape[1]} is odd, not a u/v stack")
+    h = y.shape[1] // 2
+    return np.stack([y[:, :h], y[:, h:]], axis=-1)

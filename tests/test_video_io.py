@@ -1,0 +1,222 @@
+"""Video files (PyAV) and the flow codec: round trips against independent expectations."""
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from goca_fast.data.video_io import (
+    VideoReadError,
+    probe_video,
+    read_all_frames,
+    read_frames,
+    write_video,
+)
+from goca_fast.flow.codec import (
+    FLOW_CRF,
+    dequantise_flow,
+    flow_u8_to_unit,
+    pad_flow_to_frames,
+    quantise_flow,
+    read_flow_frames,
+    write_flow_video,
+)
+
+
+def _blocky_video(t=40, h=64, w=80, seed=0):
+    rng = np.random.default_rng(seed)
+    small = (rng.random((t, h // 8, w // 8, 3)) * 255).astype(np.uint8)
+    return np.repeat(np.repeat(small, 8, 1), 8, 2)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vid")
+    frames = _blocky_video()
+    path = d / "a.mp4"
+    write_video(path, frames, fps=25, gop=16)
+    return path, frames
+
+
+def test_round_trip_count_size_fps(video):
+    path, frames = video
+    info = probe_video(path)
+    assert (info.frames, info.width, info.height, info.fps, info.codec) == (40, 80, 64, 25.0, "h264")
+    assert probe_video(path, decode=True).frames == 40
+    allf = read_all_frames(path)
+    assert allf.shape == frames.shape
+    assert np.abs(allf.astype(int) - frames).mean() < 12  # lossy, but the same picture
+    assert os.listdir(os.path.dirname(path)) == ["a.mp4"]  # temp file renamed away
+
+
+def test_colour_round_trip_accuracy(tmp_path):
+    # Smooth colourful frames: 4:2:0 + limited range + H.264 should cost ~2 levels at crf 18 and
+    # ~0.5 at crf 0 (the default swscale path and untagged chroma siting cost ~3 even lossless).
+    from goca_fast.data.synthetic import class_motion, random_texture, render_motion_video
+    rng = np.random.default_rng(1)
+    frames, _ = render_motion_video(random_texture(rng), class_motion("rotate_cw", 8, rng), 64, 80)
+    u8 = np.round(frames * 255).astype(np.uint8)
+    for crf, bound in ((0, 0.8), (18, 3.0)):
+        write_video(tmp_path / "c.mp4", u8, 25, crf=crf)
+        err = np.abs(read_all_frames(tmp_path / "c.mp4").astype(float) - u8).mean()
+        assert err < bound, (crf, err)
+
+
+def test_fixed_gop_no_bframes(video):
+    path, _ = video
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        pk = [p for p in c.demux(s) if p.size]
+    keys = [i for i, p in enumerate(pk) if p.is_keyframe]
+    assert keys == [0, 16, 32]
+    pts = [p.pts for p in pk]
+    assert pts == sorted(pts)  # decode order == presentation order
+
+
+def test_ntsc_fps(tmp_path):
+    write_video(tmp_path / "n.mp4", _blocky_video(t=5), fps=30000 / 1001)
+    with av.open(str(tmp_path / "n.mp4")) as c:
+        assert c.streams.video[0].average_rate == Fraction(30000, 1001)
+    assert abs(probe_video(tmp_path / "n.mp4").fps - 29.97) < 0.01
+
+
+def test_read_frames_unsorted_repeated_equals_sequential(video):
+    path, _ = video
+    allf = read_all_frames(path)
+    for idx in ([33, 2, 17, 17, 39, 0], [35, 36], [16], [39, 39, 38], list(range(40))[::-1]):
+        got = read_frames(path, idx)
+        assert got.shape == (len(idx), 64, 80, 3)
+        assert np.array_equal(got, allf[idx]), idx
+
+
+def _write_bframe_video(path, frames, open_gop):
+    """A file our writer would never make: B-frames, short (optionally open) GOPs, scene-cut on."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.options = {"x264-params": f"keyint=12:min-keyint=4:bframes=3:open-gop={int(open_gop)}"}
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts = i
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+
+
+@pytest.mark.parametrize("open_gop", [False, True])
+def test_read_frames_with_bframes(tmp_path, open_gop):
+    frames = _blocky_video(t=70, seed=3)
+    path = tmp_path / "b.mp4"
+    _write_bframe_video(path, frames, open_gop)
+    with av.open(str(path)) as c:
+        pts = [p.pts for p in c.demux(video=0) if p.size]
+    assert pts != sorted(pts)  # really reordered
+    allf = read_all_frames(path)
+    assert len(allf) == 70 and probe_video(path).frames == 70
+    for idx in ([0], [69], [37, 12, 12, 50], [25, 26, 27], list(range(30, 70, 7))[::-1]):
+        assert np.array_equal(read_frames(path, idx), allf[idx]), idx
+
+
+def test_bad_inputs(tmp_path, video):
+    path, _ = video
+    with pytest.raises(ValueError, match="even"):
+        write_video(tmp_path / "odd.mp4", np.zeros((3, 63, 80, 3), np.uint8), 25)
+    with pytest.raises(ValueError):
+        write_video(tmp_path / "bad.mp4", np.zeros((3, 64, 80), np.uint8), 25)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(VideoReadError, match="out of range"):
+        read_frames(path, [0, 40])
+    with pytest.raises(VideoReadError, match="out of range"):
+        read_frames(path, [-1])
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "junk.mp4").write_bytes(os.urandom(5000))
+    data = open(path, "rb").read()
+    (tmp_path / "trunc.mp4").write_bytes(data[: len(data) // 2])
+    for name in ("zero.mp4", "junk.mp4", "trunc.mp4", "missing.mp4"):
+        with pytest.raises(VideoReadError) as e:
+            read_frames(tmp_path / name, [0])
+        assert "\n" not in str(e.value)
+        with pytest.raises(VideoReadError):
+            probe_video(tmp_path / name)
+
+
+# ------------------------------------------------------------------ flow codec
+
+
+def test_quantise_hand_values():
+    f = np.array([-20.0, 20.0, 0.0, 1.0, -1.0, -25.0, 25.0, 0.0784])
+    # (f+20)*6.375: 0, 255, 127.5->128 (half-even), 133.875->134, 121.125->121, clip, clip, 128.0
+    assert quantise_flow(f).tolist() == [0, 255, 128, 134, 121, 0, 255, 128]
+    assert quantise_flow(f).dtype == np.uint8
+    # half-to-even both ways: 0.2/6.375 px offsets give exact .5 values 128.5 -> 128, 126.5 -> 126
+    assert quantise_flow(np.array([1 / 6.375, -1 / 6.375], np.float64)).tolist() == [128, 126]
+    u = np.array([0, 128, 255], np.uint8)
+    np.testing.assert_allclose(dequantise_flow(u), [-20.0, 0.0784314, 20.0], atol=1e-5)
+    np.testing.assert_allclose(flow_u8_to_unit(u), [-1.0, 0.0039216, 1.0], atol=1e-6)
+    x = np.linspace(-20, 20, 1001)
+    assert np.abs(dequantise_flow(quantise_flow(x)) - x).max() <= 20 / 255 + 1e-5
+
+
+def test_pad_flow_to_frames():
+    f = np.arange(3 * 2 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2, 2)
+    p = pad_flow_to_frames(f, 5)
+    assert p.shape[0] == 5 and np.array_equal(p[3], f[2]) and np.array_equal(p[4], f[2])
+    assert pad_flow_to_frames(f, 2).shape[0] == 2
+
+
+def _smooth_flow(t, h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    fl = np.zeros((t, h, w, 2), np.float32)
+    for i in range(t):
+        for c in range(2):
+            a, k, ph = rng.normal(0, 4, 3), rng.uniform(0.02, 0.15, 3), rng.uniform(0, 6, 3)
+            fl[i, ..., c] = (a[0] * np.sin(k[0] * xx + ph[0]) + a[1] * np.cos(k[1] * yy + ph[1])
+                             + a[2] * np.sin(k[2] * (xx + yy) + ph[2]))
+    return fl
+
+
+@pytest.mark.parametrize("w", [80, 100])  # 100: line size padded beyond the width
+def test_flow_video_round_trip(tmp_path, w):
+    q = quantise_flow(_smooth_flow(24, 48, w, seed=w))
+    path = tmp_path / "f.mp4"
+    write_flow_video(path, q, fps=25)
+    info = probe_video(path)
+    assert (info.frames, info.width, info.height) == (24, w, 96)
+    r = read_flow_frames(path, range(24))
+    assert r.shape == q.shape and r.dtype == np.uint8
+    err = np.abs(r.astype(int) - q)
+    assert err.mean() <= 1.0, err.mean()
+    # full range: extreme values survive (no 16..235 squeeze)
+    ext = np.zeros((4, 16, 16, 2), np.uint8)
+    ext[..., 0], ext[..., 1] = 0, 255
+    write_flow_video(tmp_path / "e.mp4", ext, fps=25)
+    e = read_flow_frames(tmp_path / "e.mp4", [3, 0])
+    assert np.abs(e[..., 0].astype(int)).max() <= 1 and e[..., 1].min() >= 254
+
+
+def test_flow_layout_u_above_v_and_neutral_chroma(tmp_path):
+    t, h, w = 6, 32, 48
+    q = np.zeros((t, h, w, 2), np.uint8)
+    q[..., 0] = 60 + 10 * np.arange(t)[:, None, None]  # u encodes the frame index
+    q[..., 1] = 200
+    write_flow_video(tmp_path / "f.mp4", q, fps=25, gop=4)
+    r = read_flow_frames(tmp_path / "f.mp4", [5, 1, 1])
+    assert np.abs(r[..., 0].astype(int) - np.array([110, 70, 70])[:, None, None]).max() <= 1
+    assert np.abs(r[..., 1].astype(int) - 200).max() <= 1
+    with av.open(str(tmp_path / "f.mp4")) as c:
+        fr = next(c.decode(video=0))
+        assert (fr.width, fr.height) == (w, 2 * h)
+        rgb = fr.to_ndarray(format="rgb24")  # full range + neutral chroma: R = G = B = Y
+    assert np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() <= 1
+    assert abs(int(rgb[: h, :, 0].mean()) - 60) <= 1 and abs(int(rgb[h:, :, 0].mean()) - 200) <= 1
+
+
+def test_flow_writer_rejects_bad(tmp_path):
+    with pytest.raises(ValueError):
+        write_flow_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.uint8), 25)
+    with pytest.raises(ValueError, match="even"):
+        write_flow_video(tmp_path / "x.mp4", np.zeros((2, 8, 9, 2), np.uint8), 25)
+    assert FLOW_CRF <= 18
