@@ -45,6 +45,7 @@ setup(
         "opencv-contrib-python-headless",
         "tqdm",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda110==1.34.0"],
@@ -53,6 +54,7 @@ setup(
     entry_points={
         "console_scripts": [
             "goca-pretrain=goca_fast.pretrain:main",
+            "goca-eval=goca_fast.eval.cli:main",
         ],
     },
     ext_modules=ext_modules,

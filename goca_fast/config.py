@@ -30,6 +30,7 @@ class SyntheticConfig:
     fps: int = 25
     test_fraction: float = 0.25
     seed: int = 0
+    pan_speed: float = 1.0              # max nuisance camera-pan speed (px/frame); 0 = none
 
 
 @dataclass
@@ -130,6 +131,10 @@ class EvalConfig:
     clip_length: int = 0                # 0 = the longest pretraining clip
     batch_size: int = 8
     compare_random_init: bool = True
+    monitor_every: int = 0              # online kNN monitor every N epochs during pretraining (0 = off)
+    monitor_videos: int = 256           # class-balanced videos per split in the monitor's subsets (0 = all)
+    monitor_clip_length: int = 0        # frames per monitor clip (0 = the shortest pretraining clip: cheapest)
+    monitor_val_split: str = ""         # monitor queries ("" = data.test_split); the gallery is data.train_split
 
 
 @dataclass
@@ -344,7 +349,14 @@ def validate(cfg: Config) -> Config:
     need(o.base_lr > 0 and o.final_lr >= 0 and o.start_warmup >= 0, "optim: learning rates must be positive")
     need(cfg.engine.max_bad_steps >= 1, "engine.max_bad_steps must be >= 1")
     need(cfg.eval.clips >= 1 and cfg.eval.crops in (1, 3), "eval.clips must be >= 1 and eval.crops 1 or 3")
+    need(cfg.eval.monitor_every >= 0 and cfg.eval.monitor_videos >= 0 and cfg.eval.monitor_clip_length >= 0,
+         "eval.monitor_every, eval.monitor_videos and eval.monitor_clip_length must be >= 0")
     return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A validated Config from a plain dict (e.g. the one stored in a checkpoint)."""
+    return validate(_build(Config, values))
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:

@@ -136,6 +136,7 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         self.writer = None
         self.timer = ckpt.CheckpointTimer(cfg.engine.checkpoint_minutes or None)
+        self.monitor = None  # optional goca_fast.eval.monitor.KnnMonitor, set by pretrain (rank 0 only)
 
     # ------------------------------------------------------------------ queue
     def _maybe_create_queue(self) -> None:
@@ -272,6 +273,11 @@ class Trainer:
         try:
             while self.state.epoch < cfg.optim.epochs:
                 summary = self._run_epoch()
+                if self.monitor is not None and self.info.is_main:
+                    r1 = self.monitor.maybe_run(self.model, self.state.epoch, self.writer, step=self.state.step)
+                    if r1 is not None:
+                        summary["knn_r1"] = r1
+                        summary["monitor_seconds"] = round(self.monitor.last_seconds, 3)
                 if self.info.is_main:
                     with open(history_path, "a") as f:
                         f.write(json.dumps(summary) + "\n")

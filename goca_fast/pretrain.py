@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -69,7 +68,8 @@ def dataset_root(cfg: Config, info: DistInfo) -> Path:
     if info.is_main:
         t0 = time.time()
         make_synthetic_dataset(root, syn.num_classes, syn.videos_per_class, syn.frames, syn.height, syn.width,
-                               syn.fps, syn.seed, syn.test_fraction, with_flow=cfg.data.modalities != "rgb")
+                               syn.fps, syn.seed, syn.test_fraction, with_flow=cfg.data.modalities != "rgb",
+                               pan_speed=syn.pan_speed)
         log.info("synthetic dataset ready at %s (%.1fs)", root, time.time() - t0)
     barrier(info)
     return root
@@ -119,31 +119,9 @@ def build_train_loader(cfg: Config, info: DistInfo, root: Path):
     return factory, batches
 
 
-def knn_retrieval(model, cfg: Config, root: Path, device: torch.device) -> dict[str, dict[int, float]]:
-    """R@k of test-split queries against the train split, per stream and for both streams averaged."""
-    from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
-    from goca_fast.data.index import read_index, select_split
-    from goca_fast.eval.features import extract_video_features
-    from goca_fast.eval.retrieval import combine_streams, recall_at_k
-    records, _ = read_index(root)
-    length = cfg.eval.clip_length or max(cfg.data.frames_per_group)
-    with_flow = "flow" in model.streams
-    feats = {}
-    for split in (cfg.data.train_split, cfg.data.test_split):
-        ds = EvalClipDataset(root, select_split(records, split), length, cfg.data.stride, cfg.eval.clips,
-                             cfg.data.crop_size, cfg.data.scale_range[0], with_flow, crops=cfg.eval.crops,
-                             flow_mode=cfg.data.flow_mode)
-        feats[split] = extract_video_features(model, make_eval_loader(ds, cfg.eval.batch_size, cfg.data.workers),
-                                              device)
-    (gal, gal_y), (qry, qry_y) = feats[cfg.data.train_split], feats[cfg.data.test_split]
-    out = {s: recall_at_k(qry[s], qry_y, gal[s], gal_y) for s in model.streams}
-    if len(model.streams) == 2:
-        out["both"] = recall_at_k(combine_streams(qry), qry_y, combine_streams(gal), gal_y)
-    return out
-
-
 def run(cfg: Config, fresh: bool = False) -> dict:
     from goca_fast.engine import StopRequested, Trainer, build_model
+    from goca_fast.eval.knn import knn_retrieval
     from goca_fast.eval.retrieval import DEFAULT_KS, format_table
 
     info = init_distributed(cfg.engine.device)
@@ -169,6 +147,15 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     if not fresh:
         trainer.resume()
     trainer.install_signal_handlers()
+    if cfg.eval.monitor_every > 0 and info.is_main:
+        from goca_fast.eval.monitor import KnnMonitor
+        e = cfg.eval
+        trainer.monitor = KnnMonitor(
+            root, cfg.data.train_split, e.monitor_val_split or cfg.data.test_split, subset_size=e.monitor_videos,
+            clip_length=e.monitor_clip_length or min(cfg.data.frames_per_group), stride=cfg.data.stride,
+            crop_size=cfg.data.crop_size, short_side=cfg.data.scale_range[0], every=e.monitor_every,
+            streams=trainer.model.streams, flow_mode=cfg.data.flow_mode, workers=cfg.data.workers,
+            device=info.device, amp=trainer.amp, seed=cfg.seed)
     t0 = time.time()
     try:
         summary = trainer.fit()

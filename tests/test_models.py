@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from goca_fast.models import GocaModel, build_backbone, prototype_separation, run_grouped
 

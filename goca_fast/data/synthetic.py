@@ -84,7 +84,7 @@ class Motion:
         return a
 
 
-def camera_pan(num_frames: int, rng: np.random.Generator, speed: tuple[float, float] = (1.0, 2.5),
+def camera_pan(num_frames: int, rng: np.random.Generator, max_speed: float = 1.0,
                turn: float = 0.15) -> np.ndarray:
     """A nuisance camera pan (T×2 displacement) whose direction turns during the video.
 
@@ -94,11 +94,11 @@ def camera_pan(num_frames: int, rng: np.random.Generator, speed: tuple[float, fl
     """
     t = np.arange(num_frames, dtype=np.float64)
     direction = rng.uniform(0, 2 * np.pi) + rng.uniform(-turn, turn) * t
-    velocity = rng.uniform(*speed) * np.stack([np.cos(direction), np.sin(direction)], axis=1)
+    velocity = rng.uniform(0.4 * max_speed, max_speed) * np.stack([np.cos(direction), np.sin(direction)], axis=1)
     return np.concatenate([np.zeros((1, 2)), np.cumsum(velocity[:-1], axis=0)])
 
 
-def class_motion(cls: str, num_frames: int, rng: np.random.Generator, pan: bool = True) -> Motion:
+def class_motion(cls: str, num_frames: int, rng: np.random.Generator, pan_speed: float = 0.0) -> Motion:
     """Class-specific motion with random speed and random start phase, plus a random camera pan."""
     t = np.arange(num_frames, dtype=np.float64)
     theta0 = rng.uniform(0, 2 * np.pi)
@@ -120,8 +120,8 @@ def class_motion(cls: str, num_frames: int, rng: np.random.Generator, pan: bool 
         shift = np.zeros((num_frames, 2))  # zoom about the image centre
     else:
         raise ValueError(f"unknown motion class {cls!r}; known: {MOTION_CLASSES}")
-    if pan:
-        shift = shift + camera_pan(num_frames, rng)
+    if pan_speed > 0:
+        shift = shift + camera_pan(num_frames, rng, pan_speed)
     return Motion(scale, theta, shift)
 
 
@@ -147,7 +147,7 @@ def render_motion_video(tex: Texture, motion: Motion, height: int,
 def _make_one(job: dict) -> dict:
     rng = np.random.default_rng([job["seed"], job["label"], job["num"]])
     tex = random_texture(rng)
-    motion = class_motion(job["cls"], job["frames"], rng)
+    motion = class_motion(job["cls"], job["frames"], rng, job["pan_speed"])
     frames, flow = render_motion_video(tex, motion, job["height"], job["width"])
     rgb_u8 = np.round(frames * 255).astype(np.uint8)
     write_video(os.path.join(job["root"], job["rgb"]), rgb_u8, job["fps"], gop=job["gop"])
@@ -160,7 +160,7 @@ def _make_one(job: dict) -> dict:
 def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos_per_class: int = 24,
                            frames: int = 48, height: int = 64, width: int = 80, fps: float = 25,
                            seed: int = 0, test_fraction: float = 0.25, with_flow: bool = True,
-                           gop: int = 16, workers: Optional[int] = None) -> str:
+                           gop: int = 16, workers: Optional[int] = None, pan_speed: float = 0.0) -> str:
     """Write the motion dataset in the on-disk format; returns root.
 
     Deterministic from the parameters. Idempotent: a complete dataset with the same
@@ -174,7 +174,7 @@ def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos
         raise ValueError("need frames >= 2, videos_per_class >= 1 and 0 <= test_fraction < 1")
     params = dict(version=_VERSION, num_classes=num_classes, videos_per_class=videos_per_class,
                   frames=frames, height=height, width=width, fps=fps, seed=seed,
-                  test_fraction=test_fraction, with_flow=with_flow, gop=gop)
+                  test_fraction=test_fraction, with_flow=with_flow, gop=gop, pan_speed=pan_speed)
     marker = os.path.join(root, _MARKER)
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
@@ -201,7 +201,7 @@ def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos
             vid = f"{cls}_{num:04d}"
             jobs.append(dict(root=root, seed=seed, label=label, cls=cls, num=num, id=vid,
                              rgb=f"rgb/{cls}/{vid}.mp4", flow=f"flow/{cls}/{vid}.mp4" if with_flow else None,
-                             frames=frames, height=height, width=width, fps=fps, gop=gop,
+                             frames=frames, height=height, width=width, fps=fps, gop=gop, pan_speed=pan_speed,
                              split="test" if num in test_ids else "train"))
     t0 = time.time()
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)

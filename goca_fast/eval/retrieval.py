@@ -16,21 +16,38 @@ DEFAULT_KS = (1, 5, 10, 20, 50)
 def recall_at_k(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
                 gallery_labels: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, chunk: int = 1024) -> dict[int, float]:
     """R@k in percent for every k (k larger than the gallery is clamped to its size)."""
+    order, _ = nearest_neighbours(query, gallery, max(ks), chunk)
+    match = gallery_labels[order] == query_labels[:, None]
+    return {k: 100.0 * float(match[:, :min(k, order.shape[1])].any(dim=1).float().mean()) for k in ks}
+
+
+def nearest_neighbours(query: torch.Tensor, gallery: torch.Tensor, k: int,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most cosine-similar gallery rows per query (Q×k indices, Q×k similarities), ties in gallery order.
+
+    Same ordering as :func:`recall_at_k`, so a retrieval grid shows exactly the neighbours that were scored.
+    """
     if query.shape[0] == 0 or gallery.shape[0] == 0:
         raise ValueError("retrieval needs at least one query and one gallery video")
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query features are {query.shape[1]}-d but gallery features {gallery.shape[1]}-d")
     q = F.normalize(query.float(), dim=1)
     g = F.normalize(gallery.float(), dim=1)
-    kmax = min(max(ks), g.shape[0])
-    hits = {k: 0 for k in ks}
+    k = min(int(k), g.shape[0])
+    idx, sims = [], []
     for start in range(0, q.shape[0], chunk):
         sim = q[start:start + chunk] @ g.t()
-        order = torch.sort(-sim, dim=1, stable=True).indices[:, :kmax]
-        match = gallery_labels[order] == query_labels[start:start + chunk, None]
-        for k in ks:
-            hits[k] += int(match[:, :min(k, kmax)].any(dim=1).sum())
-    return {k: 100.0 * hits[k] / q.shape[0] for k in ks}
+        order = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
+        idx.append(order)
+        sims.append(torch.gather(sim, 1, order))
+    return torch.cat(idx), torch.cat(sims)
+
+
+def per_query_hits(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
+                   gallery_labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Q bool: does any of the k nearest gallery videos share the query's class (the R@k indicator per query)."""
+    order, _ = nearest_neighbours(query, gallery, k)
+    return (gallery_labels[order] == query_labels[:, None]).any(dim=1)
 
 
 def combine_streams(features: dict[str, torch.Tensor]) -> torch.Tensor:

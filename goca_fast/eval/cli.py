@@ -1,0 +1,198 @@
+"""`goca-eval {knn,linear,finetune,export,plots}`: the evaluation suite's command line.
+
+Every subcommand takes a checkpoint file or a pretraining run directory (its latest intact checkpoint is used);
+the protocol defaults come from the checkpoint's own config. Results, plots and the feature cache go to
+<run_dir>/eval unless --out says otherwise. Input problems end with one line `goca-eval: error: ...` and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from goca_fast.checkpoint import CheckpointError
+from goca_fast.config import ConfigError
+from goca_fast.data.index import DatasetIndexError
+
+PROG = "goca-eval"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return vals
+
+
+def _streams(text: str) -> list[str]:
+    vals = [x.strip() for x in text.replace("+", ",").split(",") if x.strip()]
+    bad = [v for v in vals if v not in ("rgb", "flow")]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"streams must be rgb, flow or rgb,flow, got {text!r}")
+    return vals
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, source_optional: bool = False, protocol: bool = True,
+            views: bool = True) -> None:
+    p.add_argument("source", nargs="?" if source_optional else None,
+                   help="checkpoint file or pretraining run directory (its checkpoints/latest.pth)")
+    p.add_argument("--data-root", help="prepared dataset to evaluate on (default: the pretraining dataset)")
+    p.add_argument("--train-split", help="gallery / training split (default: the config's data.train_split)")
+    p.add_argument("--test-split", help="query / test split (default: the config's data.test_split)")
+    p.add_argument("--streams", type=_streams, help="rgb, flow or rgb,flow (default: every stream of the model)")
+    p.add_argument("--workers", type=int, help="loader processes (default: the config's data.workers)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", help="output directory (default: <run_dir>/eval)")
+    p.add_argument("--config", help="pretraining YAML, for checkpoints that carry no config")
+    p.add_argument("--arch", help="fail unless the checkpoint is of this architecture (e.g. r2plus1d_18)")
+    if protocol and views:
+        p.add_argument("--clips", type=_positive, help="uniform clips per video (default: eval.clips, official 5)")
+        p.add_argument("--crops", type=int, choices=(1, 3), help="spatial crops per clip (default: eval.crops, 3)")
+    if protocol:
+        p.add_argument("--clip-length", type=_positive, help="frames per clip (default: longest pretraining clip)")
+        p.add_argument("--stride", type=_positive, help="frame stride (default: data.stride)")
+        p.add_argument("--batch-size", type=_positive, help="videos per batch (default: eval.batch_size)")
+        p.add_argument("--amp", default="off", choices=("auto", "bf16", "fp16", "off"),
+                       help="autocast for feature extraction (default off: exact fp32 features)")
+        p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Evaluate GOCA checkpoints: kNN retrieval, linear probe, "
+                                "fine-tuning, feature export, plots. Each subcommand takes a checkpoint or a run "
+                                "directory; see `goca-eval <subcommand> --help`.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{knn,linear,finetune,export,plots}")
+
+    k = sub.add_parser("knn", help="nearest-neighbour video retrieval R@1/5/10/20/50")
+    _common(k)
+    k.add_argument("--feature", default="backbone", choices=("backbone", "head"),
+                   help="pooled backbone features (default, official) or projection-head embeddings")
+    k.add_argument("--ks", type=_ints, default=[1, 5, 10, 20, 50], help="comma-separated k (default 1,5,10,20,50)")
+    k.add_argument("--plots", action="store_true", help="also draw the retrieval grid and PCA map")
+
+    lin = sub.add_parser("linear", help="linear probe on the frozen backbone")
+    _common(lin, views=False)
+    lin.add_argument("--augment", action="store_true",
+                     help="train on random augmented clips each epoch (slow) instead of cached view features")
+    lin.add_argument("--epochs", type=_positive, default=100)
+    lin.add_argument("--lr", type=float, default=0.1)
+    lin.add_argument("--wd", type=float, default=0.0, help="weight decay")
+    lin.add_argument("--momentum", type=float, default=0.9)
+    lin.add_argument("--milestones", type=_ints, default=[60, 80], help="epochs where the LR is multiplied by gamma")
+    lin.add_argument("--gamma", type=float, default=0.1)
+    lin.add_argument("--probe-batch-size", type=_positive, default=256, help="samples (views) per SGD step")
+    lin.add_argument("--l2norm", action="store_true", help="L2-normalise features before the BN (official option)")
+    lin.add_argument("--no-bn", action="store_true", help="drop the BatchNorm1d in front of the linear layer")
+    lin.add_argument("--dropout", type=float, default=0.0)
+    lin.add_argument("--train-clips", type=_positive, default=5, help="train views: clips per video (fast path)")
+    lin.add_argument("--train-crops", type=int, choices=(1, 3), default=3, help="train views: crops per clip")
+    lin.add_argument("--test-clips", type=_positive, default=10)
+    lin.add_argument("--test-crops", type=int, choices=(1, 3), default=3)
+    lin.add_argument("--seed", type=int, default=0)
+
+    ft = sub.add_parser("finetune", help="end-to-end fine-tuning, two-stream late fusion")
+    _common(ft, source_optional=True, protocol=False)
+    ft.add_argument("--epochs", type=_positive, default=100)
+    ft.add_argument("--lr", type=float, default=0.1, help="classifier LR (the backbone gets lr × ratio)")
+    ft.add_argument("--backbone-lr-ratio", type=float, default=0.1)
+    ft.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    ft.add_argument("--momentum", type=float, default=0.9)
+    ft.add_argument("--batch-size", type=_positive, default=16, help="videos per process and step")
+    ft.add_argument("--warmup-epochs", type=float, default=5.0)
+    ft.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    ft.add_argument("--milestones", type=_ints, default=[60, 80])
+    ft.add_argument("--gamma", type=float, default=0.1)
+    ft.add_argument("--dropout", type=float, default=0.5)
+    ft.add_argument("--test-clips", type=_positive, default=10)
+    ft.add_argument("--test-crops", type=int, choices=(1, 3), default=3)
+    ft.add_argument("--eval-every", type=int, default=0, help="epochs between 1-clip validations (0 = off)")
+    ft.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--max-iters-per-epoch", type=int, default=0, help="cut epochs short (smoke tests)")
+    ft.add_argument("--fresh", action="store_true", help="ignore a checkpoint in the output directory")
+
+    ex = sub.add_parser("export", help="write features of any split to .npy or .pt")
+    _common(ex)
+    ex.add_argument("--split", action="append", default=[], help="split to export (repeatable; default train+test)")
+    ex.add_argument("--format", default="npy", choices=("npy", "pt"))
+    ex.add_argument("--views", action="store_true", help="also write the per-view features (fp16)")
+    ex.add_argument("--feature", default="backbone", choices=("backbone", "head"))
+
+    pl = sub.add_parser("plots", help="retrieval grid, PCA/t-SNE map, training curves (PNG + TensorBoard)")
+    _common(pl, protocol=False)
+    pl.add_argument("--what", default="retrieval,embedding,curves",
+                    help="comma-separated subset of retrieval, embedding, curves")
+    pl.add_argument("--stream", choices=("rgb", "flow", "both"), help="features to plot (default: both if two)")
+    pl.add_argument("--method", default="pca", choices=("pca", "tsne"), help="2-D map (t-SNE needs scikit-learn)")
+    pl.add_argument("--queries", type=_positive, default=8, help="rows of the retrieval grid")
+    pl.add_argument("--batch-size", type=_positive)
+    pl.add_argument("--no-cache", action="store_true")
+    pl.add_argument("--no-tensorboard", action="store_true", help="do not add the images to TensorBoard")
+    return p
+
+
+def dispatch(a: argparse.Namespace) -> None:
+    """Map parsed arguments onto the plain-parameter entry points (namespaces stop here)."""
+    if a.command == "knn":
+        from goca_fast.eval.knn import run_knn
+        run_knn(a.source, a.data_root, a.train_split, a.test_split, a.clips, a.crops, a.clip_length, a.stride,
+                a.feature, a.streams, a.ks, a.batch_size, a.workers, a.device, a.amp, a.out, not a.no_cache,
+                a.arch, a.config, a.plots)
+    elif a.command == "linear":
+        from goca_fast.eval.linear import ProbeSettings, run_linear
+        settings = ProbeSettings(epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.wd,
+                                 milestones=tuple(a.milestones), gamma=a.gamma, batch_size=a.probe_batch_size,
+                                 l2norm=a.l2norm, use_bn=not a.no_bn, dropout=a.dropout, seed=a.seed)
+        run_linear(a.source, a.data_root, a.train_split, a.test_split, settings, a.augment,
+                   a.train_clips, a.train_crops, a.test_clips, a.test_crops, a.clip_length,
+                   a.stride, a.streams, a.batch_size, a.workers, a.device, a.amp, a.out, not a.no_cache, a.arch,
+                   a.config)
+    elif a.command == "finetune":
+        from goca_fast.eval.finetune import FinetuneSettings, run_finetune
+        settings = FinetuneSettings(epochs=a.epochs, lr=a.lr, backbone_lr_ratio=a.backbone_lr_ratio,
+                                    momentum=a.momentum, weight_decay=a.wd, batch_size=a.batch_size,
+                                    warmup_epochs=a.warmup_epochs, schedule=a.schedule,
+                                    milestones=tuple(a.milestones), gamma=a.gamma, dropout=a.dropout,
+                                    test_clips=a.test_clips, test_crops=a.test_crops, eval_every=a.eval_every,
+                                    amp=a.amp, seed=a.seed, max_iters_per_epoch=a.max_iters_per_epoch)
+        run_finetune(a.source, a.out, settings, a.data_root, a.train_split, a.test_split, a.streams, a.workers,
+                     a.device, a.fresh, a.config, a.arch)
+    elif a.command == "export":
+        from goca_fast.eval.export import run_export
+        run_export(a.source, a.split, a.format, a.out, a.data_root, a.views, a.feature, a.clips, a.crops,
+                   a.clip_length, a.stride, a.streams, a.batch_size, a.workers, a.device, a.amp, not a.no_cache,
+                   a.config)
+    elif a.command == "plots":
+        from goca_fast.eval.plots import run_plots
+        what = [w.strip() for w in a.what.split(",") if w.strip()]
+        run_plots(a.source, what, a.data_root, a.out, a.stream, a.method, a.queries, "backbone", a.batch_size,
+                  a.workers, a.device, not a.no_cache, a.config, not a.no_tensorboard)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except (ConfigError, DatasetIndexError, CheckpointError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""`goca-eval export`: video features of any split, for the user's own tools.
+
+Per split, `npy` format writes
+    <out>/<split>_<stream>.npy           N×F float32 (mean over views of L2-normalised view features)
+    <out>/<split>_<stream>_views.npy     N×V×F float16 raw per-view features (with --views)
+    <out>/<split>_meta.json              video ids, labels, class names, padded flags, counts, protocol
+and `pt` format one `<out>/<split>.pt` holding the same as a dict of tensors and lists (torch.load it).
+Rows are in the dataset index's order of the split; videos that could not be read are listed, not exported.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewSpec, dataset_root_for,
+                                   default_output_dir, load_model, resolve_amp, resolve_device, split_features,
+                                   split_records, view_spec_from_config)
+
+FORMATS = ("npy", "pt")
+
+
+def write_features(f: SplitFeatures, out: Path, fmt: str, protocol: dict) -> list[Path]:
+    """Write one split's features in `fmt` under `out`; returns the files written."""
+    if fmt not in FORMATS:
+        raise EvalError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"split": f.split, "ids": f.ids, "labels": f.labels.tolist(), "classes": f.classes,
+            "padded": f.padded.tolist(), "counts": f.counts(), "missing": f.missing, "unreadable": f.unreadable,
+            "streams": list(f.features), "protocol": protocol}
+    written = []
+    if fmt == "npy":
+        for s, x in f.features.items():
+            np.save(out / f"{f.split}_{s}.npy", x.numpy().astype(np.float32))
+            written.append(out / f"{f.split}_{s}.npy")
+            if f.views is not None:
+                np.save(out / f"{f.split}_{s}_views.npy", f.views[s].numpy().astype(np.float16))
+                written.append(out / f"{f.split}_{s}_views.npy")
+        (out / f"{f.split}_meta.json").write_text(json.dumps(meta, indent=1))
+        written.append(out / f"{f.split}_meta.json")
+    else:
+        obj = {**meta, "labels": f.labels.clone(), "padded": f.padded.clone(),
+               "features": {s: x.clone() for s, x in f.features.items()},
+               "views": None if f.views is None else {s: x.clone() for s, x in f.views.items()}}
+        torch.save(obj, out / f"{f.split}.pt")
+        written.append(out / f"{f.split}.pt")
+    return written
+
+
+def run_export(source: str, splits: Sequence[str] = (), fmt: str = "npy", out_dir: Optional[str] = None,
+               data_root: Optional[str] = None, views: bool = False, feature: str = "backbone",
+               clips: Optional[int] = None, crops: Optional[int] = None, clip_length: Optional[int] = None,
+               stride: Optional[int] = None, streams: Optional[Sequence[str]] = None,
+               batch_size: Optional[int] = None, workers: Optional[int] = None, device: str = "auto",
+               amp: str = "off", use_cache: bool = True, config_path: Optional[str] = None,
+               quiet: bool = False) -> list[Path]:
+    """Export the features of `splits` (default: the config's train and test splits)."""
+    t0 = time.time()
+    dev = resolve_device(device)
+    loaded = load_model(source, dev, streams, need_heads=feature == "head", config_path=config_path)
+    cfg = loaded.config
+    root = dataset_root_for(cfg, data_root)
+    spec: ViewSpec = view_spec_from_config(cfg, clips, crops, clip_length, stride)
+    base = default_output_dir(loaded.run_dir)
+    out = Path(out_dir) if out_dir else base / "export"
+    cache = FeatureCache(base / "features") if use_cache else None
+    bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
+    written = []
+    all_recs = [split_records(root, split, loaded.streams)  # every split checked before any extraction
+                for split in (list(splits) or [cfg.data.train_split, cfg.data.test_split])]
+    for recs in all_recs:
+        split = recs.name
+        f = split_features(loaded, root, recs, spec, dev, bs, nw, feature, keep_views=views,
+                           amp=resolve_amp(amp, dev), cache=cache)
+        protocol = {**asdict(spec), "feature": feature, "checkpoint": str(loaded.checkpoint),
+                    "epoch": loaded.epoch, "arch": cfg.model.arch, "dataset": str(root),
+                    "averaging": "mean over views of L2-normalised view features"}
+        written += write_features(f, out, fmt, protocol)
+        if not quiet:
+            c = f.counts()
+            print(f"{split}: {c['evaluated']} of {c['videos']} videos exported "
+                  f"({c['missing_files']} missing, {c['unreadable']} unreadable, {c['padded_short']} padded)")
+    if not quiet:
+        print(f"written to {out} in {time.time() - t0:.1f}s: " + ", ".join(p.name for p in written))
+    return written

@@ -1,0 +1,169 @@
+"""kNN video retrieval, the standard protocol (CoCLR / ViCC / GOCA §6.1).
+
+Gallery = the train split, queries = the test split. Each video's feature is the mean over N uniformly spaced clips
+× 3 crops of the L2-normalised view features (official default 5 × 3 of the pretraining clip length), from the
+pooled backbone (2048-d for R(2+1)D-18) or the projection head; cosine similarity; R@k = % of queries with a video
+of their class among the k nearest (k = 1, 5, 10, 20, 50). RGB+flow ("both") averages the per-stream features,
+as the official code does.
+
+    goca-eval knn RUN_DIR_OR_CHECKPOINT [--data-root DIR] [--clips 5 --crops 3] [--feature backbone|head] ...
+    python -m goca_fast.eval.knn ...        (same arguments)
+
+In-process users (the pretraining demo) call :func:`knn_retrieval` or :func:`evaluate_knn` with a live model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from goca_fast.config import Config
+from goca_fast.eval.common import (FeatureCache, SplitFeatures, ViewSpec, class_check, compute_split_features,
+                                   dataset_root_for, default_output_dir, load_model, resolve_amp, resolve_device,
+                                   split_features, split_records, view_spec_from_config)
+from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
+from goca_fast.models.goca_model import GocaModel
+
+log = logging.getLogger("goca_fast.eval")
+
+BOTH = "both"
+
+
+def knn_scores(gallery: SplitFeatures, query: SplitFeatures, streams: Sequence[str],
+               ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[int, float]]:
+    """R@k per stream and, with two streams, for the averaged features ("both")."""
+    out = {s: recall_at_k(query.features[s], query.labels, gallery.features[s], gallery.labels, ks)
+           for s in streams}
+    if len(streams) == 2:
+        both_q = combine_streams({s: query.features[s] for s in streams})
+        both_g = combine_streams({s: gallery.features[s] for s in streams})
+        out[BOTH] = recall_at_k(both_q, query.labels, both_g, gallery.labels, ks)
+    return out
+
+
+@dataclass
+class KnnResult:
+    """R@k per stream plus everything needed to read the numbers honestly (what was evaluated, how)."""
+
+    recall: dict[str, dict[int, float]]
+    gallery: dict[str, int]
+    query: dict[str, int]
+    protocol: dict
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self, name: str = "model") -> str:
+        return (format_table({name: self.recall}, sorted(next(iter(self.recall.values()))))
+                + f"\n{self.query['evaluated']} of {self.query['videos']} query videos "
+                  f"({self.protocol['query_split']}) against {self.gallery['evaluated']} of "
+                  f"{self.gallery['videos']} gallery videos ({self.protocol['gallery_split']})"
+                + self._notes())
+
+    def _notes(self) -> str:
+        notes = []
+        for name, c in (("gallery", self.gallery), ("query", self.query)):
+            left = c["missing_files"] + c["unreadable"]
+            if left:
+                notes.append(f"{name}: {left} videos left out ({c['missing_files']} missing, "
+                             f"{c['unreadable']} unreadable)")
+            if c["padded_short"]:
+                notes.append(f"{name}: {c['padded_short']} videos shorter than a clip, padded by repeating frames")
+        return "".join(f"\n  note: {n}" for n in notes)
+
+    def to_json(self) -> dict:
+        return {"recall": {s: {str(k): v for k, v in r.items()} for s, r in self.recall.items()},
+                "gallery": self.gallery, "query": self.query, "protocol": self.protocol,
+                "warnings": self.warnings, "seconds": round(self.seconds, 2)}
+
+
+def knn_from_features(gallery: SplitFeatures, query: SplitFeatures, streams: Sequence[str], spec: ViewSpec,
+                      source: str = "backbone", ks: Sequence[int] = DEFAULT_KS) -> KnnResult:
+    """Score extracted features and attach the bookkeeping."""
+    warnings = class_check(gallery.labels.tolist(), query.labels.tolist(), query.classes, gallery.split, query.split)
+    recall = knn_scores(gallery, query, streams, ks)
+    protocol = {"gallery_split": gallery.split, "query_split": query.split, "clips": spec.num_clips,
+                "crops": spec.crops, "clip_length": spec.clip_length, "stride": spec.stride,
+                "crop_size": spec.crop_size, "short_side": spec.short_side, "feature": source,
+                "feature_dim": int(next(iter(query.features.values())).shape[1]), "similarity": "cosine",
+                "ks": list(ks)}
+    return KnnResult(recall, gallery.counts(), query.counts(), protocol, warnings)
+
+
+def evaluate_knn(model: GocaModel, cfg: Config, root: Path, device: torch.device,
+                 spec: Optional[ViewSpec] = None, train_split: Optional[str] = None,
+                 test_split: Optional[str] = None, source: str = "backbone", ks: Sequence[int] = DEFAULT_KS,
+                 amp: Optional[torch.dtype] = None) -> KnnResult:
+    """kNN retrieval of a live model on the dataset at `root` with a pretraining config's protocol (no cache)."""
+    t0 = time.time()
+    spec = spec or view_spec_from_config(cfg)
+    streams = list(model.streams)
+    recs = [split_records(Path(root), split, streams)
+            for split in (train_split or cfg.data.train_split, test_split or cfg.data.test_split)]
+    feats = [compute_split_features(model, Path(root), r, spec, device, cfg.eval.batch_size, cfg.data.workers,
+                                    source, amp=amp) for r in recs]
+    res = knn_from_features(feats[0], feats[1], streams, spec, source, ks)
+    res.seconds = time.time() - t0
+    return res
+
+
+def knn_retrieval(model: GocaModel, cfg: Config, root: Path, device: torch.device) -> dict[str, dict[int, float]]:
+    """R@k of test-split queries against the train split, per stream and for both streams averaged ("both").
+
+    Drop-in for the pretraining demo: same arguments and result as its former local function."""
+    return evaluate_knn(model, cfg, root, device).recall
+
+
+def run_knn(source: str, data_root: Optional[str] = None, train_split: Optional[str] = None,
+            test_split: Optional[str] = None, clips: Optional[int] = None, crops: Optional[int] = None,
+            clip_length: Optional[int] = None, stride: Optional[int] = None, feature: str = "backbone",
+            streams: Optional[Sequence[str]] = None, ks: Sequence[int] = DEFAULT_KS,
+            batch_size: Optional[int] = None, workers: Optional[int] = None, device: str = "auto",
+            amp: str = "off", out_dir: Optional[str] = None, use_cache: bool = True,
+            expect_arch: Optional[str] = None, config_path: Optional[str] = None, plots: bool = False,
+            quiet: bool = False) -> KnnResult:
+    """`goca-eval knn`: load, extract (or reuse cached) features, score, print the table, write knn.json."""
+    t0 = time.time()
+    dev = resolve_device(device)
+    loaded = load_model(source, dev, streams, need_heads=feature == "head", expect_arch=expect_arch,
+                        config_path=config_path)
+    cfg = loaded.config
+    root = dataset_root_for(cfg, data_root)
+    spec = view_spec_from_config(cfg, clips, crops, clip_length, stride)
+    out = Path(out_dir) if out_dir else default_output_dir(loaded.run_dir)
+    cache = FeatureCache(out / "features") if use_cache else None
+    bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
+    recs = {role: split_records(root, split, loaded.streams)  # both checked before any extraction
+            for role, split in (("gallery", train_split or cfg.data.train_split),
+                                ("query", test_split or cfg.data.test_split))}
+    feats = {role: split_features(loaded, root, r, spec, dev, bs, nw, feature, amp=resolve_amp(amp, dev),
+                                  cache=cache) for role, r in recs.items()}
+    res = knn_from_features(feats["gallery"], feats["query"], loaded.streams, spec, feature, ks)
+    res.seconds = time.time() - t0
+    res.protocol.update({"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "arch": cfg.model.arch,
+                         "dataset": str(root)})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "knn.json").write_text(json.dumps(res.to_json(), indent=2))
+    if plots:
+        from goca_fast.eval.plots import embedding_plot, retrieval_grid
+        s = BOTH if len(loaded.streams) == 2 else loaded.streams[0]
+        retrieval_grid(feats["gallery"], feats["query"], root, out / "plots" / "retrieval_grid.png", stream=s)
+        embedding_plot(feats["query"], out / "plots" / "embedding_pca.png", stream=s)
+    if not quiet:
+        print(f"kNN retrieval, {spec.describe()}, {feature} features "
+              f"({res.protocol['feature_dim']}-d), cosine:\n{res.table(cfg.name)}\nwritten: {out / 'knn.json'}")
+    return res
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from goca_fast.eval.cli import main as cli_main
+    return cli_main(["knn", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

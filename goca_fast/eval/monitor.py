@@ -1,0 +1,177 @@
+"""Online kNN monitor: every N epochs of pretraining, R@1 of a small labelled val subset against a train subset.
+
+Cheap by construction: the subsets are class-balanced and small (default 256 videos each), each video is one
+centre clip × one centre crop, and the decoded, cropped clips are kept in memory (fp16) after the first run, so
+a later run is only forward passes of the backbone in eval mode. It never touches the training's RNG streams
+(exact resume stays exact), nor BN statistics (eval mode), and restores the model's train/eval mode.
+
+The engine owns one instance (created by pretrain with plain numbers) and calls `maybe_run(model, epoch, writer)`
+after every epoch on rank 0.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from goca_fast.data.index import read_index
+from goca_fast.eval.common import EvalError, preserve_rng
+from goca_fast.eval.features import extract_features
+from goca_fast.eval.retrieval import combine_streams, recall_at_k
+
+log = logging.getLogger("goca_fast.eval")
+
+
+def stratified_subset(labels: Sequence[int], size: int, seed: int = 0) -> list[int]:
+    """Up to `size` positions with classes as balanced as possible (round-robin over classes, random within a
+    class), deterministic in `seed`; returned in ascending order. size <= 0 keeps everything."""
+    labels = [int(x) for x in labels]
+    if size <= 0 or size >= len(labels):
+        return list(range(len(labels)))
+    rng = np.random.default_rng(seed)
+    pools = {}
+    for c in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == c]
+        pools[c] = list(rng.permutation(members))
+    chosen: list[int] = []
+    while len(chosen) < size:
+        for c in list(pools):
+            if pools[c] and len(chosen) < size:
+                chosen.append(int(pools[c].pop(0)))
+    return sorted(chosen)
+
+
+class _Batch:
+    """A minimal EvalBatch stand-in for preloaded clips."""
+
+    def __init__(self, rgb, flow, label, index):
+        self.rgb, self.flow, self.label, self.index = rgb, flow, label, index
+        self.padded = torch.zeros(len(label), dtype=torch.bool)
+        self.skipped = 0
+
+
+class KnnMonitor:
+    """R@1 of a val subset against a train subset, logged to TensorBoard every `every` epochs."""
+
+    def __init__(self, root: str | Path, train_split: str = "train", val_split: str = "test",
+                 subset_size: int = 256, clip_length: int = 16, stride: int = 2, crop_size: int = 112,
+                 short_side: int = 128, every: int = 1, streams: Sequence[str] = ("rgb", "flow"),
+                 flow_mode: str = "shared", batch_size: int = 32, workers: int = 0,
+                 device: torch.device | str = "cpu", amp: Optional[torch.dtype] = None, seed: int = 0,
+                 max_preload_mb: float = 2048.0, tag: str = "monitor"):
+        if every < 0 or subset_size < 0 or batch_size < 1:
+            raise EvalError("monitor: every and subset_size must be >= 0, batch_size >= 1")
+        self.root, self.every = Path(root), int(every)
+        self.splits = (train_split, val_split)
+        self.subset_size, self.seed = int(subset_size), int(seed)
+        self.clip_length, self.stride, self.crop_size, self.short_side = clip_length, stride, crop_size, short_side
+        self.streams, self.flow_mode = list(streams), flow_mode
+        self.batch_size, self.workers = int(batch_size), int(workers)
+        self.device, self.amp = torch.device(device), amp
+        self.max_preload_mb, self.tag = float(max_preload_mb), tag
+        self._data: Optional[dict[str, list]] = None   # split → preloaded batches
+        self._datasets: Optional[dict] = None
+        self.counts: dict[str, int] = {}
+        self.prepare_seconds = 0.0
+        self.last_seconds = 0.0
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _build_datasets(self) -> dict:
+        from goca_fast.data.cpu_loader import EvalClipDataset
+        records, _ = read_index(self.root)
+        out = {}
+        for split in self.splits:
+            recs = [r for r in records if split in r.splits]
+            if "flow" in self.streams:
+                recs = [r for r in recs if r.flow is not None]
+            if not recs:
+                raise EvalError(f"monitor: split {split!r} of {self.root} is empty (or has no flow)")
+            keep = stratified_subset([r.label for r in recs], self.subset_size, self.seed)
+            recs = [recs[i] for i in keep]
+            out[split] = EvalClipDataset(self.root, recs, self.clip_length, self.stride, 1, self.crop_size,
+                                         self.short_side, "flow" in self.streams, crops=1, flow_mode=self.flow_mode)
+            self.counts[split] = len(recs)
+        return out
+
+    def preload_mb(self) -> float:
+        """Memory the preloaded clips need (fp16)."""
+        per_video = self.clip_length * self.crop_size ** 2 * 2 * (3 * ("rgb" in self.streams)
+                                                                    + 3 * ("flow" in self.streams))
+        return sum(self.counts.values()) * per_video / 2 ** 20
+
+    def prepare(self) -> None:
+        """Pick the subsets and (memory permitting) decode them once. Called by the first run if not before."""
+        from goca_fast.data.cpu_loader import make_eval_loader
+        t0 = time.perf_counter()
+        with preserve_rng():
+            self._datasets = self._build_datasets()
+            if self.preload_mb() <= self.max_preload_mb:
+                self._data = {}
+                for split, ds in self._datasets.items():
+                    batches = []
+                    for b in make_eval_loader(ds, self.batch_size, self.workers):
+                        if b is None:
+                            continue
+                        batches.append(_Batch(b.rgb.half(), None if b.flow is None else b.flow.half(), b.label,
+                                              b.index))
+                    self._data[split] = batches
+            else:
+                log.info("monitor: subsets need %.0f MB > %.0f MB; decoding them at every run", self.preload_mb(),
+                         self.max_preload_mb)
+        self.prepare_seconds = time.perf_counter() - t0
+
+    def _batches(self, split: str):
+        from goca_fast.data.cpu_loader import make_eval_loader
+        if self._data is not None:
+            return self._data[split]
+        return make_eval_loader(self._datasets[split], self.batch_size, self.workers)
+
+    # ------------------------------------------------------------------------------------------ running
+    def due(self, epoch: int) -> bool:
+        """After 0-based epoch `epoch`: runs when (epoch + 1) is a multiple of `every` (0 = never)."""
+        return self.every > 0 and (epoch + 1) % self.every == 0
+
+    @torch.no_grad()
+    def run(self, model) -> dict[str, float]:
+        """R@1 (percent) per stream and, with two streams, "both"."""
+        if self._datasets is None:
+            self.prepare()
+            log.info("kNN monitor: %d train / %d val videos, %s in memory (%.0f MB), prepared in %.1fs",
+                     self.counts[self.splits[0]], self.counts[self.splits[1]],
+                     "clips kept" if self._data is not None else "not kept", self.preload_mb(), self.prepare_seconds)
+        t0 = time.perf_counter()
+        streams = [s for s in self.streams if s in model.streams]
+        with preserve_rng():
+            feats = [extract_features(model, self._batches(split), self.device, self.amp, streams=streams)
+                     for split in self.splits]
+        (g, q) = feats
+        if len(q.labels) == 0 or len(g.labels) == 0:
+            raise EvalError("monitor: no video of the subsets could be decoded")
+        out = {s: recall_at_k(q.features[s], q.labels, g.features[s], g.labels, (1,))[1] for s in streams}
+        if len(streams) == 2:
+            out["both"] = recall_at_k(combine_streams(q.features), q.labels, combine_streams(g.features), g.labels,
+                                      (1,))[1]
+        self.last_seconds = time.perf_counter() - t0
+        return out
+
+    def maybe_run(self, model, epoch: int, writer=None, step: Optional[int] = None) -> Optional[float]:
+        """Run if due after 0-based `epoch`; log `monitor/knn_r1_<stream>` (and seconds) at `step` (default:
+        epochs completed). Returns the headline R@1 ("both" with two streams), or None when not due."""
+        if not self.due(epoch):
+            return None
+        r = self.run(model)
+        self.history.append((epoch + 1, r))
+        x = epoch + 1 if step is None else step
+        if writer is not None:
+            for s, v in r.items():
+                writer.add_scalar(f"{self.tag}/knn_r1_{s}", v, x)
+            writer.add_scalar(f"{self.tag}/seconds", self.last_seconds, x)
+        log.info("kNN monitor after epoch %d: %s (%d val vs %d train videos, %.1fs)", epoch + 1,
+                 ", ".join(f"R@1 {s} {v:.1f}" for s, v in r.items()), self.counts[self.splits[1]],
+                 self.counts[self.splits[0]], self.last_seconds)
+        return r["both"] if "both" in r else next(iter(r.values()))
