@@ -55,6 +55,9 @@ setup(
         "console_scripts": [
             "goca-pretrain=goca_fast.pretrain:main",
             "goca-eval=goca_fast.eval.cli:main",
+            "goca-prepare=goca_fast.data.prepare:main",
+            "goca-flow=goca_fast.flow.extract:main",
+            "goca-prototypes=goca_fast.prototypes:main",
         ],
     },
     ext_modules=ext_modules,

@@ -1,0 +1,382 @@
+"""`goca-flow`: TV-L1 optical flow for every video of a prepared dataset -> flow videos + updated index.
+
+For each RGB video (already at the 256 short side the official README prescribes), the flow from
+grey frame t to t+1 is computed with OpenCV's DualTVL1 defaults (backend `opencv`: one process
+per core) or our batched torch TV-L1 (backend `torch`: many frame pairs at once, GPU or CPU),
+clipped to ±20 px, quantised exactly like MemDPC/CoCLR/GOCA and written by `codec.write_flow_video`
+with the RGB frame count (the last flow repeated) at <root>/flow/<class>/<id>.mp4.
+
+Resumable and atomic per video: a finished flow video exists only under its final name and is
+skipped when its frame count and size match the RGB video. Failures are listed, never fatal. The
+run ends by rewriting index.jsonl from prepare's master index: videos with a valid flow video
+get its path; the rest go to excluded.jsonl with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from goca_fast.data.index import (CLASSES_FILE, EXCLUDED_FILE, INDEX_FILE, DatasetIndexError, VideoRecord,
+                                  _write_atomic, write_index)
+from goca_fast.data.video_io import VideoReadError, probe_video, read_all_frames, set_decoder_threads
+from goca_fast.flow.codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
+from goca_fast.flow.tvl1 import TVL1Params
+
+MASTER_INDEX = "prepare_index.jsonl"        # written by goca_fast.data.prepare
+MASTER_EXCLUDED = "prepare_excluded.jsonl"
+REPORT_FILE = "flow_report.json"
+
+
+# ----------------------------------------------------------------------------- dataset bookkeeping
+
+
+def flow_rel_path(rec: VideoRecord) -> str:
+    """flow/<class dir>/<id>.mp4 next to rgb/<class dir>/<id>.mp4."""
+    rel = rec.rgb.replace("\\", "/")
+    return "flow/" + rel[4:] if rel.startswith("rgb/") else "flow/" + rel
+
+
+def load_master(root: str) -> tuple[list[VideoRecord], list[str], list[dict]]:
+    """RGB records, classes and prepare's exclusions (master files, or index.jsonl for other roots)."""
+    ipath = os.path.join(root, MASTER_INDEX)
+    epath = os.path.join(root, MASTER_EXCLUDED)
+    if not os.path.isfile(ipath):
+        ipath, epath = os.path.join(root, INDEX_FILE), os.path.join(root, EXCLUDED_FILE)
+    cpath = os.path.join(root, CLASSES_FILE)
+    if not os.path.isfile(ipath) or not os.path.isfile(cpath):
+        raise DatasetIndexError(f"{root} is not a prepared dataset (no {MASTER_INDEX}/{INDEX_FILE} and "
+                                f"{CLASSES_FILE}); run goca-prepare first")
+    with open(cpath, encoding="utf-8") as f:
+        classes = [ln.rstrip("\n") for ln in f if ln.strip()]
+    with open(ipath, encoding="utf-8") as f:
+        records = [VideoRecord.from_json(json.loads(ln)) for ln in f if ln.strip()]
+    excluded = []
+    if os.path.isfile(epath):
+        with open(epath, encoding="utf-8") as f:
+            excluded = [json.loads(ln) for ln in f if ln.strip()]
+        if epath.endswith(EXCLUDED_FILE):  # an index without master: drop earlier flow failures, they are retried
+            excluded = [e for e in excluded if not str(e.get("reason", "")).startswith("flow")]
+    if not os.path.isfile(os.path.join(root, MASTER_INDEX)):
+        records = [replace(r, flow=None) for r in records]
+    return records, classes, excluded
+
+
+def check_flow_file(root: str, rec: VideoRecord) -> Optional[str]:
+    """None if the flow video is usable for `rec`, else the reason (missing, unreadable, mismatch)."""
+    path = os.path.join(root, flow_rel_path(rec))
+    if not os.path.isfile(path):
+        return "flow missing"
+    try:
+        info = probe_video(path)
+    except VideoReadError as e:
+        return f"flow unreadable: {e}"
+    if info.frames != rec.frames:
+        return f"flow frame count mismatch: rgb {rec.frames}, flow {info.frames}"
+    if (info.width, info.height) != (rec.width, 2 * rec.height):
+        return f"flow size mismatch: {info.width}x{info.height}, expected {rec.width}x{2 * rec.height}"
+    return None
+
+
+def finalise_index(root: str, records: Sequence[VideoRecord], classes: Sequence[str], excluded: Sequence[dict],
+                   failures: dict[str, str], workers: int = 8) -> tuple[list[VideoRecord], list[dict]]:
+    """Rewrite index.jsonl: records whose flow video checks out get its path, the others are excluded.
+
+    Every flow file is probed (cheap: packet table only), so shards of one dataset run by
+    separate processes end with a complete index whichever finishes last.
+    """
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        reasons = list(ex.map(lambda r: check_flow_file(root, r), records))
+    keep, excl = [], list(excluded)
+    for rec, why in zip(records, reasons):
+        if why is None:
+            keep.append(replace(rec, flow=flow_rel_path(rec)))
+        else:
+            excl.append({"id": rec.id, "path": flow_rel_path(rec), "reason": failures.get(rec.id, why)})
+    write_index(root, keep, list(classes), excl)
+    return keep, excl
+
+
+# ----------------------------------------------------------------------------- per-video work
+
+
+def grey_frames(rgb: np.ndarray) -> np.ndarray:
+    """T×H×W×3 RGB uint8 -> T×H×W grey uint8 (OpenCV's BT.601 weights, what MemDPC/GOCA used via BGR2GRAY)."""
+    import cv2
+    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb])
+
+
+def flows_to_video(path: str, flows: np.ndarray, frames: int, fps: float, gop: int, crf: float) -> None:
+    """(T−1)×H×W×2 float px -> quantised flow video with `frames` frames (last flow repeated)."""
+    write_flow_video(path, pad_flow_to_frames(quantise_flow(flows), frames), fps, gop=gop, crf=crf)
+
+
+@dataclass
+class FlowJob:
+    root: str
+    rec: VideoRecord
+    gop: int = 16
+    crf: float = FLOW_CRF
+
+    @property
+    def out(self) -> str:
+        return os.path.join(self.root, flow_rel_path(self.rec))
+
+
+def load_grey(job: FlowJob) -> np.ndarray:
+    """Decode the RGB video; its frame count must be the index's (else the video is not usable)."""
+    rgb = read_all_frames(os.path.join(job.root, job.rec.rgb))
+    if len(rgb) != job.rec.frames:
+        raise VideoReadError(f"rgb decodes to {len(rgb)} frames, index says {job.rec.frames}")
+    if len(rgb) < 2:
+        raise VideoReadError("rgb has fewer than 2 frames")
+    return grey_frames(rgb)
+
+
+_CV_PARAMS = TVL1Params()
+
+
+def _cv_init(params: TVL1Params) -> None:
+    global _CV_PARAMS
+    _CV_PARAMS = params
+    set_decoder_threads(1)
+    import cv2
+    cv2.setNumThreads(1)
+
+
+def opencv_job(job: FlowJob) -> dict:
+    """One video with OpenCV DualTVL1 (a fresh object per video: OpenCV shrinks nscales for small images)."""
+    from goca_fast.flow.tvl1 import opencv_tvl1
+    t0 = time.perf_counter()
+    try:
+        g = load_grey(job)
+        tv = opencv_tvl1(_CV_PARAMS)
+        flows = np.stack([tv.calc(g[i], g[i + 1], None) for i in range(len(g) - 1)])
+        flows_to_video(job.out, flows, job.rec.frames, job.rec.fps, job.gop, job.crf)
+        return {"id": job.rec.id, "status": "done", "pairs": len(g) - 1, "seconds": time.perf_counter() - t0}
+    except Exception as e:  # noqa: BLE001 - one bad video never stops the run
+        return {"id": job.rec.id, "status": "failed", "reason": f"flow failed: {type(e).__name__}: {e}",
+                "seconds": time.perf_counter() - t0}
+
+
+def _run_opencv(jobs: list[FlowJob], params: TVL1Params, workers: int) -> Iterator[dict]:
+    if workers <= 1:
+        _cv_init(params)
+        for j in jobs:
+            yield opencv_job(j)
+        return
+    from goca_fast.data.prepare import process_pool
+    with process_pool(workers, _cv_init, (params,), preload=["goca_fast.flow.extract"]) as ex:
+        for f in as_completed([ex.submit(opencv_job, j) for j in jobs]):
+            yield f.result()
+
+
+def _run_torch(jobs: list[FlowJob], params: TVL1Params, device: str, batch: int, compile: bool,
+               io_threads: int) -> Iterator[dict]:
+    """Decode ahead and encode behind in threads; the solver takes `batch` frame pairs at a time."""
+    import torch
+    from goca_fast.flow.tvl1 import tvl1_flow
+    dev = torch.device(device)
+    loader = ThreadPoolExecutor(max(1, io_threads))
+    writer = ThreadPoolExecutor(max(1, io_threads))
+    pending = [loader.submit(load_grey, j) for j in jobs[:io_threads + 1]]
+    nxt = len(pending)
+    writes: list = []
+    try:
+        for k, job in enumerate(jobs):
+            t0 = time.perf_counter()
+            fut = pending.pop(0)
+            if nxt < len(jobs):
+                pending.append(loader.submit(load_grey, jobs[nxt]))
+                nxt += 1
+            try:
+                g = torch.from_numpy(fut.result())
+                if dev.type == "cuda":
+                    g = g.pin_memory().to(dev, non_blocking=True)
+                out = []
+                for s in range(0, len(g) - 1, batch):
+                    e = min(s + batch, len(g) - 1)
+                    out.append(tvl1_flow(g[s:e], g[s + 1:e + 1], params, compile=compile).permute(0, 2, 3, 1))
+                flows = torch.cat(out).cpu().numpy()
+                w = writer.submit(flows_to_video, job.out, flows, job.rec.frames, job.rec.fps, job.gop, job.crf)
+                writes.append((job, w, len(g) - 1, time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001
+                yield {"id": job.rec.id, "status": "failed", "reason": f"flow failed: {type(e).__name__}: {e}",
+                       "seconds": time.perf_counter() - t0}
+            while writes and (writes[0][1].done() or len(writes) > 2 * io_threads):
+                yield _write_result(*writes.pop(0))
+        while writes:
+            yield _write_result(*writes.pop(0))
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+
+
+def _write_result(job: FlowJob, fut, pairs: int, seconds: float) -> dict:
+    try:
+        fut.result()
+        return {"id": job.rec.id, "status": "done", "pairs": pairs, "seconds": seconds}
+    except Exception as e:  # noqa: BLE001
+        return {"id": job.rec.id, "status": "failed", "reason": f"flow failed: {type(e).__name__}: {e}",
+                "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _progress(it: Iterator[dict], total: int, enabled: bool, desc: str) -> Iterator[dict]:
+    if not enabled:
+        yield from it
+        return
+    from tqdm import tqdm
+    with tqdm(total=total, desc=desc, unit="video", file=sys.stderr) as bar:
+        for r in it:
+            bar.update(1)
+            if r.get("pairs"):
+                bar.set_postfix(pairs_per_s=f"{r['pairs'] / max(r['seconds'], 1e-9):.1f}")
+            yield r
+
+
+def pending_jobs(root: str, records: Sequence[VideoRecord], shard: tuple[int, int] = (0, 1), gop: int = 16,
+                 crf: float = FLOW_CRF) -> tuple[list[FlowJob], int]:
+    """Jobs for this shard whose flow video is missing or does not match its RGB; (jobs, already done)."""
+    mine = [r for i, r in enumerate(records) if i % shard[1] == shard[0]]
+    jobs, done = [], 0
+    for r in mine:
+        why = check_flow_file(root, r)
+        if why is None:
+            done += 1
+            continue
+        out = os.path.join(root, flow_rel_path(r))
+        if why != "flow missing" and os.path.exists(out):
+            os.unlink(out)  # a stale flow video that does not match its RGB: recompute
+        jobs.append(FlowJob(root, r, gop, crf))
+    return jobs, done
+
+
+def extract_flow(root: str, backend: str = "opencv", workers: int = 1, device: str = "cpu", batch: int = 16,
+                 compile: bool = False, params: TVL1Params = TVL1Params(), shard: tuple[int, int] = (0, 1),
+                 gop: int = 16, crf: float = FLOW_CRF, limit: Optional[int] = None,
+                 progress: bool = False) -> dict:
+    """Compute missing flow videos under `root`, rewrite the index, return the report."""
+    from goca_fast.data.prepare import remove_stale_temps
+    params.check()
+    root = os.path.abspath(root)
+    records, classes, excluded = load_master(root)
+    remove_stale_temps(os.path.join(root, "flow"))
+    jobs, done_before = pending_jobs(root, records, shard, gop, crf)
+    if limit is not None:
+        jobs = jobs[:limit]
+    t0 = time.time()
+    if backend == "opencv":
+        it = _run_opencv(jobs, params, workers)
+    elif backend == "torch":
+        it = _run_torch(jobs, params, device, batch, compile, io_threads=max(1, workers))
+    else:
+        raise ValueError(f"unknown backend {backend!r}; use opencv or torch")
+    results = list(_progress(it, len(jobs), progress, f"flow ({backend})"))
+    wall = time.time() - t0
+    failures = {r["id"]: r["reason"] for r in results if r["status"] == "failed"}
+    keep, excl = finalise_index(root, records, classes, excluded, failures)
+    done = [r for r in results if r["status"] == "done"]
+    pairs = sum(r["pairs"] for r in done)
+    report = {"backend": backend, "device": device if backend == "torch" else f"cpu x{workers}",
+              "videos": len(records), "computed": len(done), "already_done": done_before,
+              "failed": len(failures), "with_flow": len(keep),
+              "excluded_by_reason": dict(Counter(str(e["reason"]).split(":")[0] for e in excl)),
+              "pairs": pairs, "wall_seconds": round(wall, 2),
+              "pairs_per_second": round(pairs / wall, 2) if wall > 0 and pairs else None,
+              "flow_bytes_per_video": int(np.mean([os.path.getsize(os.path.join(root, flow_rel_path(r)))
+                                                   for r in keep])) if keep else None,
+              "shard": list(shard), "params": params.__dict__}
+    _write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like 0/4, got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="goca-flow", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--root", required=True, help="prepared dataset root (made by goca-prepare)")
+    p.add_argument("--backend", choices=["opencv", "torch"], default="opencv")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="opencv: processes (one per core); torch: decode/encode threads")
+    p.add_argument("--device", default="auto", help="torch backend: cuda, cuda:1, cpu or auto")
+    p.add_argument("--batch", type=int, default=32, help="torch backend: frame pairs solved at once")
+    p.add_argument("--compile", action="store_true", help="torch backend: fuse the solver with torch.compile")
+    p.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th video from the i-th")
+    p.add_argument("--gop", type=int, default=16)
+    p.add_argument("--crf", type=float, default=FLOW_CRF, help="flow video quality (0 = lossless)")
+    p.add_argument("--limit", type=int, default=None, help="only this many videos (a trial run)")
+    p.add_argument("--import-jpeg", default=None, metavar="DIR",
+                   help="instead of computing: import MemDPC/CoCLR/GOCA flow JPEG folders from DIR")
+    p.add_argument("--frame-tolerance", type=int, default=5,
+                   help="--import-jpeg: largest |#JPEGs - (#RGB frames - 1)| that is padded/trimmed")
+    p.add_argument("--no-progress", action="store_true")
+    for f in ("tau", "lambda_", "theta", "nscales", "warps", "epsilon", "inner_iterations", "outer_iterations",
+              "scale_step", "median_filtering"):
+        default = getattr(TVL1Params(), f)
+        p.add_argument("--" + f.rstrip("_").replace("_", "-"), dest=f, type=type(default), default=default,
+                       help="TV-L1 parameter (OpenCV default)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        if a.workers < 1 or a.batch < 1:
+            raise ValueError("--workers and --batch must be >= 1")
+        shard = _parse_shard(a.shard)
+        params = TVL1Params(tau=a.tau, lambda_=a.lambda_, theta=a.theta, nscales=a.nscales, warps=a.warps,
+                            epsilon=a.epsilon, inner_iterations=a.inner_iterations,
+                            outer_iterations=a.outer_iterations, scale_step=a.scale_step,
+                            median_filtering=a.median_filtering)
+        params.check()
+        if not os.path.isdir(a.root):
+            raise ValueError(f"dataset root {a.root} does not exist")
+        if a.import_jpeg is not None:
+            from goca_fast.flow.import_jpeg import import_jpeg_flow
+            if not os.path.isdir(a.import_jpeg):
+                raise ValueError(f"JPEG flow directory {a.import_jpeg} does not exist")
+            report = import_jpeg_flow(a.root, a.import_jpeg, workers=a.workers, tolerance=a.frame_tolerance,
+                                      gop=a.gop, crf=a.crf, shard=shard, progress=not a.no_progress)
+        else:
+            device = a.device
+            if a.backend == "torch":
+                import torch
+                if device == "auto":
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                if device.startswith("cuda") and not torch.cuda.is_available():
+                    raise ValueError("--device cuda but torch sees no CUDA device")
+            report = extract_flow(a.root, a.backend, a.workers, device, a.batch, a.compile, params, shard,
+                                  a.gop, a.crf, a.limit, progress=not a.no_progress)
+    except (ValueError, DatasetIndexError) as e:
+        parser.error(str(e))
+    print(f"goca-flow: {report['with_flow']} of {report['videos']} videos have flow "
+          f"({report['computed']} computed now, {report['already_done']} already done, {report['failed']} failed); "
+          f"excluded {report['excluded_by_reason']}")
+    if report.get("pairs_per_second"):
+        print(f"goca-flow: {report['pairs']} frame pairs at {report['pairs_per_second']} pairs/s ({report['device']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
