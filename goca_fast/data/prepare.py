@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import av
 import numpy as np
@@ -262,28 +262,36 @@ def _worker_init() -> None:
         pass
 
 
-def _run_jobs(jobs: list[Job], opts: PrepareOptions, workers: int, progress: bool) -> Iterator[dict]:
+def run_parallel(fn: Callable, args: Sequence[tuple], workers: int, desc: str, progress: bool,
+                 initializer=None, initargs: tuple = (), preload: Sequence[str] = ()) -> Iterator[dict]:
+    """fn(*a) for every a in `args`, in this process or a forkserver pool, with a progress bar.
+
+    Results are yielded as they complete, so callers can record each one before the next (resumability).
+    """
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="prepare", unit="video", file=sys.stderr)
+        bar = tqdm(total=len(args), desc=desc, unit="video", file=sys.stderr)
     try:
         if workers <= 1:
-            for j in jobs:
-                r = process_one(j, opts)
+            for a in args:
+                r = fn(*a)
                 if bar:
                     bar.update(1)
                 yield r
         else:
-            with process_pool(workers, _worker_init) as ex:
-                futs = [ex.submit(process_one, j, opts) for j in jobs]
-                for f in as_completed(futs):
+            with process_pool(workers, initializer, initargs, preload) as ex:
+                for f in as_completed([ex.submit(fn, *a) for a in args]):
                     if bar:
                         bar.update(1)
                     yield f.result()
     finally:
         if bar:
             bar.close()
+
+
+def _run_jobs(jobs: list[Job], opts: PrepareOptions, workers: int, progress: bool) -> Iterator[dict]:
+    return run_parallel(process_one, [(j, opts) for j in jobs], workers, "prepare", progress, _worker_init)
 
 
 def remove_stale_temps(root: str, older_than: float = 120.0) -> int:

@@ -19,7 +19,6 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import as_completed
 from typing import Iterator, Optional
 
 import numpy as np
@@ -161,26 +160,8 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
 
 
 def _run(work: list[tuple], workers: int, progress: bool) -> Iterator[dict]:
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(work), desc="flow import", unit="video", file=sys.stderr)
-    try:
-        if workers <= 1:
-            for w in work:
-                yield import_one(*w)
-                if bar:
-                    bar.update(1)
-        else:
-            from goca_fast.data.prepare import process_pool
-            with process_pool(workers, preload=["goca_fast.flow.import_jpeg"]) as ex:
-                for f in as_completed([ex.submit(import_one, *w) for w in work]):
-                    if bar:
-                        bar.update(1)
-                    yield f.result()
-    finally:
-        if bar:
-            bar.close()
+    from goca_fast.data.prepare import run_parallel
+    return run_parallel(import_one, work, workers, "flow import", progress, preload=["goca_fast.flow.import_jpeg"])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
