@@ -1,13 +1,22 @@
-"""Time the GOCA assignment: `goca_codes` (two streams, prior, cycles=1, 3 iterations) on the torch path against
-the official-style eager computation (4 Sinkhorn calls, materialised exp-matrices, fp32), same process, same threads.
+"""Time the GOCA assignment: `goca_codes` (two streams, prior, cycles=1, 3 iterations) against the official-style
+eager computation (4 Sinkhorn calls, materialised exp-matrices, fp32), same process.
 
     python benchmarks/sinkhorn_bench.py [--device cpu|cuda|all] [--repeats N] [--sizes 640x1000,4096x3000]
+                                        [--dtypes fp32,bf16] [--no-compile]
 
-Writes benchmarks/results/sinkhorn-<device>.{json,md}. Target on CPU: torch path ≥ 2× official at B=4096, K=3000.
+CPU: the torch path against official-style (target: >= 2x at B=4096, K=3000).
+CUDA: the CUDA kernel (fused, and with one launch per sweep as with a process group), the torch path (eager and
+torch.compile) and official-style, per B (queue included; codes of the last 256 rows are kept) x K x dtype; CUDA-event
+timing after warm-up, median of many repeats, input sets rotated through more than twice the L2 size. Also the
+minimum-bytes time: each score matrix read once + the codes written, at the device-to-device copy bandwidth measured
+in the same run. Targets at B=4096, K=3000: kernel >= 20x official-style and within 4x of the minimum-bytes time.
+
+Writes benchmarks/results/sinkhorn-<device>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -83,27 +92,107 @@ def bench(device: torch.device, sizes: list[tuple[int, int]], repeats: int) -> l
     return rows
 
 
+KEEP = 256  # codes kept per call: the current batch; the rest of B is queue rows
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_SIZES = "640x1000,640x3000,4096x1000,4096x3000,16384x1000,16384x3000"
+CPU_SIZES = "640x1000,640x3000,4096x1000,4096x3000"
+TARGET = {"B": 4096, "K": 3000, "speedup_vs_official": 20.0, "x_min_bytes": 4.0}
+OFFICIAL = "official-style eager fp32"
+CUDA_TIMING = ("CUDA events, median of interleaved repeats after 5 warm-up rounds, input sets rotated through > 2x L2; "
+               "speed-up = median of per-repeat ratios; min-bytes = both score matrices read once + codes written, at "
+               "the device-to-device copy bandwidth measured in the same run")
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), the rate of the minimum-bytes time."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = [_once(dst.copy_, (src,), device) for _ in range(repeats + 3)][3:]
+    return 2 * nbytes / statistics.median(times)
+
+
+def cuda_methods(compile_torch: bool) -> dict:
+    """The kernel (fused; and one launch per sweep, the process-group path minus its all-reduces), the torch path
+    (eager, torch.compile) and the official-style baseline."""
+    from goca_fast import kernels
+
+    def torch_path(r, f):
+        return goca_codes(r, f, EPS, EPS2, ITERS, backend="torch", keep_last=KEEP)
+
+    methods = {
+        OFFICIAL: lambda r, f: official_goca_reference(r.float(), f.float(), EPS, EPS2, ITERS),
+        "cuda kernel": lambda r, f: goca_codes(r, f, EPS, EPS2, ITERS, backend="cuda", keep_last=KEEP),
+        "cuda kernel, launch per sweep": lambda r, f: kernels.goca_codes(r, f, EPS, EPS2, ITERS, 1, 1.0,
+                                                                         keep_last=KEEP, per_sweep=True),
+        "torch path eager": torch_path,
+    }
+    if compile_torch:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        methods["torch path torch.compile"] = torch.compile(torch_path, dynamic=True)
+    return methods
+
+
+def bench_cuda(sizes: list[tuple[int, int]], dtypes: list[str], repeats: int, compile_torch: bool):
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    methods = cuda_methods(compile_torch)
+    rows = []
+    for B, K in sizes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            set_bytes = 2 * B * K * dtype.itemsize
+            inputs = [(r.to(dtype), f.to(dtype))
+                      for r, f in make_inputs(B, K, max(3, math.ceil(2 * l2 / set_bytes)), device)]
+            times = time_methods(methods, inputs, device, repeats, warmup=5)
+            min_us = (set_bytes + 2 * min(KEEP, B) * K * 4) / bandwidth * 1e6
+            for name, t in times.items():
+                us = statistics.median(t) * 1e6
+                ratio = statistics.median(b / x for b, x in zip(times[OFFICIAL], t))
+                rows.append({"device": "cuda", "B": B, "K": K, "dtype": dname, "method": name, "us": us,
+                             "speedup_vs_official": ratio, "min_bytes_us": min_us, "x_min_bytes": us / min_us})
+                print(f"B={B:6d} K={K:5d} {dname} {name:30s} {us:10.1f} us  x{ratio:6.1f} vs official  "
+                      f"{us / min_us:5.2f}x min-bytes ({min_us:.1f} us)", flush=True)
+    targets = {r["dtype"]: {k: r[k] for k in ("us", "speedup_vs_official", "x_min_bytes")} |
+               {"met": r["speedup_vs_official"] >= TARGET["speedup_vs_official"] and
+                r["x_min_bytes"] <= TARGET["x_min_bytes"]}
+               for r in rows if (r["B"], r["K"], r["method"]) == (TARGET["B"], TARGET["K"], "cuda kernel")}
+    for dname, t in targets.items():
+        print(f"target at B={TARGET['B']}, K={TARGET['K']} ({dname}): {'met' if t['met'] else 'MISSED'} "
+              f"(x{t['speedup_vs_official']:.1f} vs official, {t['x_min_bytes']:.2f}x min-bytes)")
+    return rows, {"copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "keep_last": KEEP, "targets": targets,
+                  "target": TARGET}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--sizes", default="640x1000,640x3000,4096x1000,4096x3000")
+    p.add_argument("--repeats", type=int, default=None, help="default: 7 on CPU, 50 on CUDA")
+    p.add_argument("--sizes", default=None, help=f"BxK list; default CPU {CPU_SIZES}, CUDA {CUDA_SIZES}")
+    p.add_argument("--dtypes", default="fp32,bf16", help="score dtypes on CUDA")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant on CUDA")
     a = p.parse_args(argv)
-    sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes.split(",")]
-    devices = []
+
+    def sizes(default):
+        return [tuple(int(x) for x in s.split("x")) for s in (a.sizes or default).split(",")]
     if a.device in ("cpu", "all"):
-        devices.append(torch.device("cpu"))
-    if a.device in ("cuda", "all") and torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
-    elif a.device == "cuda":
-        print("no CUDA device", file=sys.stderr)
-        return 2
-    for dev in devices:
-        rows = bench(dev, sizes, a.repeats)
+        rows = bench(torch.device("cpu"), sizes(CPU_SIZES), a.repeats or 7)
         path = write_results("sinkhorn", rows, ["B", "K", "method", "ms", "speedup_vs_official"],
-                             {"device": device_name(dev), "device_tag": dev.type, "epsilon": EPS,
+                             {"device": device_name(torch.device("cpu")), "device_tag": "cpu", "epsilon": EPS,
                               "prior_epsilon": EPS2, "iterations": ITERS, "cycles": 1,
                               "timing": "median of interleaved repeats after warm-up, 3 rotating input sets; speed-up = median of per-repeat ratios"})
+        print(f"wrote {path}")
+    if a.device in ("cuda", "all"):
+        from goca_fast import kernels
+        ok, why = kernels.available()
+        if not ok:
+            print(f"no CUDA benchmark: {why}", file=sys.stderr)
+            return 2 if a.device == "cuda" else 0
+        rows, meta = bench_cuda(sizes(CUDA_SIZES), a.dtypes.split(","), a.repeats or 50, not a.no_compile)
+        path = write_results("sinkhorn", rows, ["B", "K", "dtype", "method", "us", "speedup_vs_official",
+                                                "min_bytes_us", "x_min_bytes"],
+                             {"device": device_name(torch.device("cuda")), "device_tag": "cuda", "epsilon": EPS,
+                              "prior_epsilon": EPS2, "iterations": ITERS, "cycles": 1, **meta, "timing": CUDA_TIMING})
         print(f"wrote {path}")
     return 0
 

@@ -229,11 +229,11 @@ def _use_kernel(backend: str, scores: torch.Tensor) -> bool:
     if backend == "cuda":
         if not scores.is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors")
-        ok, why = kernels.available()
+        ok, why = kernels.available(scores)
         if not ok:
             raise RuntimeError(f"backend='cuda' requested but the CUDA Sinkhorn extension is unavailable: {why}")
         return True
-    return scores.is_cuda and kernels.available()[0]
+    return scores.is_cuda and kernels.available(scores)[0]
 
 
 def official_sinkhorn_reference(scores: torch.Tensor, epsilon: float, iterations: int,

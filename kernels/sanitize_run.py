@@ -1,0 +1,43 @@
+"""Runs the CUDA Sinkhorn kernel once per configuration on small problems, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck python kernels/sanitize_run.py
+    compute-sanitizer --tool racecheck python kernels/sanitize_run.py
+    compute-sanitizer --tool synccheck python kernels/sanitize_run.py
+
+Covers the three block widths (K classes), fp32/bf16/fp16 scores, odd B and K, row-strided views, keep_last, cycles
+1 and 2, the fused launch (rows resident in shared memory) and one launch per sweep. Exits 1 on a non-finite code.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from goca_fast import kernels  # noqa: E402
+
+CASES = [(37, 33, torch.float32, 1), (129, 3001, torch.bfloat16, 2), (65, 5000, torch.float16, 1),
+         (17, 10000, torch.float32, 2)]
+
+
+def main() -> int:
+    ok, why = kernels.available()
+    if not ok:
+        print(f"kernel unavailable: {why}", file=sys.stderr)
+        return 2
+    bad = 0
+    for B, K, dtype, cycles in CASES:
+        sr = torch.randn(B, K + 5, device="cuda").to(dtype)[:, :K]  # row stride K + 5
+        sf = torch.randn(B, K, device="cuda").to(dtype)
+        fused = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, 1.0, None, B // 2 + 1)
+        per_sweep = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, -1.0, per_sweep=True)
+        torch.cuda.synchronize()
+        finite = all(bool(torch.isfinite(c).all()) for c in (*fused, *per_sweep))
+        bad += not finite
+        print(f"B={B} K={K} {dtype} cycles={cycles}: {'ok' if finite else 'NON-FINITE'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
