@@ -16,12 +16,16 @@ from goca_fast.data.index import (
 )
 from goca_fast.data.synthetic import (
     MOTION_CLASSES,
+    camera_shake,
     class_motion,
     decode_frame_index,
     frame_index_video,
     make_synthetic_dataset,
+    random_object_scene,
     random_texture,
+    render_dataset_video,
     render_motion_video,
+    render_object_video,
 )
 from goca_fast.data.video_io import read_all_frames, write_video
 from goca_fast.flow.codec import dequantise_flow, read_flow_frames
@@ -36,13 +40,17 @@ def _backward_warp(img, flow):
                      borderMode=cv2.BORDER_CONSTANT, borderValue=-1)
 
 
-def _warp_errors(f0, f1, flow, margin=6, min_motion=0.25):
-    """Mean |warp(f1, flow) - f0| and |f1 - f0| over interior pixels that move."""
+def _warp_errors(f0, f1, flow, margin=6, min_motion=0.25, min_change=0.0):
+    """Mean |warp(f1, flow) - f0| and |f1 - f0| over interior pixels that move (and visibly change: a flat
+    background moves in the flow without changing the picture)."""
     pred = _backward_warp(f1, flow)
     sel = np.all(pred >= 0, axis=-1) & (np.linalg.norm(flow, axis=-1) > min_motion)
+    sel &= np.abs(f1 - f0).max(axis=-1) > min_change
     sel[:margin] = sel[-margin:] = False
     sel[:, :margin] = sel[:, -margin:] = False
-    assert sel.sum() > 100
+    if min_change > 0 and sel.sum() <= 30:
+        return None  # too few changing pixels to judge (the caller requires some frames to be judged)
+    assert sel.sum() > 30
     return np.abs(pred - f0)[sel].mean(), np.abs(f1 - f0)[sel].mean()
 
 
@@ -77,7 +85,7 @@ def test_flow_direction_matches_class():
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn") / "ds"
     make_synthetic_dataset(root, num_classes=8, videos_per_class=4, frames=10, height=H, width=W,
-                           seed=5, workers=2)
+                           seed=5, workers=2, pan_speed=2.0)
     return root
 
 
@@ -102,27 +110,35 @@ def test_dataset_layout_and_index(dataset):
 
 def test_dataset_files_carry_exact_flow(dataset):
     records, _ = read_index(dataset)
+    judged = 0
     for r in [x for x in records if x.cls in ("rotate_cw", "zoom_out", "translate_up")][::2]:
         rgb = read_all_frames(os.path.join(dataset, r.rgb)).astype(np.float32) / 255
         flow = dequantise_flow(read_flow_frames(os.path.join(dataset, r.flow), range(r.frames)))
         assert len(rgb) == len(flow) == 10
         # re-render with the generator's per-video recipe: the file holds the exact flow, quantised
         rng = np.random.default_rng([5, r.label, int(r.id.rsplit("_", 1)[1])])
-        tex = random_texture(rng)
-        frames, exact = render_motion_video(tex, class_motion(r.cls, r.frames, rng), H, W)
+        frames, exact = render_dataset_video(r.cls, r.frames, H, W, rng, "object", 2.0)
         assert np.abs(flow[:-1] - exact).mean() < 0.1  # px; one level is 0.157
         assert np.abs(flow[-1] - exact[-1]).mean() < 0.1  # last flow repeated
         assert np.abs(rgb - frames).mean() < 4 / 255  # H.264 crf 18
         for t in range(0, 9, 4):
-            if r.cls.startswith("zoom"):  # sub-pixel motion: codec noise dominates the warp error
+            if not r.cls.startswith("translate"):  # small rotating/zooming disc on a flat background: its
+                continue                               # coded edges dominate; exactness is checked vs the re-render
+            errors = _warp_errors(rgb[t], rgb[t + 1], flow[t], min_motion=0.5, min_change=0.03)
+            if errors is None:
                 continue
-            e_flow, e_zero = _warp_errors(rgb[t], rgb[t + 1], flow[t], min_motion=0.5)
-            assert e_flow < 0.8 * e_zero, (r.cls, t, e_flow, e_zero)
+            judged += 1
+            e_flow, e_zero = errors
+            # with the flat background only the object changes the picture, and its H.264-coded edges dominate;
+            # the per-layer exactness of the flow is checked on the renderer itself above
+            assert e_flow < e_zero, (r.cls, t, e_flow, e_zero)
+    assert judged >= 1
 
 
 def test_idempotent_and_regenerates(dataset, tmp_path):
     stamp = os.path.getmtime(os.path.join(dataset, "index.jsonl"))
-    make_synthetic_dataset(dataset, num_classes=8, videos_per_class=4, frames=10, height=H, width=W, seed=5)
+    make_synthetic_dataset(dataset, num_classes=8, videos_per_class=4, frames=10, height=H, width=W, seed=5,
+                           pan_speed=2.0)
     assert os.path.getmtime(os.path.join(dataset, "index.jsonl")) == stamp
     other = tmp_path / "o"
     make_synthetic_dataset(other, num_classes=2, videos_per_class=2, frames=4, height=16, width=16, workers=1)
@@ -135,6 +151,75 @@ def test_idempotent_and_regenerates(dataset, tmp_path):
     (foreign / "x.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         make_synthetic_dataset(foreign, num_classes=1, videos_per_class=1, frames=4, height=16, width=16)
+
+
+def _object_mask(scene, t, h=H, w=W):
+    """Pixels the object covers at frame t (coverage >= 1/2, as the renderer decides the flow)."""
+    a = scene.motion.matrices(np.array([(w - 1) / 2, (h - 1) / 2]))[t]
+    yy, xx = np.mgrid[0:h, 0:w]
+    p = np.linalg.solve(a, np.stack([xx.ravel(), yy.ravel(), np.ones(xx.size)]))
+    return ((scene.radius - np.hypot(p[0], p[1])) * scene.motion.scale[t] >= 0).reshape(h, w), a
+
+
+@pytest.mark.parametrize("cls", MOTION_CLASSES)
+def test_object_scene_exact_flow_and_class_motion(cls):
+    rng = np.random.default_rng(11)
+    scene = random_object_scene(cls, 8, H, W, rng, shake_speed=1.5)
+    frames, flow = render_object_video(scene, H, W)
+    assert frames.shape == (8, H, W, 3) and flow.shape == (7, H, W, 2)
+    yy, xx = np.mgrid[0:H, 0:W]
+    for t in range(7):
+        inside, a = _object_mask(scene, t)
+        assert 40 < inside.sum() < 0.5 * H * W
+        # background: the camera shake, the same displacement everywhere
+        shake = scene.camera.shift[t + 1] - scene.camera.shift[t]
+        assert np.allclose(flow[t][~inside], shake, atol=1e-4)
+        # away from the object's edge, warping frame t+1 by the flow gives frame t back (both layers)
+        edge = inside ^ cv2.erode(inside.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        edge |= cv2.dilate(inside.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & ~inside
+        pred = _backward_warp(frames[t + 1], flow[t])
+        ok = np.all(pred >= 0, axis=-1) & ~edge
+        ok[:3] = ok[-3:] = False
+        ok[:, :3] = ok[:, -3:] = False
+        assert np.abs(pred - frames[t])[ok].mean() < 0.004
+        # the object's flow is the class motion (screen coordinates: the camera does not move the object)
+        f, cx, cy = flow[t][inside], a[0, 2], a[1, 2]
+        rx, ry = xx[inside] - cx, yy[inside] - cy
+        if cls.startswith("translate"):
+            d = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}[cls.split("_")[1]]
+            assert np.all(f @ np.array(d, float) > 0.7), (cls, t)
+            assert np.allclose(f, f[0], atol=1e-4)
+        elif cls.startswith("rotate"):
+            curl = (rx * f[:, 1] - ry * f[:, 0]).mean()
+            div = (rx * f[:, 0] + ry * f[:, 1]).mean()  # a finite rotation moves points slightly inward
+            assert (curl > 0) == (cls == "rotate_cw") and abs(div) < 0.1 * abs(curl)
+        else:
+            div = (rx * f[:, 0] + ry * f[:, 1]).mean()
+            assert (div > 0) == (cls == "zoom_in")
+
+
+def test_camera_shake_changes_between_clips():
+    """Nearly steady within a few frames, unrelated a couple of periods apart, bounded by max_speed."""
+    v = np.stack([np.diff(camera_shake(40, np.random.default_rng(s), 1.0, 8.0), axis=0) for s in range(400)])
+    assert np.linalg.norm(v, axis=-1).max() <= 1.0 + 1e-9
+    def corr(lag):
+        a, b = v[:, :-lag].reshape(-1), v[:, lag:].reshape(-1)
+        return np.corrcoef(a, b)[0, 1]
+    assert corr(1) > 0.9 and corr(2) > 0.8
+    assert abs(corr(20)) < 0.1
+    assert abs(v.mean()) < 0.05  # no preferred direction
+
+
+def test_scene_choice():
+    """Scene "full" is the former recipe (texture, then class motion from the same generator)."""
+    a = render_dataset_video("rotate_cw", 3, 16, 16, np.random.default_rng(1), "full", 0.0)
+    rng = np.random.default_rng(1)
+    b = render_motion_video(random_texture(rng), class_motion("rotate_cw", 3, rng), 16, 16)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="scene"):
+        render_dataset_video("rotate_cw", 3, 16, 16, rng, "bogus")
+    with pytest.raises(ValueError, match="scene"):
+        make_synthetic_dataset("/nonexistent-never-written", 1, 1, 4, 16, 16, scene="bogus")
 
 
 def test_deterministic_render():
