@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import importlib
 import logging
 import os
 import random
@@ -372,17 +373,44 @@ class SplitFeatures:
                 "unreadable": len(self.unreadable), "padded_short": int(self.padded.sum())}
 
 
+def _dali_importable() -> bool:
+    try:
+        importlib.import_module("dali_pipelines.eval")
+    except ImportError:
+        return False
+    return True
+
+
+def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool, batch_size: int, workers: int,
+                device: torch.device, loader: str = "auto"):
+    """Iterable of EvalBatch over a split, from the CPU loader or the DALI pipeline (same views, same batches)."""
+    if loader not in ("auto", "cpu", "dali"):
+        raise EvalError(f"loader must be auto, cpu or dali, got {loader!r}")
+    use_dali = loader == "dali" or (loader == "auto" and device.type == "cuda" and _dali_importable())
+    if use_dali:
+        if not _dali_importable():
+            raise EvalError("loader=dali but the DALI pipelines are not available (pip install -e '.[dali]')")
+        from dali_pipelines.eval import DaliEvalLoader
+        return DaliEvalLoader(root, split.records, spec.clip_length, spec.stride, spec.num_clips, spec.crop_size,
+                              spec.short_side, with_flow, spec.crops, spec.flow_mode, batch_size, workers, device)
+    from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
+    ds = EvalClipDataset(root, split.records, spec.clip_length, spec.stride, spec.num_clips, spec.crop_size,
+                         spec.short_side, with_flow, crops=spec.crops, flow_mode=spec.flow_mode)
+    return make_eval_loader(ds, batch_size, workers)
+
+
 def compute_split_features(model: GocaModel, root: Path, split: SplitRecords, spec: ViewSpec,
                            device: torch.device, batch_size: int = 8, workers: int = 0, source: str = "backbone",
-                           keep_views: bool = False, amp: Optional[torch.dtype] = None) -> SplitFeatures:
-    """Extract the features of one split under the view protocol `spec` (no cache)."""
-    from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
+                           keep_views: bool = False, amp: Optional[torch.dtype] = None,
+                           loader: str = "auto") -> SplitFeatures:
+    """Extract the features of one split under the view protocol `spec` (no cache).
+
+    loader: "cpu" (PyAV), "dali", or "auto" (DALI on a CUDA device when the pipelines import)."""
     from goca_fast.eval.features import extract_features
 
     streams = list(model.streams)
-    ds = EvalClipDataset(root, split.records, spec.clip_length, spec.stride, spec.num_clips, spec.crop_size,
-                         spec.short_side, "flow" in streams, crops=spec.crops, flow_mode=spec.flow_mode)
-    out = extract_features(model, make_eval_loader(ds, batch_size, workers), device, amp, source, keep_views)
+    out = extract_features(model, eval_loader(root, split, spec, "flow" in streams, batch_size, workers, device, loader),
+                           device, amp, source, keep_views)
     order = torch.argsort(out.index)  # loader order is already record order; sorting makes it a guarantee
     got = set(out.index.tolist())
     unreadable = [r.id for i, r in enumerate(split.records) if i not in got]

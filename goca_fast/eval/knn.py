@@ -106,7 +106,7 @@ def evaluate_knn(model: GocaModel, cfg: Config, root: Path, device: torch.device
     recs = [split_records(Path(root), split, streams)
             for split in (train_split or cfg.data.train_split, test_split or cfg.data.test_split)]
     feats = [compute_split_features(model, Path(root), r, spec, device, cfg.eval.batch_size, cfg.data.workers,
-                                    source, amp=amp) for r in recs]
+                                    source, amp=amp, loader=cfg.data.loader) for r in recs]
     res = knn_from_features(feats[0], feats[1], streams, spec, source, ks)
     res.seconds = time.time() - t0
     return res
