@@ -122,13 +122,17 @@ def _collate(items):
 # ----------------------------------------------------------------------------- measurement
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _rss_mib(pid="self") -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0  # a producer that has just exited
 
 
 def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_video: int, batch_size: int,
-            on_cuda: bool) -> dict:
+            on_cuda: bool, helper_pids=lambda: ()) -> dict:
+    """Time `n_batches` after `warmup`; host RSS is this process plus the live `helper_pids()` (DALI producers)."""
     it = iter(batches_iter)
     for _ in range(warmup):
         next(it)
@@ -141,7 +145,7 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
         if on_cuda:
             torch.cuda.synchronize()
             gpu_free.append(torch.cuda.mem_get_info()[0] / 2**20)
-        rss.append(_rss_mib())
+        rss.append(_rss_mib() + sum(_rss_mib(p) for p in helper_pids()))
         del batch
     wall = time.perf_counter() - t0
     del it
@@ -177,8 +181,10 @@ def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int) -> dict:
         from dali_pipelines.train import build_dali_train_loader
         dev = torch.device("cuda", 0) if kind == "dali_gpu" else torch.device("cpu")
         factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root)
-        res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda")
+        res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda",
+                      helper_pids=lambda: factory.producers[-2:])
         factory.close()
+        res["producers"] = len(factory.producers)
         return res
     if kind == "cpu":
         factory, _ = build_train_loader(cfg, DistInfo(), root)
@@ -207,12 +213,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/goca_fast/loader_bench"))
+    ap.add_argument("--dali-process-batches", type=int, default=0,
+                    help="batches per DALI producer process (0 = the config's auto, -1 = in-process)")
     ap.add_argument("--name", default="loader", help="results file name (e.g. loader-longrun for a leak check)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     root = make_dataset(Path(a.cache), a.videos)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ucf101_r2plus1d.yaml"),
-                      RECIPE + [f"data.root={root}", f"data.workers={a.workers}", f"data.batch_size={a.batch_size}"])
+                      RECIPE + [f"data.root={root}", f"data.workers={a.workers}", f"data.batch_size={a.batch_size}",
+                               f"data.dali_process_batches={a.dali_process_batches}"])
     if a.one:  # child mode: one loader in a fresh process, so peak RSS and CPU time are its own
         print(json.dumps(run_loader(a.one, cfg, root, a.batches, a.warmup)))
         return 0
@@ -236,12 +245,16 @@ def main(argv=None) -> int:
     dev = torch.device("cuda", 0) if gpu else torch.device("cpu")
     path = write_results(a.name, rows, ["loader", "clips_per_s", "ms_per_batch", "speedup_vs_official",
                                           "cpu_util_pct", "peak_rss_main_mib", "peak_rss_worker_mib",
-                                          "rss_first_mib", "rss_last_mib", "rss_growth_2nd_half_mib"],
+                                          "rss_first_mib", "rss_last_mib", "rss_growth_2nd_half_mib",
+                                          "producers"],
                          {"device": device_name(dev), "device_tag": dev.type, "workers": a.workers,
                           "batch_size": a.batch_size, "timed_batches": a.batches, "warmup_batches": a.warmup,
                           "dataset": f"{a.videos} videos 340x256, 250 frames at 25 fps, H.264 GOP 16 + flow videos",
                           "recipe": "2x16 + 4x8 frames, stride 2, min distance 16, scale 128-160, crop 112",
-                          "cpu_util": "(process + worker CPU seconds) / wall / cores"})
+                          "dali_process_batches": a.dali_process_batches,
+                          "rss": "host RSS of the loader process plus its live DALI producer processes",
+                          "cpu_util": "(process + worker CPU seconds) / wall / cores; a DALI producer's CPU time "
+                                      "counts once it has exited"})
     print(f"wrote {path}")
     return 0
 
