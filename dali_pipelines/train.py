@@ -11,6 +11,7 @@ randomness comes from (seed, epoch, video), the batches are the same either way 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -61,29 +62,38 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
     return (meta, *rgb, *flow)
 
 
-def to_torch(tensor_list, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A uniform DALI TensorList (CPU or GPU) -> a new torch tensor on `device` (one copy)."""
+def _empty_shared(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in shared memory: sending it to another process then copies nothing."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+
+
+def to_torch(tensor_list, device: torch.device, dtype: Optional[torch.dtype] = None,
+             shared: bool = False) -> torch.Tensor:
+    """A uniform DALI TensorList (CPU or GPU) -> a new torch tensor on `device`, in one copy (in shared memory if
+    `shared` and on the CPU, for a producer process)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     t = tensor_list.as_tensor()
-    dali_dtype = t.dtype
-    out = torch.empty(t.shape(), dtype=_TORCH_DTYPE.get(dali_dtype, torch.int64), device=device)
+    torch_dtype, shape = _TORCH_DTYPE.get(t.dtype, torch.int64), t.shape()
     if device.type == "cuda":
+        out = torch.empty(shape, dtype=torch_dtype, device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
     else:
-        out.copy_(torch.from_numpy(np.array(t)))
+        out = _empty_shared(shape, torch_dtype) if shared else torch.empty(shape, dtype=torch_dtype)
+        feed_ndarray(t, out)
     return out if dtype is None or not out.is_floating_point() else out.to(dtype)
 
 
 def outputs_to_batch(outs, num_clips: int, with_flow: bool, device: torch.device,
-                     dtype: Optional[torch.dtype]) -> Optional[ClipBatch]:
+                     dtype: Optional[torch.dtype], shared: bool = False) -> Optional[ClipBatch]:
     """Pipeline outputs -> ClipBatch without the placeholder rows of failed videos (None if all failed)."""
     meta = torch.from_numpy(np.array(outs[0].as_tensor())).reshape(-1, 3)
     keep = meta[:, 2].bool()
     skipped = int((~keep).sum())
     if skipped == len(keep):
         return None
-    clips = [to_torch(o, device, dtype) for o in outs[1:1 + num_clips * (2 if with_flow else 1)]]
+    clips = [to_torch(o, device, dtype, shared) for o in outs[1:1 + num_clips * (2 if with_flow else 1)]]
     if skipped:
         sel = keep.nonzero().flatten().to(device)
         clips = [c.index_select(0, sel) for c in clips]
@@ -128,9 +138,10 @@ class TrainPipelineSpec:
     def next_position(self, epoch: int, batch: int) -> tuple[int, int]:
         return (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
 
-    def produce(self, epoch: int, batch: int, count: Optional[int] = None) -> Iterator[tuple]:
+    def produce(self, epoch: int, batch: int, count: Optional[int] = None, shared: bool = False) -> Iterator[tuple]:
         """("batch", epoch, b, ClipBatch | None) or ("error", epoch, b, reason) for `count` positions from
-        (epoch, batch) on (endless when None); after a DALI error the pipeline is rebuilt at the next position."""
+        (epoch, batch) on (endless when None); after a DALI error the pipeline is rebuilt at the next position.
+        `shared`: CPU batches are written into shared memory (a producer process sends them without a copy)."""
         pipe = None
         done = 0
         while count is None or done < count:
@@ -144,7 +155,7 @@ class TrainPipelineSpec:
                 yield ("error", epoch, batch, _reason(e))
             else:
                 yield ("batch", epoch, batch, outputs_to_batch(outs, len(self.clip_lengths), self.with_flow,
-                                                                 self.device, self.torch_dtype))
+                                                                 self.device, self.torch_dtype, shared))
             epoch, batch = self.next_position(epoch, batch)
             done += 1
 
@@ -173,7 +184,7 @@ def _producer_main(spec: TrainPipelineSpec, epoch: int, batch: int, count: int, 
         torch.cuda.set_device(spec.device)
     untaken = 0
     try:
-        for msg in spec.produce(epoch, batch, count):
+        for msg in spec.produce(epoch, batch, count, shared=True):
             while untaken >= AHEAD:
                 if control.recv() != "took":
                     return
