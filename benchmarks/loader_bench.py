@@ -130,6 +130,16 @@ def _rss_mib(pid="self") -> float:
         return 0.0  # a producer that has just exited
 
 
+def _cpu_seconds(pid) -> float:
+    """User + system CPU time of a live process and its waited-for children (0 if it has gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_video: int, batch_size: int,
             on_cuda: bool, helper_pids=lambda: ()) -> dict:
     """Time `n_batches` after `warmup`; host RSS is this process plus the live `helper_pids()` (DALI producers)."""
@@ -139,6 +149,7 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
     if on_cuda:
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), os.times()
+    helpers_cpu0 = {p: _cpu_seconds(p) for p in helper_pids()}
     rss, gpu_free = [], []
     for b in range(n_batches):
         batch = next(it)
@@ -148,10 +159,11 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
         rss.append(_rss_mib() + sum(_rss_mib(p) for p in helper_pids()))
         del batch
     wall = time.perf_counter() - t0
+    helpers_cpu = sum(_cpu_seconds(p) - helpers_cpu0.get(p, 0.0) for p in helper_pids())
     del it
     c1 = os.times()
     cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
-        (c1.children_system - c0.children_system)
+        (c1.children_system - c0.children_system) + helpers_cpu
     clips = n_batches * batch_size * clips_per_video
     return {"loader": name, "clips_per_s": clips / wall, "videos_per_s": n_batches * batch_size / wall,
             "ms_per_batch": 1e3 * wall / n_batches, "cpu_util_pct": 100 * cpu / wall / os.cpu_count(),
@@ -253,8 +265,7 @@ def main(argv=None) -> int:
                           "recipe": "2x16 + 4x8 frames, stride 2, min distance 16, scale 128-160, crop 112",
                           "dali_process_batches": a.dali_process_batches,
                           "rss": "host RSS of the loader process plus its live DALI producer processes",
-                          "cpu_util": "(process + worker CPU seconds) / wall / cores; a DALI producer's CPU time "
-                                      "counts once it has exited"})
+                          "cpu_util": "(process + worker + DALI producer CPU seconds) / wall / cores"})
     print(f"wrote {path}")
     return 0
 
