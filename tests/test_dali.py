@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -396,12 +398,15 @@ def test_eval_shards_cover_every_video_exactly_once(index_root):
 # ------------------------------------------------------------------ the trainer on the DALI loader
 
 
-def test_pretrain_runs_on_the_dali_loader(tmp_path):
-    from goca_fast.pretrain import main
-    rc = main(["--config", os.path.join(REPO, "configs", "demo.yaml"), f"output_dir={tmp_path}", "data.loader=dali",
-               f"data.cache_dir={tmp_path / 'cache'}", "data.synthetic.videos_per_class=4", "optim.epochs=1",
-               "optim.warmup_epochs=0", "data.workers=0", "eval.knn_after_training=false"])
-    assert rc == 0
+def test_pretrain_runs_on_the_dali_loader_and_exits(tmp_path):
+    """The real command, in its own process (default producer-process mode): it trains, and the interpreter exits
+    (a producer waiting for its release once held up the exit forever)."""
+    cmd = [sys.executable, "-m", "goca_fast.pretrain", "--config", os.path.join(REPO, "configs", "demo.yaml"),
+           f"output_dir={tmp_path}", "data.loader=dali", f"data.cache_dir={tmp_path / 'cache'}",
+           "data.synthetic.videos_per_class=4", "optim.epochs=1", "optim.warmup_epochs=0", "data.workers=0",
+           "eval.knn_after_training=false"]
+    out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
     lines = (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()
     assert lines and np.isfinite(json.loads(lines[-1])["loss"])
 
