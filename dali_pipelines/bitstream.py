@@ -74,17 +74,12 @@ def packet_table(path: str | os.PathLike) -> PacketTable:
     Raises BitstreamError with a one-line reason for anything the segment path cannot handle: not H.264, no byte
     positions, reordered frames (B-frames), a first packet that is not a keyframe, empty or missing file.
     """
-    import av
+    from goca_fast.data.video_io import VideoReadError, open_container
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BitstreamError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise BitstreamError(f"{path}: empty file")
     try:
-        container = av.open(path)
-    except Exception as e:  # noqa: BLE001 - PyAV raises many error types
-        raise BitstreamError(f"{path}: cannot open ({type(e).__name__})") from None
+        container = open_container(path)
+    except VideoReadError as e:
+        raise BitstreamError(str(e)) from None
     try:
         if not container.streams.video:
             raise BitstreamError(f"{path}: no video stream")

@@ -176,7 +176,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, gop: in
 # --------------------------------------------------------------------------- reading
 
 
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
+def open_container(path: str | os.PathLike) -> av.container.InputContainer:
+    """Open a video for reading; a missing, empty or unopenable file is a one-line VideoReadError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise VideoReadError(f"{path}: no such file")
@@ -239,7 +240,7 @@ def probe_video(path: str | os.PathLike, decode: bool = False) -> VideoInfo:
     proves every frame decodes, which is what dataset validation wants.
     """
     path = os.fspath(path)
-    container = _open(path)
+    container = open_container(path)
     try:
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -278,7 +279,7 @@ def _decode_at(path: str | os.PathLike, indices: Sequence[int],
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         return []
-    container = _open(path)
+    container = open_container(path)
     try:
         stream = container.streams.video[0]
         lo, hi = int(idx.min()), int(idx.max())
@@ -340,7 +341,7 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
 
 def read_all_frames(path: str | os.PathLike) -> np.ndarray:
     """Every frame by plain sequential decode (reference path for tests and small tools)."""
-    container = _open(path)
+    container = open_container(path)
     try:
         stream = container.streams.video[0]
         try:
