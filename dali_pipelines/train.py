@@ -64,8 +64,10 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
 
 def _empty_shared(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in shared memory: sending it to another process then copies nothing."""
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what torch's own multiprocessing uses
+    if new_shared is None:
+        return torch.empty(tuple(shape), dtype=dtype).share_memory_()
+    return torch.empty(0, dtype=dtype).set_(new_shared(math.prod(shape) * dtype.itemsize), 0, tuple(shape))
 
 
 def to_torch(tensor_list, device: torch.device, dtype: Optional[torch.dtype] = None,
