@@ -227,11 +227,10 @@ class ObjectScene:
     texture: Texture        # the object's texture
     motion: Motion          # the object's motion (object_motion), on screen
     radius: float           # object radius in object coordinates (px at scale 1)
-    camera_moves_object: bool = False  # True: the camera's motion is added to the object's as well
 
 
 def random_object_scene(cls: str, num_frames: int, height: int, width: int, rng: np.random.Generator,
-                        shake_speed: float = 1.0, camera_moves_object: bool = False) -> ObjectScene:
+                        shake_speed: float = 1.0) -> ObjectScene:
     """Everything random about one object-scene video: both textures, the object's size and motion, the camera."""
     background, texture = random_texture(rng), random_texture(rng)
     background = Texture(background.freq, background.phase, background.amp * CONTRAST[0])
@@ -240,7 +239,7 @@ def random_object_scene(cls: str, num_frames: int, height: int, width: int, rng:
     radius = rng.uniform(*OBJECT_RADIUS) * min(height, width)
     shake = camera_shake(num_frames, rng, shake_speed, SHAKE_PERIOD) if shake_speed > 0 else np.zeros((num_frames, 2))
     camera = Motion(np.ones(num_frames), np.zeros(num_frames), shake + rng.uniform(-100, 100, size=2))
-    return ObjectScene(background, camera, texture, motion, float(radius), camera_moves_object)
+    return ObjectScene(background, camera, texture, motion, float(radius))
 
 
 def render_object_video(scene: ObjectScene, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -253,8 +252,6 @@ def render_object_video(scene: ObjectScene, height: int, width: int) -> tuple[np
     centre = np.array([(width - 1) / 2, (height - 1) / 2])
     a_bg = scene.camera.matrices(centre)
     a_fg = scene.motion.matrices(centre)
-    if scene.camera_moves_object:
-        a_fg[:, :2, 2] += scene.camera.shift - scene.camera.shift[:1]
     yy, xx = np.mgrid[0:height, 0:width]
     x = np.stack([xx.ravel(), yy.ravel(), np.ones(xx.size)]).astype(np.float64)
     frames = np.empty((n, height, width, 3), np.float32)
