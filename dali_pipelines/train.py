@@ -188,14 +188,12 @@ def _producer_main(spec: TrainPipelineSpec, epoch: int, batch: int, count: int, 
     try:
         for msg in spec.produce(epoch, batch, count, shared=True):
             while untaken >= AHEAD:
-                if control.recv() != "took":
-                    return
+                control.recv()  # "took"; the parent only ever sends that, or closes (end-of-file)
                 untaken -= 1
             out.send(msg)
             untaken += 1
-        out.send(("done", None, None, None))
-        while control.recv() == "took":
-            pass
+        while True:  # until released (end-of-file)
+            control.recv()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return
 
@@ -239,10 +237,8 @@ class _ProcessStream:
             self.control.send("took")
         except OSError:
             pass  # it has died since sending; the next get() reports it
-        if msg[0] != "done":
-            self.left -= 1
+        self.left -= 1  # the trainer switches to the next producer when this reaches 0
         return msg
-
 
 
 def _release_producer(proc, *ends) -> None:
