@@ -7,8 +7,9 @@ their flow videos), same recipe (2×16 + 4×8 frames at stride 2, scale 128-160,
 official code), same worker/thread count. The official-style loader is what the released code does per sample
 (spec §3.2): PyAV-decode the *whole* RGB and flow videos, convert the sampled frames with to_rgb, then run the torch
 augmentation on RGB and, independently, on the 3-channel flow image. Reported per loader: clips/s, ms/batch, CPU
-utilisation (process + workers CPU time / wall / cores), peak host RSS (main process and the largest worker), and the
-main process RSS at the first and the last timed batch (a leak shows as growth). Writes
+utilisation (process + workers + DALI producer CPU time / wall / cores), peak host RSS (main process and the largest
+finished child), and the RSS of the main process plus its live DALI producers at the first and the last timed batch
+(a leak shows as growth). `--dali-process-batches` picks the DALI producer mode (-1 = in-process). Writes
 benchmarks/results/loader-<device>.{json,md}. Each loader runs in a fresh process.
 """
 from __future__ import annotations

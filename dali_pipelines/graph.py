@@ -2,7 +2,8 @@
 per-sample argument from `dali_pipelines.source`).
 
 A clip is: decode the video's GOP segment once -> `sequence_rearrange` picks the clip's frames (stride, repeats
-and time reversal included) -> resize to the drawn size -> crop at the drawn anchor -> colour ops (RGB) ->
+and time reversal included) -> the drawn crop window resized to the crop size (= resize to the drawn short side,
+then crop) -> colour ops (RGB) ->
 `crop_mirror_normalize` (flip, normalisation, F×H×W×C -> C×F×H×W, output dtype). Every per-clip op takes its
 parameters per sample, so one draw covers all frames of a clip. The same graph runs on the DALI CPU backend
 (`device_id=None`) and on the GPU (decoding with NVDEC through the "mixed" decoder).

@@ -52,6 +52,12 @@ def video_metas(root: str | os.PathLike, records: Sequence[VideoRecord]) -> list
                       int(r.label), r.id) for r in records]
 
 
+def clip_segment(table: PacketTable, clips: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the GOPs holding all `clips`' frames as one Annex-B stream, each clip's frame positions in its decode)."""
+    runs = gop_runs(table, np.concatenate(clips))
+    return read_segment(table, runs), [segment_positions(runs, c).astype(np.int32) for c in clips]
+
+
 class _TableCache:
     """Small per-process LRU of packet tables (a table is a few KB; demuxing costs ~3 ms per video)."""
 
@@ -70,7 +76,7 @@ class _TableCache:
         return t
 
 
-def _placeholder_segment(frames: int) -> tuple[np.ndarray, int, int]:
+def _placeholder_segment(frames: int) -> np.ndarray:
     """A tiny all-grey H.264 segment fed in place of a video that failed (the adapter drops that sample): DALI's
     decoder must always get a stream it can open (it crashes the process on unparseable data)."""
     from goca_fast.data.video_io import write_video
@@ -78,8 +84,7 @@ def _placeholder_segment(frames: int) -> tuple[np.ndarray, int, int]:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "placeholder.mp4")
         write_video(path, np.full((frames, 16, 16, 3), 128, np.uint8), 25, gop=max(1, frames))
-        table = packet_table(path)
-        return read_segment(table, [(0, frames)]), 16, 16
+        return read_segment(packet_table(path), [(0, frames)])
 
 
 def clip_params(p: AugParams, height: int, width: int, crop: tuple[int, int],
@@ -148,13 +153,6 @@ class TrainSource:
         rng = np.random.default_rng(item_seeds(self.seed, epoch, index)[0])
         return sample_train_clips(self.metas[index].frames, self.clip_lengths, self.stride, self.min_distance, rng)
 
-    def _segment(self, path: str, clips: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], PacketTable]:
-        table = self._tables.get(path)
-        flat = np.concatenate(clips)
-        runs = gop_runs(table, flat)
-        orders = [segment_positions(runs, c).astype(np.int32) for c in clips]
-        return read_segment(table, runs), orders, table
-
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         if self._tables is None:
             self._tables = _TableCache()
@@ -181,7 +179,8 @@ class TrainSource:
         if self.with_flow and meta.flow is None:
             raise ValueError("no flow video in the index")
         clips = self.clips(epoch, index)
-        rgb_buf, rgb_orders, t_rgb = self._segment(meta.rgb, clips)
+        t_rgb = self._tables.get(meta.rgb)
+        rgb_buf, rgb_orders = clip_segment(t_rgb, clips)
         if t_rgb.frames != meta.frames:
             raise ValueError(f"{t_rgb.frames} frames in the file, {meta.frames} in the index")
         h, w = t_rgb.height, t_rgb.width
@@ -189,7 +188,8 @@ class TrainSource:
         p_rgb, p_flow = self._draw_all(g, h, w)
         out = [rgb_buf]
         if self.with_flow:
-            flow_buf, flow_orders, t_flow = self._segment(meta.flow, clips)
+            t_flow = self._tables.get(meta.flow)
+            flow_buf, flow_orders = clip_segment(t_flow, clips)
             if (t_flow.width, t_flow.height) != (w, 2 * h) or t_flow.frames != t_rgb.frames:
                 raise ValueError(f"flow video {t_flow.width}x{t_flow.height}, {t_flow.frames} frames does not "
                                  f"match rgb {w}x{h}, {t_rgb.frames} frames")
@@ -214,7 +214,7 @@ class TrainSource:
         """Placeholder sample (valid = 0): decodable, right shapes after the graph, dropped by the adapter."""
         if self._placeholder is None:
             self._placeholder = _placeholder_segment(max(self.clip_lengths))
-        buf, ph, pw = self._placeholder
+        buf = self._placeholder
         crop = self.augment.crop
         p = clip_params(_identity_draw(crop), crop[0], crop[1], crop)
         out = [buf] + ([buf] if self.with_flow else []) + [np.array([meta.label, index, 0], np.int64)]
@@ -256,7 +256,7 @@ class EvalSource:
         index = self.indices[min(k, len(self.indices) - 1)]
         meta = self.metas[index]
         if index in self.excluded:
-            return self._failed(index, meta) if not pad else self._failed(index, meta, pad=True)
+            return self._failed(index, meta, pad=pad)
         try:
             return self._sample(index, meta, valid=not pad)
         except (BitstreamError, ValueError) as e:
@@ -270,16 +270,15 @@ class EvalSource:
         t_rgb = self._tables.get(meta.rgb)
         if t_rgb.frames != meta.frames:
             raise ValueError(f"{t_rgb.frames} frames in the file, {meta.frames} in the index")
-        runs = gop_runs(t_rgb, np.concatenate(ev.indices))
-        out = [read_segment(t_rgb, runs)]
-        orders = [[segment_positions(runs, c).astype(np.int32) for c in ev.indices]]
+        buf, rgb_orders = clip_segment(t_rgb, ev.indices)
+        out, orders = [buf], [rgb_orders]
         if self.with_flow:
             t_flow = self._tables.get(meta.flow)
             if (t_flow.width, t_flow.height) != (t_rgb.width, 2 * t_rgb.height) or t_flow.frames != t_rgb.frames:
                 raise ValueError("flow video size or frame count does not match its rgb video")
-            f_runs = gop_runs(t_flow, np.concatenate(ev.indices))
-            out.append(read_segment(t_flow, f_runs))
-            orders.append([segment_positions(f_runs, c).astype(np.int32) for c in ev.indices])
+            buf, flow_orders = clip_segment(t_flow, ev.indices)
+            out.append(buf)
+            orders.append(flow_orders)
         out.append(np.array([meta.label, index, int(valid), int(ev.padded), int(not valid)], np.int64))
         for c in range(self.num_clips):
             out += [o[c] for o in orders]
@@ -292,7 +291,7 @@ class EvalSource:
     def _failed(self, index: int, meta: VideoMeta, pad: bool = False) -> tuple[np.ndarray, ...]:
         if self._placeholder is None:
             self._placeholder = _placeholder_segment(self.clip_length)
-        buf = self._placeholder[0]
+        buf = self._placeholder
         out = [buf] + ([buf] if self.with_flow else []) + [np.array([meta.label, index, 0, 0, int(pad)], np.int64)]
         for _ in range(self.num_clips):
             out += [np.zeros(self.clip_length, np.int32)] * (2 if self.with_flow else 1)
