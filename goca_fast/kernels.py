@@ -7,7 +7,11 @@ both. `goca_fast.assign.goca_codes(backend="auto")` uses the kernel on CUDA tens
 
 Single process (or group of size 1): one fused cooperative launch for the whole computation. With a process
 group: one launch per sweep, with the column statistics all-reduced between launches (see kernels/sinkhorn.h).
-No host synchronisation and only torch-allocated memory, so the call can be captured in a CUDA graph.
+No host synchronisation and only torch-allocated memory, so the call can be captured in a CUDA graph. What each
+sweep does comes from goca_fast.sweep_plan, the one description of the schedule.
+
+Two kernel variants: 2 (the default) and 1 (the first design, kept selectable until a GPU run has measured both
+side by side; the benchmark and the GPU tests run both).
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from goca_fast.sweep_plan import STATS_MAX_SUM, STATS_SUM, sweep_plan
+
 SOURCES = Path(__file__).resolve().parents[1] / "kernels"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_STATS_SUM, _STATS_MAX_SUM = 1, 2  # goca::Stats
+DEFAULT_VARIANT = 2
 
 
 def cache_dir() -> Path:
@@ -41,8 +47,8 @@ def _nvcc() -> Optional[str]:
 
 
 def _jit_build() -> tuple[Optional[object], str]:
-    sources = [SOURCES / "sinkhorn.cu", SOURCES / "binding.cpp"]
-    if not all(s.exists() for s in sources):
+    sources = sorted(SOURCES.glob("*.cu")) + [SOURCES / "binding.cpp"]
+    if len(sources) < 2 or not all(s.exists() for s in sources):
         return None, f"not prebuilt, and the kernel sources for a JIT build are not in {SOURCES}"
     if _nvcc() is None:
         return None, "not prebuilt, and no nvcc for a JIT build (set CUDA_HOME or put nvcc on PATH)"
@@ -105,42 +111,45 @@ def _kernel_inputs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
 def _all_reduce_stats(state: list[torch.Tensor], kind: int, group) -> None:
     """Combine the ranks' column statistics between sweeps (kernels/sinkhorn.h, goca::Stats)."""
     colmax, colacc = state[0], state[1]
-    if kind == _STATS_MAX_SUM:
+    if kind == STATS_MAX_SUM:
         local = colmax[:-2].clone()
         dist.all_reduce(colmax, op=dist.ReduceOp.MAX, group=group)
         colacc.mul_(torch.exp2(local - colmax[:-2]))
-    if kind in (_STATS_SUM, _STATS_MAX_SUM):
+    if kind in (STATS_SUM, STATS_MAX_SUM):
         dist.all_reduce(colacc, group=group)
 
 
 def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, epsilon: float, prior_epsilon: float,
                iterations: int, cycles: int, sign: float, group=None, keep_last: Optional[int] = None, *,
-               per_sweep: bool = False, ctas: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+               per_sweep: bool = False, ctas: int = 0, variant: int = DEFAULT_VARIANT
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """goca_fast.assign.goca_codes on the CUDA kernel; same arguments, sign = +1 ("kl") or -1 ("official").
 
     per_sweep: one launch per sweep even without a process group (the group path minus its all-reduces; for
-    benchmarks and tests). ctas: blocks per launch, 0 = one per SM (a tuning knob)."""
+    benchmarks and tests). ctas: blocks per launch, 0 = one per SM (a tuning knob). variant: kernel design 1 or 2."""
     ext, why = _load()
     if ext is None:
         raise RuntimeError(f"CUDA Sinkhorn extension unavailable: {why}")
     if scores_rgb.dim() != 2 or scores_rgb.shape != scores_flow.shape:
         raise ValueError(f"scores must be two B×K matrices of the same shape, got {tuple(scores_rgb.shape)} and "
                          f"{tuple(scores_flow.shape)}")
-    if epsilon <= 0 or iterations < 1 or cycles not in (1, 2):
-        raise ValueError(f"need epsilon > 0, iterations >= 1, cycles in (1, 2); got {epsilon}, {iterations}, {cycles}")
+    if variant not in (1, 2):
+        raise ValueError(f"kernel variant must be 1 or 2, got {variant!r}")
+    plan = sweep_plan(iterations=iterations, cycles=cycles, epsilon=epsilon, prior_epsilon=prior_epsilon,
+                      sign=sign)
     sr, sf = _kernel_inputs(scores_rgb, scores_flow)
     B, K = sr.shape
     keep = min(keep_last, B) if keep_last else B
     codes = [torch.empty(keep, K, dtype=torch.float32, device=sr.device) for _ in range(2)]
-    state = ext.new_state(sr, sf, ctas)
-    n = ext.sweep_count(iterations, cycles)
-    args = (float(epsilon), float(prior_epsilon), float(sign), int(iterations), int(cycles))
+    state = ext.new_state(sr, sf, ctas, variant)
+    sweeps, passes = plan.flat_sweeps(), plan.flat_passes()
+    n = len(plan.sweeps)
     grouped = group is not None and dist.get_world_size(group) > 1
     if not (grouped or per_sweep):
-        ext.sweeps(sr, sf, codes[0], codes[1], state, *args, 0, n)
+        ext.sweeps(sr, sf, codes[0], codes[1], state, sweeps, passes, variant, 0, n)
     else:
-        for s in range(n):
-            ext.sweeps(sr, sf, codes[0], codes[1], state, *args, s, 1)
+        for s, sweep in enumerate(plan.sweeps):
+            ext.sweeps(sr, sf, codes[0], codes[1], state, sweeps, passes, variant, s, 1)
             if grouped:
-                _all_reduce_stats(state, ext.stats_after(s, iterations, cycles), group)
+                _all_reduce_stats(state, sweep.stats_after, group)
     return codes[0], codes[1]

@@ -37,12 +37,13 @@ void check_scores(const at::Tensor& sr, const at::Tensor& sf) {
 void check(const std::string& error) { TORCH_CHECK(error.empty(), "GOCA Sinkhorn kernel: ", error); }
 
 // Workspace for one goca_codes call: [colmax, colacc, potentials, row maxima, per-block partials].
-std::vector<at::Tensor> new_state(const at::Tensor& sr, const at::Tensor& sf, int64_t ctas) {
+std::vector<at::Tensor> new_state(const at::Tensor& sr, const at::Tensor& sf, int64_t ctas, int64_t variant) {
   check_scores(sr, sf);
   const c10::cuda::CUDAGuard guard(sr.device());  // occupancy queries and function attributes are per device
   const int B = static_cast<int>(sr.size(0)), K = static_cast<int>(sr.size(1));
   std::string error;
-  const int blocks = goca::plan_ctas(sr.get_device(), B, K, score_type(sr), static_cast<int>(ctas), &error);
+  const int blocks = goca::plan_ctas(sr.get_device(), B, K, score_type(sr), static_cast<int>(variant),
+                                       static_cast<int>(ctas), &error);
   check(error);
   const auto opts = sr.options().dtype(at::kFloat);
   return {at::empty({static_cast<int64_t>(goca::colmax_size(K))}, opts),
@@ -52,10 +53,11 @@ std::vector<at::Tensor> new_state(const at::Tensor& sr, const at::Tensor& sf, in
           at::empty({2, blocks, static_cast<int64_t>(goca::colmax_size(K))}, opts)};
 }
 
-// Runs sweeps [first, first + count) of goca_codes; codes_* receive the last codes_*.size(0) rows' codes.
+// Runs sweeps [first, first + count) of the plan (goca_fast.sweep_plan: [kind, sample pass, init pass] per sweep,
+// [α_rgb, α_flow, β_rgb, β_flow, offset] per pass); codes_* receive the last codes_*.size(0) rows' codes.
 void sweeps(const at::Tensor& sr, const at::Tensor& sf, at::Tensor& codes_r, at::Tensor& codes_f,
-            const std::vector<at::Tensor>& state, double epsilon, double prior_epsilon, double sign,
-            int64_t iterations, int64_t cycles, int64_t first, int64_t count) {
+            const std::vector<at::Tensor>& state, const std::vector<int64_t>& plan,
+            const std::vector<double>& passes, int64_t variant, int64_t first, int64_t count) {
   check_scores(sr, sf);
   const int B = static_cast<int>(sr.size(0)), K = static_cast<int>(sr.size(1));
   for (const at::Tensor* c : {&codes_r, &codes_f}) {
@@ -73,6 +75,10 @@ void sweeps(const at::Tensor& sr, const at::Tensor& sf, at::Tensor& codes_r, at:
   TORCH_CHECK(state[4].dim() == 3 && state[4].size(0) == 2 && state[4].size(2) == static_cast<int64_t>(sizes[0]),
               "state does not match these scores");
 
+  TORCH_CHECK(plan.size() % 3 == 0 && passes.size() % 5 == 0, "plan must have 3 entries per sweep, 5 per pass");
+  const std::vector<int> plan32(plan.begin(), plan.end());
+  const std::vector<float> passes32(passes.begin(), passes.end());
+
   const c10::cuda::CUDAGuard guard(sr.device());
   goca::Problem p{};
   p.scores[0] = sr.data_ptr();
@@ -81,8 +87,9 @@ void sweeps(const at::Tensor& sr, const at::Tensor& sf, at::Tensor& codes_r, at:
   p.row_stride[1] = sf.stride(0);
   p.type = score_type(sr);
   p.B = B, p.K = K, p.keep = static_cast<int>(codes_r.size(0));
-  p.iterations = static_cast<int>(iterations), p.cycles = static_cast<int>(cycles);
-  p.epsilon = epsilon, p.prior_epsilon = prior_epsilon, p.sign = sign;
+  p.plan = plan32.data(), p.sweeps = static_cast<int>(plan32.size() / 3);
+  p.pass_coefficients = passes32.data(), p.passes = static_cast<int>(passes32.size() / 5);
+  p.variant = static_cast<int>(variant);
   p.codes[0] = codes_r.data_ptr<float>();
   p.codes[1] = codes_f.data_ptr<float>();
   goca::Workspace w{state[0].data_ptr<float>(), state[1].data_ptr<float>(), state[2].data_ptr<float>(),
@@ -101,15 +108,8 @@ int64_t max_k(int64_t device) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "GOCA prior-guided Sinkhorn assignment (kernels/sinkhorn.cu)";
-  m.def("new_state", &new_state, "workspace for one goca_codes call (ctas=0: one block per SM)");
-  m.def("sweeps", &sweeps, "run sweeps [first, first+count) of goca_codes on the current stream");
-  m.def("sweep_count", [](int64_t iterations, int64_t cycles) -> int64_t {
-    return goca::sweep_count(static_cast<int>(iterations), static_cast<int>(cycles));
-  });
-  m.def("stats_after", [](int64_t sweep, int64_t iterations, int64_t cycles) -> int64_t {
-    return static_cast<int64_t>(
-        goca::stats_after(static_cast<int>(sweep), static_cast<int>(iterations), static_cast<int>(cycles)));
-  }, "0: nothing to all-reduce, 1: SUM of colacc, 2: MAX of colmax then rescaled SUM of colacc");
+  m.doc() = "GOCA prior-guided Sinkhorn assignment (kernels/sinkhorn*.cu)";
+  m.def("new_state", &new_state, "workspace for one goca_codes call (ctas=0: one block per SM; variant 1 or 2)");
+  m.def("sweeps", &sweeps, "run sweeps [first, first+count) of a goca_fast.sweep_plan plan on the current stream");
   m.def("max_k", &max_k, "largest K the kernel supports on this device");
 }

@@ -4,8 +4,9 @@
     compute-sanitizer --tool racecheck python kernels/sanitize_run.py
     compute-sanitizer --tool synccheck python kernels/sanitize_run.py
 
-Covers the three block widths (K classes), fp32/bf16/fp16 scores, odd B and K, row-strided views, keep_last, cycles
-1 and 2, the fused launch (rows resident in shared memory) and one launch per sweep. Exits 1 on a non-finite code.
+Covers both kernel variants, the three block widths (K classes), fp32/bf16/fp16 scores, odd B and K, row-strided
+views, keep_last, cycles 1 and 2, the fused launch (rows resident in shared memory) and one launch per sweep. Exits 1
+on a non-finite code.
 """
 from __future__ import annotations
 
@@ -27,15 +28,17 @@ def main() -> int:
         print(f"kernel unavailable: {why}", file=sys.stderr)
         return 2
     bad = 0
-    for B, K, dtype, cycles in CASES:
-        sr = torch.randn(B, K + 5, device="cuda").to(dtype)[:, :K]  # row stride K + 5
-        sf = torch.randn(B, K, device="cuda").to(dtype)
-        fused = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, 1.0, None, B // 2 + 1)
-        per_sweep = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, -1.0, per_sweep=True)
-        torch.cuda.synchronize()
-        finite = all(bool(torch.isfinite(c).all()) for c in (*fused, *per_sweep))
-        bad += not finite
-        print(f"B={B} K={K} {dtype} cycles={cycles}: {'ok' if finite else 'NON-FINITE'}")
+    torch.manual_seed(0)
+    for variant in (1, 2):
+        for B, K, dtype, cycles in CASES:
+            sr = torch.randn(B, K + 5, device="cuda").to(dtype)[:, :K]  # row stride K + 5
+            sf = torch.randn(B, K, device="cuda").to(dtype)
+            fused = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, 1.0, None, B // 2 + 1, variant=variant)
+            per_sweep = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, -1.0, per_sweep=True, variant=variant)
+            torch.cuda.synchronize()
+            finite = all(bool(torch.isfinite(c).all()) for c in (*fused, *per_sweep))
+            bad += not finite
+            print(f"v{variant} B={B} K={K} {dtype} cycles={cycles}: {'ok' if finite else 'NON-FINITE'}")
     return 1 if bad else 0
 
 
