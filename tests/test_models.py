@@ -2,8 +2,12 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from goca_fast.assign import sinkhorn
 from goca_fast.models import GocaModel, build_backbone, prototype_separation, run_grouped
+from goca_fast.models.heads import Prototypes
+from test_assign import plain_iterate64, rel_err
 
 
 @pytest.mark.parametrize("arch,pool,dim", [("r2plus1d_18", "1x2x2", 2048), ("r3d_18", "global", 512),
@@ -68,3 +72,37 @@ def test_prototype_separation_by_hand():
     assert abs(prototype_separation(w).item() - 1.0) < 1e-6
     w2 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     assert abs(prototype_separation(w2).item() - 2.0) < 1e-6
+
+
+def test_scores_are_fp32_under_bf16_autocast_so_the_codes_are_fp32_accurate():
+    """bf16 scores at ε=0.02 give ~1 % code error; the prototype product runs in fp32 whatever the autocast."""
+    g = torch.Generator().manual_seed(0)
+    protos = Prototypes(128, 1000)
+    protos.normalize_()
+    z = F.normalize(torch.randn(512, 128, generator=g), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = protos(z)
+    exact = z.double() @ protos.weight.detach().double().t()
+    assert scores.dtype == torch.float32
+    assert (scores.double() - exact).abs().max() <= 1e-6  # fp32 rounding of a 128-term dot product
+    reference = plain_iterate64(exact.numpy(), 0.02, 3)
+    bf16_scores = (z.bfloat16() @ protos.weight.detach().bfloat16().t()).float()  # what autocast alone gives
+    assert rel_err(sinkhorn(scores, 0.02, 3), reference) <= 1e-5
+    assert rel_err(sinkhorn(bf16_scores, 0.02, 3), reference) >= 1e-3
+
+
+def test_model_under_bf16_autocast_keeps_the_network_bf16_and_the_scores_fp32():
+    torch.manual_seed(1)
+    m = GocaModel("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10).eval()
+    m.prototypes.normalize_()
+    clips = {"rgb": [torch.randn(3, 3, 4, 32, 32)] * 2, "flow": [torch.randn(3, 2, 4, 32, 32)] * 2}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head_out = m.head("rgb")(m.features(clips)["rgb"])
+        out = m(clips)
+    assert head_out.dtype == torch.bfloat16  # the network itself still runs in bf16
+    w = m.prototypes.weight.detach().double()
+    for s in ("rgb", "flow"):
+        z = out[s].embeddings
+        assert z.dtype == out[s].scores.dtype == torch.float32
+        assert torch.allclose(z.double().norm(dim=1), torch.ones(6, dtype=torch.float64), atol=1e-6)
+        assert (out[s].scores.double() - z.double() @ w.t()).abs().max() <= 1e-6

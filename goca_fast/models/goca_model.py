@@ -20,8 +20,8 @@ STREAMS = ("rgb", "flow")
 @dataclass
 class StreamOutput:
     """One stream's outputs for all clips; rows [v·bs, (v+1)·bs) belong to clip v."""
-    embeddings: torch.Tensor  # (N_clips·bs)×D, unit norm
-    scores: torch.Tensor      # (N_clips·bs)×K, cosine similarities to the prototypes
+    embeddings: torch.Tensor  # (N_clips·bs)×D, unit norm, float32
+    scores: torch.Tensor      # (N_clips·bs)×K, cosine similarities to the prototypes, float32 (also under autocast)
 
 
 def run_grouped(backbone: nn.Module, clips: list[torch.Tensor]) -> torch.Tensor:
@@ -70,7 +70,10 @@ class GocaModel(nn.Module):
         return {s: run_grouped(self.backbones[s], clips[s]) for s in self.streams}
 
     def _score(self, emb: torch.Tensor) -> StreamOutput:
-        z = F.normalize(emb, dim=1)
+        # normalised in fp32 (autocast off): the scores, hence the codes and the loss logits, must not carry
+        # the bf16 rounding of the head's output norm either
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            z = F.normalize(emb.float(), dim=1)
         return StreamOutput(z, self.prototypes(z))
 
     def forward(self, clips: dict[str, list[torch.Tensor]]) -> dict[str, StreamOutput]:

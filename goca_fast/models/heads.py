@@ -40,7 +40,10 @@ class Prototypes(nn.Module):
         self.weight.copy_(F.normalize(self.weight, dim=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.weight.t()
+        """fp32 scores z·Wᵀ whatever the autocast: the codes are computed from them at ε ≈ 0.02, where bf16's
+        0.4 % rounding of a cosine score becomes ~1 % code error and argmax flips (the backbone may stay bf16)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return z.float() @ self.weight.float().t()
 
 
 def load_prototypes(path: str) -> np.ndarray:
