@@ -21,12 +21,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from goca_fast import checkpoint as ckpt
+from goca_fast.assign import resolve_backend
 from goca_fast.config import Config
 from goca_fast.data.batch import ClipBatch
 from goca_fast.distributed import DistInfo, all_reduce_sum
 from goca_fast.models import GocaModel, load_prototypes, prototype_separation
 from goca_fast.objective import GocaObjective, ObjectiveResult
-from goca_fast.optim import build_optimizer, lr_schedule, set_lr
+from goca_fast.optim import build_optimizer, get_lr, lr_schedule, set_lr
 from goca_fast.queue import FeatureQueue, local_queue_length
 
 log = logging.getLogger("goca_fast")
@@ -128,9 +129,11 @@ class Trainer:
                                          o.larc_clip, o.exclude_bn_bias, o.use_apex)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         g = cfg.goca
+        # decided once for the whole group: ranks on different backends would issue different collectives
+        backend = resolve_backend(g.backend, self.device, info.group, num_prototypes=cfg.model.num_prototypes)
         self.objective = GocaObjective(g.merge, sum(cfg.data.clips_per_group), g.assign_clips, g.epsilon,
                                        g.prior_epsilon, g.iterations, g.cycles, g.prior_sign, g.prior_start_epoch,
-                                       g.temperature, g.official_loss_scale, g.backend, info.group)
+                                       g.temperature, g.official_loss_scale, backend, info.group)
         self.queue: Optional[FeatureQueue] = None
         self.state = TrainState()
         self.stop_signal: Optional[int] = None
@@ -207,16 +210,23 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ------------------------------------------------------------------ one step
+    def global_iteration(self) -> int:
+        """epoch·iters_per_epoch + batches of this epoch already consumed: the official schedule index.
+
+        Unlike the optimiser-step count it does not drift when a step is skipped (non-finite loss, unreadable
+        batch) or a loader ends an epoch early, and it is restored exactly on resume."""
+        return self.state.epoch * self.iters_per_epoch + self.state.iteration
+
     def _freeze_prototypes(self) -> bool:
         o = self.cfg.optim
         return (self.model.prototypes.frozen or self.state.epoch < o.freeze_prototypes_epochs
-                or self.state.step < o.freeze_prototypes_iters)
+                or self.global_iteration() < o.freeze_prototypes_iters)
 
     def train_step(self, batch: ClipBatch) -> tuple[Optional[float], dict[str, float]]:
         """One optimiser step; returns (loss or None when skipped as non-finite, statistics)."""
         model = self.model
         net = self.ddp or model
-        set_lr(self.optimizer, float(self.lr[min(self.state.step, len(self.lr) - 1)]))
+        set_lr(self.optimizer, float(self.lr[min(self.global_iteration(), len(self.lr) - 1)]))
         model.prototypes.normalize_()
         batch = batch.to(self.device)
         clips = clips_of(batch, model.streams)
@@ -335,7 +345,7 @@ class Trainer:
             s.iteration += 1
             if loss is not None:
                 losses.append(loss)
-            scalars = {"loss": loss if loss is not None else float("nan"), "lr": float(self.lr[s.step - 1]),
+            scalars = {"loss": loss if loss is not None else float("nan"), "lr": get_lr(self.optimizer),
                        "clips_per_s": clips / max(iter_time, 1e-9), "data_time": dt,
                        "skipped_videos": s.skipped_videos, "bad_steps": s.bad_total, **stats}
             if s.step % max(cfg.engine.log_every, 1) == 0 or s.iteration == n:

@@ -1,4 +1,6 @@
-"""GOCA assignment against independent re-derivations: float64 official iterate, POT at convergence, 2 processes."""
+"""GOCA assignment against independent re-derivations: float64 official iterate, POT at convergence, 2 processes;
+host synchronisations per call; the backend decided once per process group."""
+import logging
 import os
 import socket
 
@@ -10,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from goca_fast.assign import goca_codes, sinkhorn
+from goca_fast.assign import goca_codes, resolve_backend, sinkhorn
 
 
 def plain_iterate64(S, eps, iters, P=None, eps2=0.0, sign=1.0):
@@ -188,3 +190,117 @@ def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path):
     for key in ("q", "qr", "qf", "ext"):
         got = torch.cat([p[key] for p in parts])
         assert torch.allclose(got, whole[key], rtol=1e-5, atol=1e-7), key
+
+
+# ------------------------------------------------------------------------------------ host synchronisations
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # each waits for the device on CUDA
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Record every Python-level read of a tensor's value (CPU has no sync-debug mode, so count the calls)."""
+    calls: list[str] = []
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("cycles", [1, 2])
+def test_one_host_read_per_call_in_the_normal_case(monkeypatch, cycles):
+    Sr, emb, protos = cosine_scores(300, 500, seed=31)
+    Sf = F.normalize(emb + 0.7 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(32)), dim=1) @ protos.t()
+    with monkeypatch.context() as m:
+        reads = _count_host_reads(m)
+        qr, qf = goca_codes(Sr, Sf, 0.02, 0.03, 3, cycles=cycles, backend="torch")
+        per_goca_call = len(reads)
+        q = sinkhorn(Sr, 0.02, 3, prior=qf, prior_epsilon=0.03)
+        per_sinkhorn_call = len(reads) - per_goca_call
+    assert per_goca_call <= 1 and per_sinkhorn_call <= 1, reads
+    rr, rf = goca64(Sr.numpy(), Sf.numpy(), 0.02, 0.03, 3, cycles, 1.0)
+    assert rel_err(qr, rr) <= 1e-5 and rel_err(qf, rf) <= 1e-5
+    assert rel_err(q, plain_iterate64(Sr, 0.02, 3, qf.numpy(), 0.03)) <= 1e-5
+
+
+def test_unrepresentable_pass_redoes_the_call_in_the_log_domain(monkeypatch):
+    """ε=0.01, scores near ±1: exp of the row-shifted logits underflows to 0 for whole prototype columns in fp32, so
+    the scaling path cannot work; the call is redone in the log domain, still with one host read."""
+    g = torch.Generator().manual_seed(33)
+    Sr = 0.98 + 0.02 * torch.rand(256, 150, generator=g)
+    Sr[:, :15] = -1.0
+    Sf = (Sr + 0.005 * torch.randn(Sr.shape, generator=g)).clamp(-1, 1).flip(0)
+    shifted = torch.exp((Sr - Sr.amax(dim=1, keepdim=True)) / 0.01)
+    assert float(shifted[:, :15].sum()) == 0.0  # these column sums are not representable in fp32
+    with monkeypatch.context() as m:
+        reads = _count_host_reads(m)
+        qr, qf = goca_codes(Sr, Sf, 0.01, 0.03, 3, cycles=2, backend="torch")
+    assert len(reads) <= 1, reads
+    assert torch.isfinite(qr).all() and torch.isfinite(qf).all()
+    rr, rf = goca64(Sr.numpy(), Sf.numpy(), 0.01, 0.03, 3, 2, 1.0)  # float64: e^100 does not overflow
+    assert rel_err(qr, rr) <= 1e-4 and rel_err(qf, rf) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------ backend per process group
+
+BACKEND_CASES = {"rank1_unusable": (True, False), "all_usable": (True, True)}
+
+
+def _backend_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from goca_fast import kernels
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("goca_fast")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    out: dict = {}
+    g, cpu = dist.group.WORLD, torch.device("cpu")
+    for case, usable in BACKEND_CASES.items():
+        ok = usable[rank]
+        kernels.available = lambda scores=None, ok=ok: (ok, "" if ok else f"no kernel on rank {rank} (test)")
+        out[case] = resolve_backend("auto", cpu, g, num_prototypes=30)
+        try:
+            out[case + " cuda"] = resolve_backend("cuda", cpu, g, num_prototypes=30)
+        except RuntimeError as e:
+            out[case + " cuda"] = f"error: {e}"
+    out["torch"] = resolve_backend("torch", cpu, g)
+    try:  # the per-call "auto" would let this rank choose alone
+        goca_codes(torch.rand(4, 3), torch.rand(4, 3), 0.1, 0.1, 3, backend="auto", group=g)
+        out["per-call auto"] = "ran"
+    except ValueError as e:
+        out["per-call auto"] = f"error: {e}"
+    out["log"] = logged
+    torch.save(out, os.path.join(out_dir, f"b{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_backend_is_decided_once_for_the_whole_group(tmp_path):
+    mp.spawn(_backend_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"b{r}.pt") for r in range(2))
+    for r in (r0, r1):
+        assert r["rank1_unusable"] == "torch" and r["all_usable"] == "cuda" and r["torch"] == "torch"
+        assert r["all_usable cuda"] == "cuda"
+        err = r["rank1_unusable cuda"]
+        assert err.startswith("error: backend='cuda' requested") and "rank(s) 1 of 2" in err and "\n" not in err
+        assert r["per-call auto"].startswith("error: backend='auto' with a process group")
+    assert "no kernel on rank 1 (test)" in r1["rank1_unusable cuda"]  # the failing rank says why
+    # rank 0 logs each decision in one line, rank 1 nothing
+    assert r1["log"] == [] and len(r0["log"]) == 4, r0["log"]
+    assert r0["log"][0].startswith("GOCA assignment backend: torch (auto: the CUDA Sinkhorn kernel is unusable on "
+                                   "rank(s) 1 of 2")
+    assert r0["log"][1] == "GOCA assignment backend: cuda (the CUDA Sinkhorn kernel is usable on all 2 rank(s))"
+
+
+def test_backend_in_one_process():
+    from goca_fast import kernels
+    assert not kernels.available(torch.empty(0, 30))[0]  # CPU tensors: never usable
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match=r"backend='cuda' requested .* unusable on this process \(here: "):
+        resolve_backend("cuda", torch.device("cpu"), num_prototypes=30)
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve_backend("gpu", torch.device("cpu"))

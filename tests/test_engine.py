@@ -1,5 +1,6 @@
 """The training engine end to end: demo smoke run, exact resume after kill -9 and after SIGTERM, NaN handling."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -157,11 +158,41 @@ def test_prototypes_are_normalised_and_frozen_in_the_first_epoch(tmp_path):
     assert not torch.allclose(trainer.model.prototypes.weight, w0, atol=1e-6)
 
 
-def test_lr_follows_the_schedule_per_iteration(tmp_path):
-    trainer, cfg = _tiny_trainer(tmp_path)
-    for i in range(3):
-        trainer.train_step(_batch(cfg))
-        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(float(trainer.lr[i]))
+def _official_lr(cfg, t: int, iters_per_epoch: int, world_size: int = 1) -> float:
+    """The official LR at absolute iteration t, from its formula: linear warmup from start_warmup to
+    base_lr·sqrt(global batch) over warmup_epochs (endpoint included), then cosine to final_lr."""
+    o = cfg.optim
+    peak = o.base_lr * math.sqrt(cfg.data.batch_size * world_size)
+    warmup, total = o.warmup_epochs * iters_per_epoch, o.epochs * iters_per_epoch
+    if t < warmup:
+        return o.start_warmup + (peak - o.start_warmup) * t / (warmup - 1)
+    return o.final_lr + 0.5 * (peak - o.final_lr) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+def test_lr_is_indexed_by_the_absolute_iteration_despite_skipped_steps(tmp_path):
+    """A NaN step, an unreadable batch (None) and an epoch whose loader ends early do not shift the schedule."""
+    iters = 5
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["engine.tensorboard=false", "engine.progress=false",
+                                                       "data.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=1",
+                                                       "engine.max_bad_steps=5", "engine.checkpoint_minutes=0"])
+    good, nan = _batch(cfg), _batch(cfg, float("nan"))
+    per_epoch = {0: [good, None, nan, good],          # ends one batch early
+                 1: [good, nan, good, None, good]}
+    trainer = Trainer(cfg, DistInfo(), tmp_path, lambda epoch, start: per_epoch[epoch][start:], iters)
+    seen = []
+    step = trainer.train_step
+
+    def recording_step(batch):
+        out = step(batch)
+        seen.append((trainer.state.epoch, trainer.state.iteration, trainer.optimizer.param_groups[0]["lr"]))
+        return out
+
+    trainer.train_step = recording_step
+    trainer.fit()
+    assert trainer.state.bad_total == 2 and trainer.state.step == 7
+    assert [(e, i) for e, i, _ in seen] == [(0, 0), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 4)]
+    for e, i, lr in seen:
+        assert lr == pytest.approx(_official_lr(cfg, e * iters + i, iters), rel=1e-12), (e, i)
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
