@@ -49,12 +49,14 @@ struct V1 {
   using Medium = Config<8, 1, 768>;   // K ≤ 6144
   using Wide = Config<20, 1, 512>;    // K ≤ 10240 (= kMaxK)
 };
-// v2: one row per step, its reductions overlapped with the next row's loads where the second register set fits
-// the budget (Narrow: 0 / 12 bytes of spills for fp32 / 16-bit on sm_90). Medium with the second set spilled
-// 148-156 bytes (and 124-144 as 640 threads × 10), so Medium and Wide load each row at the top of its step.
+// v2: one row per step, its reductions overlapped with the next row's loads (a second register set) where it fits.
+// Half v1's threads with twice the prototypes each: half the warps per row, so half the shuffles and barrier
+// arrivals per row, and the registers (168 at 384 threads) for the second set. ptxas (sm_90): Narrow 128 registers,
+// no spills; Medium 168 registers, 28 bytes; Wide (no registers to spare for overlap) 128, 44 bytes. Tried and
+// dropped: 768 threads × 4 / × 8 with overlap (Medium spilled 148-156 bytes), 640 × 10 (124-144 bytes).
 struct V2 {
-  using Narrow = Config<4, 1, 768, true>;    // K ≤ 3072
-  using Medium = Config<8, 1, 768, false>;   // K ≤ 6144
+  using Narrow = Config<8, 1, 384, true>;    // K ≤ 3072
+  using Medium = Config<16, 1, 384, true>;   // K ≤ 6144
   using Wide = Config<20, 1, 512, false>;    // K ≤ 10240
 };
 

@@ -8,9 +8,10 @@
 //  * A sample step is one block reduction of (max, sum) pairs instead of two (max, then sum): each thread
 //    exponentiates relative to its own maximum and rescales by 2^(own − row max) once the row max is known.
 //    One barrier per row and stream pair instead of two.
-//  * One row per step; for K ≤ 3072 (the usual K) the next row's scores are loaded into a second register set
-//    while the current row is reduced (Config::kOverlap), so the memory latency hides behind the barriers instead
-//    of adding to them. Wider configurations have no registers to spare for it.
+//  * One row per step; for K ≤ 6144 the next row's scores are loaded into a second register set while the current
+//    row is reduced (Config::kOverlap), so the memory latency hides behind the barriers instead of adding to them.
+//    Half as many threads as v1, each with twice the prototypes (the registers for that second set; half the warps
+//    per row, so half the shuffles and barrier arrivals). The widest configuration has no registers to spare.
 #include "sinkhorn_device.cuh"
 
 namespace goca {
@@ -118,6 +119,21 @@ __global__ void __launch_bounds__(C::kMaxThreads, 1) goca_sweeps_v2(const __grid
       for (int j = 0; j < KPT; ++j) acc[st][j] = 0.f;
     float top[2] = {kNegInf, kNegInf};  // this block's max over rows of (row max + offset), init sweeps
     __syncthreads();
+    // For K ≤ 3072 this thread's potentials stay in registers for the sweep (150-154 registers, no spills): no
+    // shared-memory load per score, which the interleaved [K][2] layout makes a 2-way bank conflict. Wider
+    // configurations spilled 56-320 bytes with it, so they read sF per score.
+    constexpr bool kPotentialsInRegisters = KPT <= 8;
+    float f[2][kPotentialsInRegisters ? KPT : 1];
+    if constexpr (kPotentialsInRegisters) {
+#pragma unroll
+      for (int st = 0; st < 2; ++st)
+#pragma unroll
+        for (int j = 0; j < KPT; ++j) f[st][j] = kind != SweepKind::kInit && j < jn ? sF[2 * (k0 + 32 * j) + st] : 0.f;
+    }
+    auto potential = [&](int st, int j) -> float {
+      if constexpr (kPotentialsInRegisters) return f[st][j];
+      else return sF[2 * (k0 + 32 * j) + st];
+    };
 
     const int base = kind == SweepKind::kLast ? B - a.keep : 0;
     const int n = kind == SweepKind::kLast ? a.keep : B;
@@ -172,7 +188,7 @@ __global__ void __launch_bounds__(C::kMaxThreads, 1) goca_sweeps_v2(const __grid
         own[st] = kNegInf;
 #pragma unroll
         for (int j = 0; j < KPT; ++j) {
-          const float y = j < jn ? (x[st][j] - mrow[st]) + sF[2 * (k0 + 32 * j) + st] : kNegInf;
+          const float y = j < jn ? (x[st][j] - mrow[st]) + potential(st, j) : kNegInf;
           x[st][j] = y;
           own[st] = fmaxf(own[st], y);
         }
