@@ -7,9 +7,11 @@ Accuracy, at OpenCV's default parameters:
   * real frame pairs: consecutive frames of the sample videos found on this machine (the first
     readable ones among --real paths), where only torch-vs-OpenCV EPE can be measured.
 Speed, frame pairs per second at 256×340: OpenCV with 1 process, OpenCV with one process per core,
-torch on the CPU (batched), torch on CUDA (batched, eager and torch.compile'd) when a GPU is present.
+torch on the CPU (batched), torch on CUDA (batched, eager and torch.compile'd, per batch size of --batch) when a GPU
+is present. --compile-only: just the compiled CUDA rows (a separate, separately time-boxed run; use --name).
 
-  python -m benchmarks.flow_bench [--pairs 8] [--batch 32] [--real a.mp4 b.avi ...] [--quick]
+  python -m benchmarks.flow_bench [--pairs 8] [--batch 16,32,64,128] [--real a.mp4 b.avi ...] [--quick]
+                                  [--no-compile | --compile-only] [--name flow]
 """
 from __future__ import annotations
 
@@ -112,57 +114,71 @@ def timed(fn, *args) -> tuple[np.ndarray, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flow_bench")
     ap.add_argument("--pairs", type=int, default=8, help="pairs per synthetic motion kind (and real pairs)")
-    ap.add_argument("--speed-pairs", type=int, default=0, help="pairs for the speed rows (default: 4 on CPU, 256 on GPU)")
-    ap.add_argument("--batch", type=int, default=64, help="torch pairs per batch on GPU (CPU uses 4)")
+    ap.add_argument("--speed-pairs", type=int, default=0,
+                    help="pairs for the speed rows (default: 4 on CPU; on GPU max(256, 2 x the largest batch))")
+    ap.add_argument("--batch", default="64", help="torch pairs per batch on GPU, a comma list (CPU uses 4)")
     ap.add_argument("--real", nargs="*", default=None, help="real videos (default: sample videos found on disk)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows on GPU")
+    ap.add_argument("--compile-only", action="store_true", help="only the torch.compile rows on GPU")
     ap.add_argument("--quick", action="store_true", help="2 pairs per kind (a smoke run)")
+    ap.add_argument("--name", default="flow", help="results file name")
     a = ap.parse_args(argv)
+    try:
+        batches = [int(b) for b in a.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch takes a comma list of integers, got {a.batch!r}")
+    if a.compile_only and a.no_compile:
+        ap.error("--compile-only and --no-compile exclude each other")
     n = 2 if a.quick else a.pairs
     cuda = torch.cuda.is_available()
     rows = []
     # ---------------------------------------------------------------- accuracy at OpenCV defaults (CPU torch is
     # the same arithmetic as on the GPU; the GPU rows below re-check the EPE against OpenCV)
     acc_dev = "cuda" if cuda else "cpu"
-    for kind in ("translate", "rotate", "zoom"):
+    for kind in (() if a.compile_only else ("translate", "rotate", "zoom")):
         pairs, gt = synthetic_pairs(kind, n)
         ref = run_opencv(pairs)
-        ours = run_torch(pairs, acc_dev, a.batch if cuda else 4)
+        ours = run_torch(pairs, acc_dev, batches[0] if cuda else 4)
         e_cv, e_t = epe(ref, gt), epe(ours, gt)
         rows.append({"test": f"synthetic {kind}", "pairs": n, "epe_opencv_px": e_cv, "epe_torch_px": e_t,
                      "torch_over_opencv": e_t / e_cv, "epe_torch_vs_opencv_px": epe(ours, ref)})
         print(rows[-1], flush=True)
-    videos = a.real if a.real is not None else find_real_videos()
+    videos = [] if a.compile_only else a.real if a.real is not None else find_real_videos()
     real, used = real_pairs(videos, n) if videos else (np.zeros((0, 2, H, W), np.uint8), "")
     if len(real):
         ref = run_opencv(real)
-        ours = run_torch(real, acc_dev, a.batch if cuda else 4)
+        ours = run_torch(real, acc_dev, batches[0] if cuda else 4)
         rows.append({"test": "real pairs", "pairs": len(real), "epe_torch_vs_opencv_px": epe(ours, ref),
                      "source": used})
         print(rows[-1], flush=True)
     # ---------------------------------------------------------------- speed at 256x340
-    ns = a.speed_pairs or (256 if cuda else 4)
+    ns = a.speed_pairs or (max(256, 2 * max(batches)) if cuda else 4)
     pairs = real[:ns] if len(real) >= ns else synthetic_pairs("rotate", ns, seed=1)[0]
     src = "real" if len(real) >= ns else "synthetic rotate"
     cv2.setNumThreads(1)
-    _, t1 = timed(run_opencv, pairs[:max(2, ns // 8 if cuda else ns)])
-    cv1 = max(2, ns // 8 if cuda else ns) / t1
+    n1 = max(2, ns // 8 if cuda else ns) if not a.compile_only else 2  # the compiled run only needs the 1-process base
+    _, t1 = timed(run_opencv, pairs[:n1])
+    cv1 = n1 / t1
     cv2.setNumThreads(-1)
     cores = os.cpu_count() or 1
-    from goca_fast.data.prepare import process_pool
-    with process_pool(cores, preload=["benchmarks.flow_bench"]) as ex:
-        list(ex.map(_cv_one, pairs[:cores]))  # warm the workers
-        _, tn = timed(lambda p: list(ex.map(_cv_one, p)), pairs[:max(cores, ns // 4 if cuda else ns)])
-    cvn = max(cores, ns // 4 if cuda else ns) / tn
-    speed = [("opencv, 1 process", cv1), (f"opencv, {cores} processes", cvn)]
-    torch_cpu_pairs = pairs[:4]
-    _, tc = timed(run_torch, torch_cpu_pairs, "cpu", 4)
-    speed.append((f"torch cpu ({torch.get_num_threads()} threads, batch 4)", len(torch_cpu_pairs) / tc))
+    speed = [("opencv, 1 process", cv1)]
+    if not a.compile_only:
+        from goca_fast.data.prepare import process_pool
+        with process_pool(cores, preload=["benchmarks.flow_bench"]) as ex:
+            list(ex.map(_cv_one, pairs[:cores]))  # warm the workers
+            _, tn = timed(lambda p: list(ex.map(_cv_one, p)), pairs[:max(cores, ns // 4 if cuda else ns)])
+        speed.append((f"opencv, {cores} processes", max(cores, ns // 4 if cuda else ns) / tn))
+        torch_cpu_pairs = pairs[:4]
+        _, tc = timed(run_torch, torch_cpu_pairs, "cpu", 4)
+        speed.append((f"torch cpu ({torch.get_num_threads()} threads, batch 4)", len(torch_cpu_pairs) / tc))
     if cuda:
-        for comp in ([False] if a.no_compile else [False, True]):
-            run_torch(pairs[:a.batch], "cuda", a.batch, comp)  # warm-up / compile
-            res, tg = timed(run_torch, pairs, "cuda", a.batch, comp)
-            speed.append((f"torch cuda batch {a.batch}{' compiled' if comp else ''}", len(pairs) / tg))
+        for comp in ([True] if a.compile_only else [False] if a.no_compile else [False, True]):
+            for b in batches:
+                run_torch(pairs[:b], "cuda", b, comp)  # warm-up / compile (one graph per batch size)
+                sel = pairs[:max(1, len(pairs) // b) * b]  # whole batches only
+                res, tg = timed(run_torch, sel, "cuda", b, comp)
+                speed.append((f"torch cuda batch {b}{' compiled' if comp else ''}", len(sel) / tg))
+                print(f"{speed[-1][0]}: {speed[-1][1]:.1f} pairs/s", flush=True)
     for name, pps in speed:
         rows.append({"test": f"speed 256x340 ({src})", "method": name, "pairs_per_s": pps, "x_opencv_1proc": pps / cv1})
         print(rows[-1], flush=True)
@@ -171,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": "OpenCV DualTVL1 defaults", "opencv": cv2.__version__, "size": f"{H}x{W}",
             "load_average": os.getloadavg()[0],
             "note": "CPU timings on a shared machine; GPU rows only when CUDA is present"}
-    js = write_results("flow", rows, ["test", "method", "pairs", "epe_opencv_px", "epe_torch_px", "torch_over_opencv",
+    js = write_results(a.name, rows, ["test", "method", "pairs", "epe_opencv_px", "epe_torch_px", "torch_over_opencv",
                                       "epe_torch_vs_opencv_px", "pairs_per_s", "x_opencv_1proc", "source"], meta)
     print(f"wrote {js}")
     return 0

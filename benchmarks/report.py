@@ -1,4 +1,5 @@
-"""Shared benchmark reporting: device description, git commit, Markdown table and JSON in benchmarks/results/."""
+"""Shared benchmark reporting: device description, git commit, Markdown table and JSON in benchmarks/results/
+(or in $GOCA_FAST_RESULTS_DIR when set, so that the GPU check pack's dry runs leave the committed results alone)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -12,6 +13,12 @@ from typing import Any, Sequence
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    """$GOCA_FAST_RESULTS_DIR when set (benchmarks/gpu/check.py points dry runs elsewhere), else benchmarks/results/."""
+    env = os.environ.get("GOCA_FAST_RESULTS_DIR")
+    return Path(env).expanduser() if env else RESULTS
 
 
 def device_name(device: torch.device) -> str:
@@ -28,9 +35,11 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                                 ":(top,exclude)benchmarks/results"], capture_output=True,
                                text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get("GOCA_FAST_COMMIT", "unknown")  # a copied tree without .git: the caller says the commit
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -44,8 +53,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_results(name: str, rows: list[dict[str, Any]], columns: Sequence[str], meta: dict[str, Any],
-                  out_dir: Path = RESULTS) -> Path:
-    """Write <name>-<device tag>.json and .md; returns the JSON path."""
+                  out_dir: Path | None = None) -> Path:
+    """Write <name>-<device tag>.json and .md into `out_dir` (default: results_dir()); returns the JSON path."""
+    out_dir = Path(out_dir) if out_dir is not None else results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
             "torch": torch.__version__, **meta}
