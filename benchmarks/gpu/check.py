@@ -104,12 +104,13 @@ def stage_steps(stage: str, c: Ctx) -> list[Step]:
                 Step("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py", "-p",
                                    "no:cacheprovider", f"--junitxml={c.logs / 'junit-kernel.xml'}"], 240,
                      needs="build"),
-                *[Step(f"sanitizer-{t}", ["compute-sanitizer", "--tool", t, "--error-exitcode", "1", PY,
-                                          "kernels/sanitize_run.py"], 150, needs="build")
-                  for t in ("memcheck", "racecheck", "synccheck")],
+                # the benchmark before the sanitizers: if the stage budget runs out, the slow racecheck is what goes
                 Step("sinkhorn-bench", sink, 150 if q else 240, needs="build",
                      dry=[PY, "benchmarks/sinkhorn_bench.py", "--device", "cpu", "--sizes", "64x100", "--repeats",
                           "1"]),
+                *[Step(f"sanitizer-{t}", ["compute-sanitizer", "--tool", t, "--error-exitcode", "1", PY,
+                                          "kernels/sanitize_run.py"], 150, needs="build")
+                  for t in ("memcheck", "racecheck", "synccheck")],
                 Step("static-report", [PY, "kernels/static_report.py"] + (["--arch", archs] if archs else [])
                      if static.exists() else None, 120, note="dry run: needs no GPU, but minutes of nvcc on few cores"
                      if static.exists() else "kernels/static_report.py not present")]
@@ -368,6 +369,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")
     elif "TORCH_CUDA_ARCH_LIST" not in os.environ and (arch := gpu_arch()):
         env["TORCH_CUDA_ARCH_LIST"] = arch  # only the GPU's own architecture: the build compiles once, not per arch
+    if "CUDA_HOME" not in env:
+        # torch guesses CUDA_HOME from nvcc's folder, which is wrong for a /usr/local/bin/nvcc wrapper (seen on the
+        # CI machine: it then misses cuda_runtime.h); take the first candidate that holds the CUDA headers
+        nvcc = shutil.which("nvcc")
+        for home in ([Path(os.path.realpath(nvcc)).parents[1]] if nvcc else []) + [Path("/usr/local/cuda")]:
+            if (home / "include" / "cuda_runtime.h").is_file():
+                env["CUDA_HOME"] = str(home)
+                break
     inject = {**{s: "failure" for s in a.inject_failure}, **{s: "timeout" for s in a.inject_timeout}}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds run_step, which kills the running step
     rc = 0
