@@ -22,7 +22,8 @@ from goca_fast.data.datasets import (
     scan_dataset,
 )
 from goca_fast.data.index import read_index, select_split
-from goca_fast.data.prepare import PrepareOptions, cfr_indices, ExcludedInput, prepare_dataset, target_size
+from goca_fast.data.prepare import (ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, prepare_dataset, scan_source,
+                                    target_size)
 from goca_fast.data.video_io import probe_video, read_all_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,12 +183,32 @@ def test_scan_folders_plain_and_split_layout(tmp_path):
     ds = scan_dataset("folders", str(tmp_path / "plain"))
     assert ds.classes == ["a", "b"] and {(v.id, v.cls, tuple(v.splits)) for v in ds.videos} == {
         ("x", "a", ("all",)), ("y", "a", ("all",)), ("z", "b", ("all",))}
-    for rel in ["train/a/x.mp4", "val/a/x.mp4", "validate/b/w.mp4"]:
+    # split folders: a name repeated in another split is another video (distinct ids); same bytes = duplicate
+    for rel, data in [("train/a/x.mp4", b"x1"), ("val/a/x.mp4", b"x2"), ("validate/b/w.mp4", b"w"),
+                      ("train/b/same.mp4", b"dup"), ("val/b/same_copy.mp4", b"dup")]:
         (tmp_path / "split" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "split" / rel).write_bytes(b"x")
-    ds = scan_dataset("folders", str(tmp_path / "split"))
-    assert {(v.id, tuple(v.splits)) for v in ds.videos} == {("x", ("train",)), ("w", ("val",))}
-    assert ds.problems[0]["reason"].startswith("duplicate")
+        (tmp_path / "split" / rel).write_bytes(data)
+    ds = scan_source("folders", str(tmp_path / "split"))
+    assert {(v.id, v.cls, tuple(v.splits)) for v in ds.videos} == {
+        ("train__x", "a", ("train",)), ("val__x", "a", ("val",)), ("w", "b", ("val",)), ("same", "b", ("train",))}
+    assert [p["reason"] for p in ds.problems] == [
+        f"duplicate: same content as {tmp_path / 'split' / 'train/b/same.mp4'}; kept that one"]
+
+
+def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
+    """Issue #12.3 end to end: train/<c>/x.mp4 and test/<c>/x.mp4 are two videos, both prepared."""
+    from goca_fast.data.prepare import main
+    src = tmp_path / "src"
+    for k, rel in enumerate(["train/a/x.avi", "test/a/x.avi", "train/b/y.avi", "test/b/y.avi", "test/b/z.avi"]):
+        write_source(str(src / rel), moving_frames(n=12, seed=k), "mpeg4")
+    assert main(["--dataset", "folders", "--src", str(src), "--out", str(tmp_path / "out"), "--short-side", "32",
+                 "--min-frames", "8", "--workers", "1", "--no-progress"]) == 0
+    records, classes = read_index(tmp_path / "out")
+    assert sorted((r.id, tuple(r.splits)) for r in records) == [
+        ("test__x", ("test",)), ("test__y", ("test",)), ("train__x", ("train",)), ("train__y", ("train",)),
+        ("z", ("test",))]
+    assert len({r.rgb for r in records}) == 5
+    assert (tmp_path / "out" / "excluded.jsonl").read_text() == ""
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -213,8 +234,14 @@ def test_cfr_indices():
     vfr = np.array([0, 0.04, 0.12, 0.16, 0.24])      # two frames missing at 0.08 and 0.20
     assert cfr_indices(vfr, 25.0, 1.0).tolist() == [0, 1, 1, 2, 3, 3, 4]  # nearest, ties to the earlier
     assert cfr_indices(t, 12.5, 1.0).tolist() == [0, 2, 4, 6, 8]
+    # packed B-frames in AVI: frames come out in display order stamped 1,3,2,5,4,... -> a permutation, kept as is
+    packed = np.array([1, 3, 2, 5, 4, 7, 6, 9, 8, 10]) / 25
+    assert cfr_indices(packed, 25.0, 1.0) is None
+    # the same with a dropped frame: resampling works on the sorted times
+    assert cfr_indices(np.array([0, 2, 1, 4, 5]) / 25, 25.0, 1.0).tolist() == [0, 1, 2, 2, 3, 4]
+    # a timestamp reset (spliced clips) goes back further than any decoder reorders: excluded
     with pytest.raises(ExcludedInput, match="backwards"):
-        cfr_indices(np.array([0, 0.08, 0.04]), 25.0, 1.0)
+        cfr_indices(np.concatenate([np.arange(40), np.arange(40)]) / 25, 25.0, 1.0)
     with pytest.raises(ExcludedInput, match="without frames"):
         cfr_indices(np.array([0, 0.04, 2.0]), 25.0, 1.0)
 
@@ -381,3 +408,128 @@ def test_arrange_kinetics_flat_tarball_layout(tmp_path):
     assert arrange_kinetics(str(flat), str(csv), str(tmp_path / "train")) == (1, 1)
     assert (tmp_path / "train" / "playing_cards" / "aaa_000001_000011.mp4").is_file()
     assert arrange_kinetics(str(flat), str(csv), str(tmp_path / "train")) == (0, 1)  # idempotent
+
+
+# ----------------------------------------------------------------------------- reruns, exit codes, memory
+
+
+def _folders_src(root, n_videos, frames=16):
+    for k in range(n_videos):
+        write_source(str(root / ("a" if k % 2 else "b") / f"v{k}.avi"), moving_frames(n=frames, seed=k), "mpeg4")
+
+
+def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
+    """Issue #12.5: a prepare rerun on a dataset with flow keeps the valid flow paths."""
+    from goca_fast.data.prepare import main
+    from goca_fast.flow.extract import extract_flow
+    from goca_fast.flow.tvl1 import TVL1Params
+    src, out = tmp_path / "src", tmp_path / "out"
+    _folders_src(src, 2)
+    args = ["--dataset", "folders", "--src", str(src), "--out", str(out), "--short-side", "32", "--min-frames", "8",
+            "--workers", "1", "--no-progress"]
+    assert main(args) == 0
+    extract_flow(str(out), "opencv", params=TVL1Params(nscales=2, warps=2, outer_iterations=2))
+    flows = {r.id: r.flow for r in read_index(out)[0]}
+    assert set(flows) == {"v0", "v1"} and all(flows.values())
+    capsys.readouterr()
+    assert main(args) == 0  # plain rerun
+    assert {r.id: r.flow for r in read_index(out)[0]} == flows
+    assert "flow kept for 2 videos" in capsys.readouterr().out
+    _folders_src(src, 3)    # a new video: the old ones keep their flow, the new one has none yet
+    assert main(args) == 0
+    assert {r.id: r.flow for r in read_index(out)[0]} == {**flows, "v2": None}
+    assert "1 still without flow" in capsys.readouterr().out
+    # other encoding parameters re-encode the RGB: its flow is stale, deleted and reported
+    assert main(args + ["--crf", "23", "--force"]) == 0
+    assert {r.id: r.flow for r in read_index(out)[0]} == {"v0": None, "v1": None, "v2": None}
+    msg = capsys.readouterr().out
+    assert "FLOW MUST BE RECOMPUTED for 2 ({'RGB re-encoded in this run': 2})" in msg and "goca-flow --root" in msg
+    assert not list((out / "flow").rglob("*.mp4"))
+
+
+def test_exit_codes(tmp_path, capsys):
+    """Issue #12.4: 0 = something usable, 1 = nothing usable (one line), 2 = usage error; goca-flow too."""
+    from goca_fast.data.prepare import main
+    from goca_fast.flow.extract import main as flow_main
+    bad = tmp_path / "bad"
+    (bad / "a").mkdir(parents=True)
+    (bad / "a" / "x.avi").write_bytes(os.urandom(2000))
+    (bad / "a" / "y.mp4").write_bytes(b"")
+    base = ["--dataset", "folders", "--src", str(bad), "--short-side", "32", "--workers", "1", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["goca-prepare: nothing usable: all 2 inputs excluded {'undecodable': 2}"]
+    assert main(base + ["--check"]) == 1
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    assert main(["--dataset", "folders", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 1
+    assert "goca-prepare: nothing usable: no videos found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", "folders", "--src", str(bad)])  # neither --out nor --check
+    assert e.value.code == 2
+    # goca-flow: a dataset whose every RGB video is broken has nothing usable
+    good = tmp_path / "good"
+    _folders_src(good, 1)
+    out = tmp_path / "ds"
+    assert main(["--dataset", "folders", "--src", str(good), "--out", str(out), "--short-side", "32",
+                 "--min-frames", "8", "--workers", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    (tmp_path / "jpeg").mkdir()
+    assert flow_main(["--root", str(out), "--import-jpeg", str(tmp_path / "jpeg"), "--no-progress"]) == 1
+    assert capsys.readouterr().err.startswith("goca-flow: nothing usable: no video has flow")
+    rgb = next((out / "rgb").rglob("*.mp4"))
+    rgb.write_bytes(rgb.read_bytes()[:200])
+    assert flow_main(["--root", str(out), "--no-progress", "--workers", "1", "--nscales", "2"]) == 1
+    assert "nothing usable" in capsys.readouterr().err
+
+
+def test_nominal_fps():
+    assert nominal_fps(np.arange(30) / 25, 25.0) == 25.0
+    assert nominal_fps(np.array([0, 1, 2, 5, 9, 29]) / 15, 15.0) == 15.0          # dropped frames: the container's
+    t = np.array([g for g in range(60) if g % 7]) / 30 + 0.003 * np.sin(np.arange(51))
+    assert nominal_fps(t, 51 / 2.0) == 30.0                                        # phone VFR: average 25.5 -> 30
+    with pytest.raises(ExcludedInput, match="no usable frame rate"):
+        nominal_fps(np.array([0.0]), 0.0)
+
+
+_RSS_CHILD = """
+import json, sys
+from goca_fast.data.prepare import Job, PrepareOptions, process_one
+def mb(key):
+    return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith(key))
+base = mb("VmRSS")
+r = process_one(Job(sys.argv[1], sys.argv[2], "rgb/c/long.mp4", "long"), PrepareOptions(short_side=160))
+print(json.dumps({"base": base, "peak": mb("VmHWM"), "status": r["status"], "frames": r.get("frames")}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the peak RSS")
+def test_peak_memory_does_not_grow_with_video_length(tmp_path):
+    """Issue #12.6: 3,000 frames of 640x480 (2 min at 25 fps) prepare in bounded memory.
+
+    Holding the decoded frames (214x160 RGB each) would take 308 MB, twice that with the final stack.
+    """
+    src = tmp_path / "long.avi"
+    ramp = np.tile(np.linspace(16, 235, 640).astype(np.uint8), (480, 1))
+    grey = np.full((240, 320), 128, np.uint8)
+    with av.open(str(src), "w", format="avi") as c:  # a moving square on a ramp: cheap to encode and decode
+        s = c.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt, s.bit_rate = 640, 480, "yuv420p", 500_000
+        for i in range(3000):
+            y = ramp.copy()
+            r = (3 * i) % 400
+            y[r:r + 64, r:r + 64] = 235
+            vf = av.VideoFrame(640, 480, "yuv420p")
+            for plane, data in zip(vf.planes, (y, grey, grey)):
+                plane.update(data)
+            vf.pts = i
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(src), str(tmp_path / "out")], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (m["status"], m["frames"]) == ("encoded", 3000)
+    assert m["peak"] - m["base"] <= 300, m

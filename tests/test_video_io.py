@@ -8,6 +8,7 @@ import pytest
 
 from goca_fast.data.video_io import (
     VideoReadError,
+    VideoWriter,
     probe_video,
     read_all_frames,
     read_frames,
@@ -140,6 +141,26 @@ def test_bad_inputs(tmp_path, video):
         assert "\n" not in str(e.value)
         with pytest.raises(VideoReadError):
             probe_video(tmp_path / name)
+
+
+def test_streaming_writer_equals_write_video_and_aborts_cleanly(tmp_path):
+    frames = _blocky_video(t=37, seed=5)
+    write_video(tmp_path / "whole.mp4", frames, fps=25, gop=8)
+    with VideoWriter(tmp_path / "chunks.mp4", 80, 64, fps=25, gop=8) as w:
+        for start in (0, 5, 6, 30):  # uneven chunks, one of them empty
+            w.write(frames[start:{0: 5, 5: 6, 6: 30, 30: 37}[start]])
+        w.write(frames[:0])
+        assert not (tmp_path / "chunks.mp4").exists()  # only under its final name once closed
+    assert w.frames == 37
+    assert np.array_equal(read_all_frames(tmp_path / "chunks.mp4"), read_all_frames(tmp_path / "whole.mp4"))
+    with pytest.raises(RuntimeError):
+        with VideoWriter(tmp_path / "aborted.mp4", 80, 64, fps=25) as w:
+            w.write(frames[:10])
+            raise RuntimeError("decode failed half way")
+    with pytest.raises(ValueError, match="T×64×80×3"):
+        with VideoWriter(tmp_path / "wrong.mp4", 80, 64, fps=25) as w:
+            w.write(frames[:, :32])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunks.mp4", "whole.mp4"]
 
 
 # ------------------------------------------------------------------ flow codec

@@ -154,6 +154,83 @@ def _encode(path: str | os.PathLike, width: int, height: int, fps: float, gop: i
         raise
 
 
+class VideoWriter:
+    """Streaming CFR H.264 writer, the same encoding as `write_video`, fed chunk by chunk.
+
+    Memory stays bounded by the chunk the caller passes, whatever the video length. The file
+    appears under its final name only on `close()`; `abort()` (or an exception inside a `with`
+    block) deletes the temp file.
+    """
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float, gop: int = 16,
+                 crf: float = 18):
+        if width % 2 or height % 2:
+            raise ValueError(f"H.264 yuv420p needs even width and height, got {width}x{height}")
+        if gop < 1:
+            raise ValueError(f"gop must be >= 1, got {gop}")
+        self.width, self.height, self.frames = width, height, 0
+        self._final, self._tmp = _atomic_output(path)
+        try:
+            self._container = av.open(self._tmp, mode="w", format="mp4")
+            self._stream = self._container.add_stream("libx264", rate=_fps_fraction(fps))
+            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+            self._stream.codec_context.gop_size = gop
+            self._stream.options = {"crf": str(crf), "preset": "medium", "x264-params": _x264_params(gop)}
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append T×H×W×3 uint8 RGB frames (any T >= 0)."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3) or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be T×{self.height}×{self.width}×3 uint8, got {frames.dtype} {frames.shape}")
+        for start in range(0, len(frames), 64):  # the float YUV conversion of 64 frames at a time
+            y, u, v = rgb_to_yuv420(frames[start:start + 64])
+            for k in range(len(y)):
+                vf = _planes_frame((y[k], u[k], v[k]), self.width, self.height)
+                vf.pts = self.frames
+                self.frames += 1
+                for packet in self._stream.encode(vf):
+                    self._container.mux(packet)
+
+    def close(self) -> None:
+        """Flush the encoder and rename the finished file into place."""
+        if self._container is None:
+            return
+        try:
+            if self.frames == 0:
+                raise ValueError("no frames written")
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
+            os.replace(self._tmp, self._final)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the partial output (nothing appears under the final name)."""
+        c, self._container = getattr(self, "_container", None), None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - an unfinished mp4 may fail to finalise; it is deleted anyway
+                pass
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, gop: int = 16,
                 crf: float = 18) -> None:
     """Write T×H×W×3 uint8 RGB as CFR H.264 yuv420p mp4 with a fixed GOP (atomic)."""
@@ -161,16 +238,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, gop: in
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"frames must be a non-empty T×H×W×3 uint8 array, got {frames.dtype} {frames.shape}")
     _, h, w, _ = frames.shape
-
-    def gen():
-        for start in range(0, len(frames), 64):  # bounded memory for long videos
-            y, u, v = rgb_to_yuv420(frames[start:start + 64])
-            for k in range(len(y)):
-                vf = _planes_frame((y[k], u[k], v[k]), w, h)
-                vf.pts = start + k
-                yield vf
-
-    _encode(path, w, h, fps, gop, crf, gen, full_range=False)
+    with VideoWriter(path, w, h, fps, gop=gop, crf=crf) as writer:
+        writer.write(frames)
 
 
 # --------------------------------------------------------------------------- reading

@@ -313,7 +313,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goca-flow", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="exit status: 0 when at least one video has flow, 1 when none has, "
+                                       "2 for usage errors")
     p.add_argument("--root", required=True, help="prepared dataset root (made by goca-prepare)")
     p.add_argument("--backend", choices=["opencv", "torch"], default="opencv")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -375,6 +377,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"excluded {report['excluded_by_reason']}")
     if report.get("pairs_per_second"):
         print(f"goca-flow: {report['pairs']} frame pairs at {report['pairs_per_second']} pairs/s ({report['device']})")
+    if report["with_flow"] == 0:
+        what = "imported" if a.import_jpeg is not None else "computed"
+        print(f"goca-flow: nothing usable: no video has flow ({report['failed']} failed, none {what}); "
+              f"see excluded.jsonl", file=sys.stderr)
+        return 1
     return 0
 
 
