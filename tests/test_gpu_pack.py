@@ -81,8 +81,8 @@ def test_bad_arguments_exit_2_with_one_line():
 
 def test_kernel_dry_run(tmp_path):
     r, summary = dry_run("kernel", tmp_path)
-    st = check_common(r, summary, ["env", "build", "gpu-tests", "sanitizer-memcheck", "sanitizer-racecheck",
-                                   "sanitizer-synccheck", "sinkhorn-bench", "static-report"],
+    st = check_common(r, summary, ["env", "build", "gpu-tests", "sinkhorn-bench", "sanitizer-memcheck",
+                                   "sanitizer-racecheck", "sanitizer-synccheck", "static-report"],
                       ["build", "gpu-tests", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-synccheck"],
                       tmp_path)
     assert st["sinkhorn-bench"]["status"] == "ok"
@@ -128,18 +128,18 @@ def test_dali_dry_run(tmp_path):
 
 
 def test_failing_and_timed_out_steps_are_recorded_and_the_stage_goes_on(tmp_path):
-    r, summary = dry_run("kernel", tmp_path, "--inject-failure", "env", "--inject-timeout", "sanitizer-memcheck")
+    r, summary = dry_run("kernel", tmp_path, "--inject-failure", "env", "--inject-timeout", "gpu-tests")
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     st = steps(summary)
     assert st["env"]["status"] == "failed" and st["env"]["rc"] == 1
     assert "RuntimeError: injected failure" in st["env"]["error"]
-    assert st["sanitizer-memcheck"]["status"] == "timeout" and st["sanitizer-memcheck"]["rc"] is None
-    assert st["sanitizer-memcheck"]["wall_s"] < 30 and "2 s timeout" in st["sanitizer-memcheck"]["error"]
+    assert st["gpu-tests"]["status"] == "timeout" and st["gpu-tests"]["rc"] is None
+    assert st["gpu-tests"]["wall_s"] < 30 and "2 s timeout" in st["gpu-tests"]["error"]
     assert st["sinkhorn-bench"]["status"] == "ok"  # later steps still ran
     assert rows(tmp_path / "sinkhorn-cpu.json")
     assert summary["exit_code"] == 1
     md = (tmp_path / "gpu-check-kernel-dry-run.md").read_text()
-    assert "| sanitizer-memcheck | timeout |" in md and "injected failure" in md
+    assert "| gpu-tests | timeout |" in md and "injected failure" in md
 
 
 def test_real_run_without_cuda_copies_results_into_out(tmp_path):
