@@ -74,7 +74,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dali": ["nvidia-dali-cuda110==1.34.0"],
+        "dali": ["nvidia-dali-cuda120==1.53.0"],
         "dev": ["pytest", "pytest-timeout", "POT"],
     },
     entry_points={

@@ -1,16 +1,19 @@
 """Training-loader throughput: DALI (GPU / CPU backend), our CPU PyAV loader, and an official-style loader.
 
-    python benchmarks/loader_bench.py [--loaders dali_cpu,cpu,official] [--workers 2] [--batches 30]
+    python benchmarks/loader_bench.py [--loaders dali_cpu,cpu,official] [--workers 2] [--batches 30] [--repeats 2]
 
 Same dataset for all (generated once into --cache: --videos videos of 340×256, 10 s at 25 fps, H.264 GOP 16, with
 their flow videos), same recipe (2×16 + 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the
 official code), same worker/thread count. The official-style loader is what the released code does per sample
 (spec §3.2): PyAV-decode the *whole* RGB and flow videos, convert the sampled frames with to_rgb, then run the torch
-augmentation on RGB and, independently, on the 3-channel flow image. Reported per loader: clips/s, ms/batch, CPU
-utilisation (process + workers + DALI producer CPU time / wall / cores), peak host RSS (main process and the largest
-finished child), and the RSS of the main process plus its live DALI producers at the first and the last timed batch
-(a leak shows as growth). `--dali-process-batches` picks the DALI producer mode (-1 = in-process). Writes
-benchmarks/results/loader-<device>.{json,md}. Each loader runs in a fresh process.
+augmentation on RGB and, independently, on the 3-channel flow image. `dali_decode` is the DALI source and the
+two decoders alone (no augmentation, no copy into torch): the decode share of `dali_cpu`. Reported per loader:
+clips/s, ms/batch, CPU utilisation (process + worker CPU time / wall / cores), peak host RSS (main process and the
+largest finished child), the RSS of the loader process at the first and the last timed batch and its growth over
+the second half of the run (a leak shows as growth), and the loader's live child processes (DataLoader workers;
+none for DALI 1.53, which runs in the training process). Each loader runs in a fresh process; with `--repeats k` the
+loaders run k times, interleaved (a, b, c, a, b, c), and each row is one run. Writes
+benchmarks/results/<name>-<device>.{json,md}.
 """
 from __future__ import annotations
 
@@ -123,48 +126,47 @@ def _collate(items):
 # ----------------------------------------------------------------------------- measurement
 
 
-def _rss_mib(pid="self") -> float:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0  # a producer that has just exited
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _cpu_seconds(pid) -> float:
-    """User + system CPU time of a live process and its waited-for children (0 if it has gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+def child_processes() -> int:
+    """Live child processes of this one (DataLoader workers; DALI 1.34's producer processes were counted here)."""
+    me, n = str(os.getpid()), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                n += f.read().rsplit(")", 1)[1].split()[1] == me
+        except OSError:
+            continue
+    return n
 
 
 def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_video: int, batch_size: int,
-            on_cuda: bool, helper_pids=lambda: ()) -> dict:
-    """Time `n_batches` after `warmup`; host RSS is this process plus the live `helper_pids()` (DALI producers)."""
+            on_cuda: bool, rss_every: int = 1) -> dict:
+    """Time `n_batches` after `warmup`; host RSS of this process sampled every `rss_every` batches."""
     it = iter(batches_iter)
     for _ in range(warmup):
         next(it)
     if on_cuda:
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), os.times()
-    helpers_cpu0 = {p: _cpu_seconds(p) for p in helper_pids()}
     rss, gpu_free = [], []
     for b in range(n_batches):
         batch = next(it)
         if on_cuda:
             torch.cuda.synchronize()
             gpu_free.append(torch.cuda.mem_get_info()[0] / 2**20)
-        rss.append(_rss_mib() + sum(_rss_mib(p) for p in helper_pids()))
+        if b % rss_every == 0 or b == n_batches - 1:
+            rss.append(_rss_mib())
         del batch
     wall = time.perf_counter() - t0
-    helpers_cpu = sum(_cpu_seconds(p) - helpers_cpu0.get(p, 0.0) for p in helper_pids())
+    children = child_processes()
     del it
     c1 = os.times()
     cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
-        (c1.children_system - c0.children_system) + helpers_cpu
+        (c1.children_system - c0.children_system)
     clips = n_batches * batch_size * clips_per_video
     return {"loader": name, "clips_per_s": clips / wall, "videos_per_s": n_batches * batch_size / wall,
             "ms_per_batch": 1e3 * wall / n_batches, "cpu_util_pct": 100 * cpu / wall / os.cpu_count(),
@@ -172,7 +174,8 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
             "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "rss_first_mib": rss[0], "rss_last_mib": rss[-1], "timed_batches": n_batches,
             # growth over the second half of the run: warm-up allocations are over by then, a leak is not
-            "rss_growth_2nd_half_mib": rss[-1] - rss[len(rss) // 2],
+            "rss_growth_2nd_half_mib": rss[-1] - rss[len(rss) // 2], "rss_samples_mib": rss,
+            "child_processes": children,
             "gpu_used_growth_2nd_half_mib": (gpu_free[len(gpu_free) // 2] - gpu_free[-1]) if gpu_free else None}
 
 
@@ -184,24 +187,50 @@ def endless(factory):
         epoch += 1
 
 
+def dali_decode_only(cfg, root: Path):
+    """Endless DALI CPU batches of the training source and its two decoders only (same files, frames, threads)."""
+    from nvidia.dali import fn, pipeline_def, types
+    from dali_pipelines import graph
+    from dali_pipelines.source import TrainSource, video_metas
+    from goca_fast.data.index import read_index
+    from goca_fast.pretrain import train_augment
+    recs, _ = read_index(root)
+    d = cfg.data
+    n = len(recs) // d.batch_size
+    src = TrainSource(video_metas(root, recs), cfg.clip_lengths, d.stride, d.min_distance, train_augment(cfg),
+                      True, cfg.seed, 0, 1, d.batch_size, n, 0, 0)
+    per_clip = [types.INT32, types.FLOAT] * 2
+    dtypes = [types.UINT8, types.UINT8, types.INT32, types.INT64] + per_clip * len(cfg.clip_lengths)
+
+    @pipeline_def(batch_size=d.batch_size, num_threads=max(1, d.workers), device_id=None, prefetch_queue_depth=2)
+    def pipe():
+        outs = fn.external_source(source=src, num_outputs=len(dtypes), batch=False, dtype=dtypes)
+        return graph.decode(outs[0], outs[2], False), graph.decode(outs[1], outs[2], False)
+    p = pipe()
+    p.build()
+    while True:
+        yield p.run()
+
+
 def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int) -> dict:
     from goca_fast.data.index import read_index
     from goca_fast.distributed import DistInfo
     from goca_fast.pretrain import build_train_loader, train_augment
     clips = len(cfg.clip_lengths)
     bs = cfg.data.batch_size
+    every = max(1, n_batches // 500)
     if kind in ("dali_cpu", "dali_gpu"):
         from dali_pipelines.train import build_dali_train_loader
         dev = torch.device("cuda", 0) if kind == "dali_gpu" else torch.device("cpu")
-        factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root)
-        res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda",
-                      helper_pids=lambda: factory.producers[-2:])
+        factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root, train_augment(cfg))
+        res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda", rss_every=every)
         factory.close()
-        res["producers"] = len(factory.producers)
         return res
+    if kind == "dali_decode":
+        return measure(kind, dali_decode_only(cfg, root), n_batches, warmup, clips, bs, False, rss_every=every)
     if kind == "cpu":
         factory, _ = build_train_loader(cfg, DistInfo(), root)
-        return measure(kind, endless(factory), n_batches, warmup, clips, bs, False)
+        return measure(kind, endless(factory), n_batches, warmup, clips, bs, False, rss_every=every)
     if kind == "official":
         recs, _ = read_index(root)
         ds = OfficialStyleDataset(root, recs, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
@@ -211,62 +240,68 @@ def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int) -> dict:
             return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=cfg.data.workers,
                                                collate_fn=_collate, drop_last=True,
                                                worker_init_fn=lambda _: torch.set_num_threads(1))
-        return measure(kind, endless(factory), n_batches, warmup, clips, bs, False)
+        return measure(kind, endless(factory), n_batches, warmup, clips, bs, False, rss_every=every)
     raise ValueError(f"unknown loader {kind!r}")
+
+
+def _dali_version() -> str:
+    try:
+        import nvidia.dali
+        return nvidia.dali.__version__
+    except ImportError:
+        return "not installed"
 
 
 def main(argv=None) -> int:
     from goca_fast.config import load_config
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loaders", default="dali_gpu,dali_cpu,cpu,official",
-                    help="comma list of dali_gpu, dali_cpu, cpu, official (dali_gpu is skipped without CUDA)")
+                    help="comma list of dali_gpu, dali_cpu, dali_decode, cpu, official (dali_gpu is skipped without "
+                         "CUDA)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every loader, interleaved")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=30, help="timed batches per loader")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/goca_fast/loader_bench"))
-    ap.add_argument("--dali-process-batches", type=int, default=0,
-                    help="batches per DALI producer process (0 = the config's auto, -1 = in-process)")
     ap.add_argument("--name", default="loader", help="results file name (e.g. loader-longrun for a leak check)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     root = make_dataset(Path(a.cache), a.videos)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ucf101_r2plus1d.yaml"),
-                      RECIPE + [f"data.root={root}", f"data.workers={a.workers}", f"data.batch_size={a.batch_size}",
-                               f"data.dali_process_batches={a.dali_process_batches}"])
+                      RECIPE + [f"data.root={root}", f"data.workers={a.workers}", f"data.batch_size={a.batch_size}"])
     if a.one:  # child mode: one loader in a fresh process, so peak RSS and CPU time are its own
         print(json.dumps(run_loader(a.one, cfg, root, a.batches, a.warmup)))
         return 0
     rows = []
-    for kind in a.loaders.split(","):
-        if kind == "dali_gpu" and not torch.cuda.is_available():
-            print("dali_gpu: skipped (no CUDA device)", file=sys.stderr)
-            continue
-        print(f"{kind}: timing {a.batches} batches ...", file=sys.stderr)
-        extra = sys.argv[1:] if argv is None else list(argv)
-        out = subprocess.run([sys.executable, __file__, *extra, "--one", kind], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{kind}: benchmark process failed (exit {out.returncode})")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], file=sys.stderr)
-    base = next((r["clips_per_s"] for r in rows if r["loader"] == "official"), None)
-    for r in rows:
+    kinds = [k for k in a.loaders.split(",") if k != "dali_gpu" or torch.cuda.is_available()]
+    for rep in range(a.repeats):
+        for kind in kinds:
+            print(f"{kind} (run {rep + 1}): timing {a.batches} batches ...", file=sys.stderr)
+            extra = sys.argv[1:] if argv is None else list(argv)
+            out = subprocess.run([sys.executable, __file__, *extra, "--one", kind], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{kind}: benchmark process failed (exit {out.returncode})")
+            rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "run": rep + 1})
+            print({k: v for k, v in rows[-1].items() if k != "rss_samples_mib"}, file=sys.stderr)
+    for r in rows:  # against the official-style run of the same round
+        base = next((b["clips_per_s"] for b in rows if b["loader"] == "official" and b["run"] == r["run"]), None)
         r["speedup_vs_official"] = r["clips_per_s"] / base if base else float("nan")
     gpu = torch.cuda.is_available() and any(r["loader"] == "dali_gpu" for r in rows)
     dev = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    path = write_results(a.name, rows, ["loader", "clips_per_s", "ms_per_batch", "speedup_vs_official",
+    path = write_results(a.name, rows, ["loader", "run", "clips_per_s", "ms_per_batch", "speedup_vs_official",
                                           "cpu_util_pct", "peak_rss_main_mib", "peak_rss_worker_mib",
                                           "rss_first_mib", "rss_last_mib", "rss_growth_2nd_half_mib",
-                                          "producers"],
+                                          "child_processes"],
                          {"device": device_name(dev), "device_tag": dev.type, "workers": a.workers,
                           "batch_size": a.batch_size, "timed_batches": a.batches, "warmup_batches": a.warmup,
                           "dataset": f"{a.videos} videos 340x256, 250 frames at 25 fps, H.264 GOP 16 + flow videos",
                           "recipe": "2x16 + 4x8 frames, stride 2, min distance 16, scale 128-160, crop 112",
-                          "dali_process_batches": a.dali_process_batches,
-                          "rss": "host RSS of the loader process plus its live DALI producer processes",
-                          "cpu_util": "(process + worker + DALI producer CPU seconds) / wall / cores"})
+                          "repeats": a.repeats, "dali": _dali_version(),
+                          "rss": "host RSS of the loader process (DataLoader workers not included)",
+                          "cpu_util": "(process + worker CPU seconds) / wall / cores"})
     print(f"wrote {path}")
     return 0
 

@@ -7,6 +7,7 @@ Views follow `goca_fast.data.augment.eval_crops`: short side resized to `short_s
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Iterator, Optional, Sequence
@@ -17,30 +18,34 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines import graph
 from dali_pipelines.source import EvalSource, video_metas
-from dali_pipelines.train import device_index, source_dtypes, to_torch
-from goca_fast.data.cpu_loader import EvalBatch
+from dali_pipelines.train import error_reason, device_index, source_dtypes, to_torch
+from goca_fast.data.cpu_loader import EvalBatch, EvalClipDataset, collate_eval
 from goca_fast.data.index import VideoRecord
+
+log = logging.getLogger(__name__)
 
 
 @pipeline_def
 def eval_pipeline(source: EvalSource, num_clips: int, num_crops: int, crop: int, with_flow: bool,
                   official_flow: bool, out_dtype, gpu: bool):
-    """Outputs: meta (N×5 int64: label, index, valid, padded_short, batch padding), RGB views, then flow views (clip-major)."""
-    per_clip = [types.INT32] * (2 if with_flow else 1)
-    dtypes = source_dtypes(num_clips, with_flow, per_clip) + [types.FLOAT] * num_crops + [types.FLOAT]
+    """Outputs: meta (N×4 int64: label, index, valid, padded_short), RGB views, then flow views (clip-major)."""
+    dtypes = source_dtypes(num_clips, with_flow, [types.INT32]) + [types.FLOAT] * num_crops + [types.FLOAT]
     outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes))
-    rgb_frames = graph.decode(outs.pop(0), gpu)
-    flow_frames = graph.decode(outs.pop(0), gpu) if with_flow else None
+    rgb_file = outs.pop(0)
+    flow_file = outs.pop(0) if with_flow else None
+    frames = outs.pop(0)
+    rgb_frames = graph.decode(rgb_file, frames, gpu)
+    flow_frames = graph.decode(flow_file, frames, gpu) if with_flow else None
     meta = outs.pop(0)
-    orders = [[outs.pop(0) for _ in range(2 if with_flow else 1)] for _ in range(num_clips)]
+    orders = [outs.pop(0) for _ in range(num_clips)]
     anchors = [outs.pop(0) for _ in range(num_crops)]
     size = outs.pop(0)
     rgb, flow = [], []
     for c in range(num_clips):
-        x = graph.eval_resize(graph.take_frames(rgb_frames, orders[c][0]), size)
+        x = graph.eval_resize(graph.take_frames(rgb_frames, orders[c]), size)
         rgb += [graph.eval_view(x, a, crop, False, out_dtype) for a in anchors]
         if with_flow:
-            uv = graph.flow_planes(graph.take_frames(flow_frames, orders[c][1]))
+            uv = graph.flow_planes(graph.take_frames(flow_frames, orders[c]))
             if official_flow:
                 f = graph.eval_resize(graph.official_flow_image(uv), size)
             else:
@@ -50,7 +55,13 @@ def eval_pipeline(source: EvalSource, num_clips: int, num_crops: int, crop: int,
 
 
 class DaliEvalLoader:
-    """Iterable of EvalBatch over one split (this rank's share), padding of the last batch removed."""
+    """Iterable of EvalBatch over one split (this rank's share: videos rank, rank + W, ...), once.
+
+    Videos that fail `validate_for_dali` never reach DALI; they are counted in the first batch's `skipped` (the
+    feature extractor reports them as unreadable). If DALI fails on a batch (a file broken since the check), that
+    batch is decoded by the CPU eval loader, which drops and counts the broken video, and the pipeline is rebuilt
+    at the next batch.
+    """
 
     def __init__(self, root: str | os.PathLike, records: Sequence[VideoRecord], clip_length: int, stride: int,
                  num_clips: int, crop_size: int, short_side: int, with_flow: bool, crops: int = 3,
@@ -59,45 +70,65 @@ class DaliEvalLoader:
         from dali_pipelines.validate import validate_for_dali
 
         self.device = device or torch.device("cpu")
-        gpu = self.device.type == "cuda"
         good, _ = validate_for_dali(root, records, with_flow, workers=max(1, workers))
         good_ids = {r.id for r in good}
-        excluded = [i for i, r in enumerate(records) if r.id not in good_ids]
-        self.source = EvalSource(video_metas(root, records), clip_length, stride, num_clips, crops, crop_size,
-                                 short_side, with_flow, rank, world_size, excluded)
-        self.num_views = num_clips * len(self.source.positions)
-        self.with_flow, self.batch_size = with_flow, int(batch_size)
-        self.batches = math.ceil(len(self.source) / self.batch_size)
-        self.pipe = eval_pipeline(self.source, num_clips, len(self.source.positions), crop_size, with_flow,
-                                  flow_mode == "official", types.FLOAT, gpu, batch_size=self.batch_size,
-                                  num_threads=max(1, workers), device_id=device_index(self.device),
-                                  prefetch_queue_depth=2)
-        self._built = False
+        shard = range(rank, len(records), world_size)
+        self.indices = [i for i in shard if records[i].id in good_ids]
+        self.excluded = len(shard) - len(self.indices)
+        self.metas = video_metas(root, records)
+        self.args = (clip_length, stride, num_clips, crops, crop_size, short_side, with_flow)
+        self.num_views = num_clips * (1 if crops == 1 else crops)
+        self.with_flow, self.batch_size, self.workers = with_flow, int(batch_size), int(workers)
+        self.official_flow = flow_mode == "official"
+        self.batches = math.ceil(len(self.indices) / self.batch_size)
+        self.cpu = EvalClipDataset(root, records, clip_length, stride, num_clips, crop_size, short_side, with_flow,
+                                   crops=crops, flow_mode=flow_mode)
+        self._used = False
 
     def __len__(self) -> int:
         return self.batches
 
-    def __iter__(self) -> Iterator[Optional[EvalBatch]]:
-        if not self._built:
-            self.pipe.build()
-            self._built = True
-        elif self.batches:
-            raise RuntimeError("a DaliEvalLoader is iterated once; build a new one for another pass")
+    def _pipeline(self, start: int):
+        source = EvalSource(self.metas, self.indices, *self.args, start=start)
+        pipe = eval_pipeline(source, self.args[2], len(source.positions), self.args[4], self.with_flow,
+                             self.official_flow, types.FLOAT, self.device.type == "cuda",
+                             batch_size=self.batch_size, num_threads=max(1, self.workers),
+                             device_id=device_index(self.device), prefetch_queue_depth=2)
+        pipe.build()
+        return pipe
+
+    def _batch(self, outs) -> EvalBatch:
         v = self.num_views
-        for _ in range(self.batches):
-            outs = self.pipe.run()
-            meta = torch.from_numpy(np.array(outs[0].as_tensor())).reshape(-1, 5)
-            keep = meta[:, 2].bool()
-            skipped = int(((~keep) & (meta[:, 4] == 0)).sum())  # failed videos; padding rows are not failures
-            views = [to_torch(o, self.device) for o in outs[1:]]
-            rgb = torch.stack(views[:v], dim=1)
-            flow = torch.stack(views[v:], dim=1) if self.with_flow else None
-            if not keep.all():
-                sel = keep.nonzero().flatten().to(rgb.device)
-                rgb, meta = rgb[sel], meta[keep]
-                flow = flow[sel] if flow is not None else None
-            if meta.shape[0] == 0:
-                yield None
-                continue
-            yield EvalBatch(rgb=rgb, flow=flow, label=meta[:, 0], index=meta[:, 1], padded=meta[:, 3].bool(),
-                            skipped=skipped)
+        meta = torch.from_numpy(np.array(outs[0].as_tensor())).reshape(-1, 4)
+        keep = meta[:, 2].bool()  # padding rows of the last batch
+        views = [to_torch(o, self.device) for o in outs[1:]]
+        rgb = torch.stack(views[:v], dim=1)
+        flow = torch.stack(views[v:], dim=1) if self.with_flow else None
+        if not keep.all():
+            sel = keep.nonzero().flatten().to(rgb.device)
+            rgb, meta = rgb[sel], meta[keep]
+            flow = flow[sel] if flow is not None else None
+        return EvalBatch(rgb=rgb, flow=flow, label=meta[:, 0], index=meta[:, 1], padded=meta[:, 3].bool())
+
+    def __iter__(self) -> Iterator[Optional[EvalBatch]]:
+        if self._used:
+            raise RuntimeError("a DaliEvalLoader is iterated once; build a new one for another pass")
+        self._used = True
+        pipe = None
+        for b in range(self.batches):
+            if pipe is None:
+                pipe = self._pipeline(b * self.batch_size)
+            try:
+                batch: Optional[EvalBatch] = self._batch(pipe.run())
+            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with backend messages
+                pipe = None
+                log.warning("DALI failed on eval batch %d (%s); this batch is decoded by the CPU loader", b,
+                            error_reason(e))
+                ids = self.indices[b * self.batch_size:(b + 1) * self.batch_size]
+                batch = collate_eval([self.cpu[i] for i in ids])
+                if batch is not None:
+                    batch.rgb = batch.rgb.to(self.device)
+                    batch.flow = batch.flow.to(self.device) if batch.flow is not None else None
+            if b == 0 and batch is not None:
+                batch.skipped += self.excluded
+            yield batch

@@ -1,8 +1,8 @@
 """DALI graph pieces shared by the training and evaluation pipelines (no randomness: every draw arrives as a
 per-sample argument from `dali_pipelines.source`).
 
-A clip is: decode the video's GOP segment once -> `sequence_rearrange` picks the clip's frames (stride, repeats
-and time reversal included) -> the drawn crop window resized to the crop size (= resize to the drawn short side,
+A clip is: decode the sample's frames once (`decoders.video(frames=...)`: the distinct frames all its clips
+need) -> `sequence_rearrange` picks the clip's frames by position (stride, repeats and time reversal included) -> the drawn crop window resized to the crop size (= resize to the drawn short side,
 then crop) -> colour ops (RGB) ->
 `crop_mirror_normalize` (flip, normalisation, F×H×W×C -> C×F×H×W, output dtype). Every per-clip op takes its
 parameters per sample, so one draw covers all frames of a clip. The same graph runs on the DALI CPU backend
@@ -21,14 +21,16 @@ FLOW_MEAN = (127.5, 127.5)  # u8 -> px/20 in [-1, 1]: (x - 127.5) / 127.5, as go
 FLOW_STD = 127.5
 
 
-def decode(buffer, gpu: bool):
-    """Encoded GOP segment -> F×H×W×3 uint8 frames (CPU FFmpeg, or NVDEC when gpu)."""
-    frames = fn.experimental.decoders.video(buffer, device="mixed" if gpu else "cpu")
-    return fn.reshape(frames, layout="FHWC")  # the 1.34 decoder leaves the layout empty; later ops need it
+def decode(encoded, frames, gpu: bool):
+    """Encoded file + per-sample frame indices -> F×H×W×3 uint8, those frames in that order (FFmpeg on the CPU
+    backend, NVDEC on "mixed"). A frame index past the end would come back as a black frame, not an error
+    (measured with 1.53), which is why `dali_pipelines.validate` checks each file's frame count against the index."""
+    frames = fn.experimental.decoders.video(encoded, frames=frames, device="mixed" if gpu else "cpu")
+    return fn.reshape(frames, layout="FHWC")  # the decoder (1.53 too) leaves the layout empty; later ops need it
 
 
 def take_frames(frames, order):
-    """The clip's frames, in `order` (positions in the decoded segment)."""
+    """The clip's frames, in `order` (positions in the sample's decode)."""
     return fn.sequence_rearrange(frames, new_order=order)
 
 
@@ -56,8 +58,7 @@ def _mirror(params):
 
 
 def _crop(frames, anchor, crop: Sequence[int]):
-    """crop[0]×crop[1] window at per-sample (top, left). DALI 1.34 takes a per-sample anchor only as a positional
-    input (as the `start=` argument it fails at run time)."""
+    """crop[0]×crop[1] window at per-sample (top, left), given as positional inputs."""
     shape = fn.constant(fdata=[float(crop[0]), float(crop[1])])
     return fn.slice(frames, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False,
                     out_of_bounds_policy="error")

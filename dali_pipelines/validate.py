@@ -1,10 +1,14 @@
-"""Which indexed videos the DALI loader can read, checked once and cached; the rest are excluded with a report.
+"""Which indexed videos the DALI loader can read, checked once before training and cached; the rest are excluded
+with a reason (`dali_excluded.jsonl`).
 
-DALI 1.34's video decoder kills the process (segfault) on a stream it cannot open, so nothing reaches it that was
-not checked here: every video must give a packet table (`dali_pipelines.bitstream.packet_table`: H.264, byte
-positions, no B-frames, first packet a keyframe, constant frame rate, even size), the frame count of the index,
-and a flow video of the same frame count at 2H×W. The check only demuxes (about 3 ms per video); results are
-cached by (path, size, mtime), so a second run over the same dataset is instant.
+Measured with DALI 1.53's decoder (`frames=` per sample, CPU backend): zero-byte, junk, truncated and corrupt files
+raise a Python exception for the batch (no crash); B-frames, variable frame rate and odd sizes decode the right
+frames; but a frame index past the end of the file comes back as a black frame, silently. The frame counts and
+sizes the sampler and the crop parameters are computed from come from the index, so they must be the file's:
+every video must open, have the index's frame count and size, and have a flow video of the same frame count at
+2H×W. The check only demuxes (`goca_fast.data.video_io.probe_video`); results are cached by (path, size, mtime),
+so a second run over the same dataset is instant. Files that break after this check fail at run time as one
+batch, which the loader then decodes with the CPU loader (the broken video costs one sample).
 """
 from __future__ import annotations
 
@@ -15,13 +19,13 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dali_pipelines.bitstream import BitstreamError, packet_table
 from goca_fast.data.index import VideoRecord, _write_atomic
+from goca_fast.data.video_io import VideoReadError, probe_video
 
 log = logging.getLogger(__name__)
 CACHE_FILE = "dali_check.json"
 REPORT_FILE = "dali_excluded.jsonl"
-_VERSION = 1
+_VERSION = 2  # 2: checks with probe_video and the index's size
 
 
 def _stat_key(path: str) -> Optional[str]:
@@ -35,15 +39,17 @@ def _stat_key(path: str) -> Optional[str]:
 def check_record(root: str, rec: VideoRecord, with_flow: bool) -> Optional[str]:
     """None when the DALI loader can read this record, else the reason (one line)."""
     try:
-        rgb = packet_table(os.path.join(root, rec.rgb))
+        rgb = probe_video(os.path.join(root, rec.rgb))
         if rgb.frames != rec.frames:
             return f"{rec.rgb}: {rgb.frames} frames in the file, {rec.frames} in the index"
+        if (rgb.width, rgb.height) != (rec.width, rec.height):
+            return f"{rec.rgb}: {rgb.width}x{rgb.height} in the file, {rec.width}x{rec.height} in the index"
         if not with_flow:
             return None
         if not rec.flow:
             return "no flow video in the index"
-        flow = packet_table(os.path.join(root, rec.flow))
-    except BitstreamError as e:
+        flow = probe_video(os.path.join(root, rec.flow))
+    except VideoReadError as e:
         return str(e)
     if flow.frames != rgb.frames:
         return f"flow has {flow.frames} frames, rgb {rgb.frames}"
