@@ -209,6 +209,26 @@ def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
         ("z", ("test",))]
     assert len({r.rgb for r in records}) == 5
     assert (tmp_path / "out" / "excluded.jsonl").read_text() == ""
+    # flow JPEGs in the same layout (<split>/<class>/<name>/): each video gets its own split's folder
+    import cv2
+    from goca_fast.flow.codec import read_flow_frames
+    from goca_fast.flow.extract import main as flow_main
+    u = {"train__x": 147, "test__x": 108}  # MemDPC quantisation of +3 and -3 px
+    for r in records:
+        if r.id in u:
+            folder = tmp_path / "jpeg" / r.splits[0] / r.cls / r.id.split("__")[-1]
+            folder.mkdir(parents=True)
+            img = np.full((r.height, r.width, 3), 128, np.uint8)
+            img[..., 0] = u[r.id]
+            for i in range(r.frames - 1):
+                cv2.imwrite(str(folder / f"flow_{i + 1:05d}.jpg"), img)
+    assert flow_main(["--root", str(tmp_path / "out"), "--import-jpeg", str(tmp_path / "jpeg"), "--no-progress",
+                      "--workers", "1"]) == 0
+    flows = {r.id: r for r in read_index(tmp_path / "out")[0]}
+    assert set(flows) == set(u)
+    for vid, want in u.items():
+        got = read_flow_frames(tmp_path / "out" / flows[vid].flow, [0, 5])[..., 0].astype(int)
+        assert np.abs(got - want).max() <= 2, vid
 
 
 # ----------------------------------------------------------------------------- pure helpers

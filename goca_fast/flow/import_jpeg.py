@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from goca_fast.data.datasets import SPLIT_DIR_NAMES
 from goca_fast.data.index import VideoRecord, _write_atomic
 from goca_fast.flow.codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
 
@@ -141,6 +142,9 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
         cands = folders.get(j.rec.id) or folders.get(j.rec.id.split("__")[-1], [])
         if len(cands) > 1:  # same id under several classes/splits: prefer the record's class folder
             cands = [c for c in cands if os.path.basename(os.path.dirname(c)) in (j.rec.cls, j.rec.cls.replace(" ", "_"))] or cands
+        if len(cands) > 1:  # split folders with a repeated name (ids train__x, test__x): the record's split
+            cands = [c for c in cands if any(SPLIT_DIR_NAMES.get(part.lower()) in j.rec.splits
+                                             for part in os.path.relpath(c, jpeg_root).split(os.sep))] or cands
         if not cands:
             failures[j.rec.id] = "flow missing: no JPEG folder named after the video"
             continue
