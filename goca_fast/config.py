@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +123,7 @@ class EngineConfig:
     snapshot_every_epochs: int = 10
     log_every: int = 10
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True               # tqdm bar on a terminal; without one (a log file) one line per epoch
     max_iters_per_epoch: int = 0        # 0 = full epoch (smoke tests cut epochs short)
     torch_threads: int = 0              # 0 = leave torch's default
 
@@ -251,9 +253,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _suggest(name: str, options: Sequence[str]) -> str:
+def _suggest(name: str, options: Sequence[str], prefix: str = "") -> str:
+    """A close match, named by its full dotted key (a bare 'batch_size' does not say where it goes)."""
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -262,7 +265,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for k, v in values.items():
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(str(k), names)}")
+            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(str(k), names, prefix)}")
         kwargs[k] = _convert(v, hints[k], prefix + k)
     return cls(**kwargs)
 
@@ -304,7 +307,7 @@ def _check_override_path(key: str) -> None:
             raise ConfigError(f"config key '{prefix.rstrip('.')}' has no sub-key '{part}'")
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
-            raise ConfigError(f"unknown config key '{prefix}{part}'{_suggest(part, names)}")
+            raise ConfigError(f"unknown config key '{prefix}{part}'{_suggest(part, names, prefix)}")
         cls = typing.get_type_hints(cls)[part]
         prefix += part + "."
 
@@ -360,6 +363,29 @@ def validate(cfg: Config) -> Config:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """A validated Config from a plain dict (e.g. the one stored in a checkpoint)."""
     return validate(_build(Config, values))
+
+
+def shipped_config_dirs() -> list[Path]:
+    """Where the shipped configs live: the source tree (editable installs) or the wheel's share/ folder."""
+    return [d for d in (Path(__file__).resolve().parents[1] / "configs", Path(sys.prefix) / "share" / "goca_fast" /
+                        "configs") if d.is_dir()]
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file by path, or a shipped config by name (`ucf101_r2plus1d`, `demo.yaml`), from any directory."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    if "/" not in text and os.sep not in text:
+        stem = text[:-5] if text.endswith(".yaml") else text
+        for d in shipped_config_dirs():
+            if (d / f"{stem}.yaml").is_file():
+                return d / f"{stem}.yaml"
+        names = sorted({p.stem for d in shipped_config_dirs() for p in d.glob("*.yaml")})
+        raise ConfigError(f"no config file {text!r} here and no shipped config of that name "
+                          f"(shipped: {', '.join(names) or 'none found'})")
+    raise ConfigError(f"config file not found: {path}")
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:

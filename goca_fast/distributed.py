@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from goca_fast.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -62,7 +64,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank, world, local = env_rank_info()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but torch sees no CUDA device")
+        raise ConfigError("engine.device=cuda but torch sees no CUDA device (engine.device=auto or cpu runs here)")
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +22,14 @@ import torch.nn as nn
 
 from goca_fast import checkpoint as ckpt
 from goca_fast.assign import resolve_backend
-from goca_fast.config import Config
+from goca_fast.config import Config, ConfigError
 from goca_fast.data.batch import ClipBatch
 from goca_fast.distributed import DistInfo, all_reduce_sum
 from goca_fast.models import GocaModel, load_prototypes, prototype_separation
 from goca_fast.objective import GocaObjective, ObjectiveResult
 from goca_fast.optim import build_optimizer, get_lr, lr_schedule, set_lr
 from goca_fast.queue import FeatureQueue, local_queue_length
+from goca_fast.stop_signals import StopSignals
 
 log = logging.getLogger("goca_fast")
 
@@ -49,7 +50,17 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def build_model(cfg: Config) -> GocaModel:
-    init = load_prototypes(cfg.model.prototypes_path) if cfg.model.prototypes_path else None
+    init = None
+    if cfg.model.prototypes_path:
+        m = cfg.model
+        try:
+            init = load_prototypes(m.prototypes_path)
+        except ValueError as e:
+            raise ConfigError(f"model.prototypes_path: {e}") from None
+        if init.shape != (m.num_prototypes, m.embed_dim):
+            raise ConfigError(f"model.prototypes_path={m.prototypes_path} holds {init.shape[0]}×{init.shape[1]} "
+                              f"prototypes; this model needs model.num_prototypes × model.embed_dim = "
+                              f"{m.num_prototypes}×{m.embed_dim}")
     return GocaModel(cfg.model.arch, cfg.data.modalities, cfg.model.pool, cfg.model.hidden_dim, cfg.model.embed_dim,
                      cfg.model.num_prototypes, cfg.model.shared_head,
                      flow_channels=3 if cfg.data.flow_mode == "official" else 2, merge=cfg.goca.merge,
@@ -95,6 +106,10 @@ class StopRequested(Exception):
     pass
 
 
+class NothingTrained(RuntimeError):
+    """An epoch made no optimiser step (every batch skipped): nothing may be saved or reported as trained."""
+
+
 class Trainer:
     """Owns the model, optimiser and state of one pretraining run (one process of it)."""
 
@@ -136,7 +151,7 @@ class Trainer:
                                        g.temperature, g.official_loss_scale, backend, info.group)
         self.queue: Optional[FeatureQueue] = None
         self.state = TrainState()
-        self.stop_signal: Optional[int] = None
+        self.signals = StopSignals()
         self.writer = None
         self.timer = ckpt.CheckpointTimer(cfg.engine.checkpoint_minutes or None)
         self.monitor = None  # optional goca_fast.eval.monitor.KnnMonitor, set by pretrain (rank 0 only)
@@ -202,12 +217,17 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ signals
-    def _on_signal(self, signum, _frame) -> None:
-        self.stop_signal = signum
+    @property
+    def stop_signal(self) -> Optional[int]:
+        return self.signals.signum
+
+    @stop_signal.setter
+    def stop_signal(self, signum: Optional[int]) -> None:
+        self.signals.signum = signum
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        """SIGTERM/SIGUSR1 and Ctrl-C stop at the next batch boundary with a checkpoint (goca_fast.stop_signals)."""
+        self.signals.install()
 
     # ------------------------------------------------------------------ one step
     def global_iteration(self) -> int:
@@ -282,7 +302,14 @@ class Trainer:
         summary: dict = {}
         try:
             while self.state.epoch < cfg.optim.epochs:
+                whole_epoch = self.state.iteration == 0
                 summary = self._run_epoch()
+                if whole_epoch and summary["optimizer_steps"] == 0:
+                    raise NothingTrained(
+                        f"epoch {self.state.epoch + 1} made no optimiser step: every batch was skipped "
+                        f"({self.state.skipped_videos} videos unreadable or incomplete, {self.state.bad_total} "
+                        f"non-finite losses so far); nothing was saved for it. Check the data (goca-prepare --check, "
+                        f"goca-flow) and the log lines above")
                 if self.monitor is not None and self.info.is_main:
                     r1 = self.monitor.maybe_run(self.model, self.state.epoch, self.writer, step=self.state.step)
                     if r1 is not None:
@@ -291,6 +318,10 @@ class Trainer:
                 if self.info.is_main:
                     with open(history_path, "a") as f:
                         f.write(json.dumps(summary) + "\n")
+                    log.info("epoch %d/%d: loss %.4f over %d steps, %.1f clips/s, data wait %.0f %%, %d videos "
+                             "skipped so far", summary["epoch"], cfg.optim.epochs, summary["loss"],
+                             summary["optimizer_steps"], summary["clips_per_s"], 100 * summary["data_time_frac"],
+                             summary["skipped_videos"])
                 self.state.epoch += 1
                 self.state.iteration = 0
                 every = cfg.engine.snapshot_every_epochs
@@ -308,7 +339,7 @@ class Trainer:
         cfg, s = self.cfg, self.state
         n = self.iters_per_epoch
         bar = None
-        if self.info.is_main and cfg.engine.progress:
+        if self.info.is_main and cfg.engine.progress and sys.stderr.isatty():  # a log file gets the epoch line
             from tqdm import tqdm
             bar = tqdm(total=n, initial=s.iteration, desc=f"epoch {s.epoch + 1}/{cfg.optim.epochs}",
                        dynamic_ncols=True, leave=True)
@@ -359,6 +390,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         return {"epoch": s.epoch + 1, "loss": sum(losses) / max(len(losses), 1), "iterations": s.iteration,
+                "optimizer_steps": len(losses),
                 "clips_per_s": clips_done / max(step_time, 1e-9), "data_time_frac": data_time / max(step_time, 1e-9),
                 "skipped_videos": s.skipped_videos, "bad_steps": s.bad_total}
 

@@ -21,31 +21,26 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.config import Config, ConfigError, config_to_yaml, load_config
+from goca_fast.config import Config, ConfigError, config_to_yaml, load_config, resolve_config
 from goca_fast.distributed import DistInfo, barrier, cleanup, init_distributed
+from goca_fast.stop_signals import RunStopped
 
 log = logging.getLogger("goca_fast")
 
 
-def default_config_path() -> Path:
-    """configs/demo.yaml from the source tree, or from an installed package's share/ folder."""
-    candidates = [Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
-                  Path(sys.prefix) / "share" / "goca_fast" / "configs" / "demo.yaml"]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError("cannot find configs/demo.yaml; pass --config FILE")
-
-
-def parse_args(argv: Optional[Sequence[str]]) -> tuple[Config, bool]:
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[Config, bool, bool]:
+    """(config, fresh, print_config)."""
     p = argparse.ArgumentParser(prog="goca-pretrain", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (default: configs/demo.yaml, the CPU demo)")
+    p.add_argument("--config", default="demo",
+                   help="YAML file, or the name of a shipped config: demo (the CPU demo, the default), "
+                        "ucf101_r2plus1d, k400_r2plus1d, ucf101_s3d_official")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the run directory")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, overrides applied) as YAML and exit")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.batch_size=16")
     a = p.parse_args(argv)
-    path = Path(a.config) if a.config else default_config_path()
-    return load_config(path, a.overrides), a.fresh
+    return load_config(resolve_config(a.config), a.overrides), a.fresh, a.print_config
 
 
 def seed_everything(seed: int) -> None:
@@ -119,20 +114,45 @@ def build_train_loader(cfg: Config, info: DistInfo, root: Path):
     return factory, batches
 
 
+def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
+    """The run directory with its config.yaml; made only once every start-up check has passed, so a failed start
+    leaves nothing behind."""
+    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+    if info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        except OSError as e:
+            raise ConfigError(f"output_dir={cfg.output_dir}: cannot write the run directory {run_dir} "
+                              f"({e.strerror or e})") from None
+    barrier(info)
+    return run_dir
+
+
 def run(cfg: Config, fresh: bool = False) -> dict:
+    """Pretrain (resuming the run directory unless `fresh`), then evaluate. Raises RunStopped after a stop signal or
+    Ctrl-C (checkpoint written), NothingTrained when an epoch made no optimiser step."""
+    from goca_fast.data.index import read_index, training_records
     from goca_fast.engine import StopRequested, Trainer, build_model
+    from goca_fast.eval.common import check_disjoint
     from goca_fast.eval.knn import knn_retrieval
     from goca_fast.eval.retrieval import DEFAULT_KS, format_table
 
     info = init_distributed(cfg.engine.device)
     if cfg.engine.torch_threads > 0:
         torch.set_num_threads(cfg.engine.torch_threads)
-    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     seed_everything(cfg.seed + info.rank)
     root = dataset_root(cfg, info)
+    # before anything is trained or written: a split that cannot fill one batch on every rank is an error, and so
+    # is an evaluation whose queries are in its gallery (each would retrieve itself)
+    records = read_index(root)[0]
+    training_records(records, cfg.data.train_split, with_flow=cfg.data.modalities != "rgb",
+                     batch=cfg.data.batch_size * info.world_size)
+    evaluated = ([cfg.data.test_split] if cfg.eval.knn_after_training else []) + (
+        [cfg.eval.monitor_val_split or cfg.data.test_split] if cfg.eval.monitor_every > 0 else [])
+    for split in evaluated:
+        check_disjoint(cfg.data.train_split, [r.id for r in records if cfg.data.train_split in r.splits],
+                       split, [r.id for r in records if split in r.splits], roles=("data.train_split", "test"))
     if choose_loader(cfg, info) == "dali":
         from dali_pipelines.train import build_dali_train_loader
         factory, batches = build_dali_train_loader(cfg, info, root)
@@ -141,9 +161,11 @@ def run(cfg: Config, fresh: bool = False) -> dict:
 
     # the random-init reference is built from the same seed as the trained network's initial weights
     seed_everything(cfg.seed)
+    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
     trainer = Trainer(cfg, info, run_dir, factory, batches)
     init_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     seed_everything(cfg.seed + info.rank)
+    prepare_run_dir(cfg, info)
     if not fresh:
         trainer.resume()
     trainer.install_signal_handlers()
@@ -160,11 +182,10 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     try:
         summary = trainer.fit()
     except StopRequested:
-        if info.is_main:
-            print(f"stopped by signal {trainer.stop_signal}; checkpoint written to {run_dir / 'checkpoints'}. "
-                  f"Run the same command again to resume.", flush=True)
         cleanup(info)
-        return {"stopped": True}
+        raise RunStopped(trainer.signals, str(run_dir / "checkpoints")) from None
+    finally:
+        trainer.signals.restore()
     train_seconds = time.time() - t0
     result = {"run_dir": str(run_dir), "train_seconds": round(train_seconds, 1), "last_epoch": summary}
     if cfg.eval.knn_after_training and info.is_main:
@@ -188,13 +209,29 @@ def run(cfg: Config, fresh: bool = False) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 trained (or stopped by SIGTERM/SIGUSR1 with a checkpoint, to be resumed), 130 stopped by Ctrl-C
+    with a checkpoint, 2 a config or data problem found before training (one line), 1 nothing trained."""
+    from goca_fast.data.index import DatasetIndexError
+    from goca_fast.engine import NothingTrained
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg, fresh = parse_args(argv)
+        cfg, fresh, print_only = parse_args(argv)
+        if print_only:
+            print(config_to_yaml(cfg), end="")
+            return 0
         run(cfg, fresh)
-    except ConfigError as e:
+    except RunStopped as e:
+        print(e, flush=True)
+        return e.exit_code
+    except ConfigError as e:  # EvalError too: e.g. a gallery that shares videos with the queries
         print(f"goca-pretrain: config error: {e}", file=sys.stderr)
         return 2
+    except DatasetIndexError as e:
+        print(f"goca-pretrain: data error: {e}", file=sys.stderr)
+        return 2
+    except NothingTrained as e:
+        print(f"goca-pretrain: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -120,15 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--num", "-c", type=int, default=1000, help="number of prototypes K (model.num_prototypes)")
     p.add_argument("--dim", "-d", type=int, default=128, help="dimension D (model.embed_dim)")
-    p.add_argument("--steps", "-e", type=int, default=3000)
-    p.add_argument("--lr", "-l", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--seed", "-s", type=int, default=300)
+    p.add_argument("--steps", "-e", type=int, default=3000, help="optimisation steps on the sphere (>= 1)")
+    p.add_argument("--lr", "-l", type=float, default=0.1, help="learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="momentum")
+    p.add_argument("--seed", "-s", type=int, default=300, help="seed of the random start")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--out", default=None, help="output .npy (default prototypes-<D>d-<K>c.npy)")
-    p.add_argument("--plot", default=None, help="PNG path (default: the .npy path with .png)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--log-every", type=int, default=0)
+    p.add_argument("--out", default=None, help="output .npy (None: prototypes-<D>d-<K>c.npy)")
+    p.add_argument("--plot", default=None, help="PNG path (None: the .npy path with .png)")
+    p.add_argument("--no-plot", action="store_true", help="write no histogram plot")
+    p.add_argument("--log-every", type=int, default=0, help="log the loss every N steps (0: never)")
     return p
 
 
@@ -137,8 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parser.parse_args(argv)
     if a.num < 2 or a.dim < 2:
         parser.error(f"need --num >= 2 and --dim >= 2, got {a.num} and {a.dim}")
-    if a.steps < 0 or a.lr <= 0 or not 0 <= a.momentum < 1:
-        parser.error("need --steps >= 0, --lr > 0 and 0 <= --momentum < 1")
+    if a.steps < 1 or a.lr <= 0 or not 0 <= a.momentum < 1:  # 0 steps would save random, un-optimised prototypes
+        parser.error("need --steps >= 1, --lr > 0 and 0 <= --momentum < 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
@@ -148,7 +148,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     protos = hyperspherical_prototypes(a.num, a.dim, a.steps, a.lr, a.momentum, a.seed, device, a.log_every)
     secs = time.time() - t0
-    save_npy_atomic(out, protos)
+    try:
+        save_npy_atomic(out, protos)
+    except OSError as e:
+        print(f"goca-prototypes: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     ours = nearest_neighbour_angles(protos)
     rand = nearest_neighbour_angles(random_prototypes(a.num, a.dim, a.seed))
     print(f"goca-prototypes: {a.num}x{a.dim} in {secs:.1f}s on {device} -> {os.path.abspath(out)}")

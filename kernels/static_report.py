@@ -124,9 +124,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in a.arch.split(","):
             rows = report(arch, Path(tmp))
+            how = "nvcc -O3 -Xptxas -v; cuobjdump -sass opcode counts (static: loops count once)"
             path = write_results("kernel-static", rows, COLUMNS,
-                                 {"device": f"none (static, {arch})", "device_tag": arch,
-                                  "how": "nvcc -O3 -Xptxas -v; cuobjdump -sass opcode counts (static: loops count once)"})
+                                 {"device": f"none (static, {arch})", "device_tag": arch, "how": how})
             print(f"wrote {path}")
     return 0
 

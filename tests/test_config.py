@@ -32,8 +32,8 @@ def test_overrides_are_typed_and_nested():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("data.batchsize=4", "unknown config key 'data.batchsize' (did you mean 'batch_size'?)"),
-    ("goca.prior_sgn=kl", "did you mean 'prior_sign'"),
+    ("data.batchsize=4", "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)"),
+    ("goca.prior_sgn=kl", "did you mean 'goca.prior_sign'"),
     ("goca.prior_sign=plus", "goca.prior_sign: 'plus' is not one of 'kl', 'official'"),
     ("data.batch_size=four", "data.batch_size: expected an integer"),
     ("goca.epsilon=-1", "goca.epsilon must be > 0"),
@@ -50,7 +50,7 @@ def test_bad_overrides_name_the_key(override, needle):
 def test_unknown_key_in_yaml(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim.epoch' \(did you mean 'epochs'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.epoch' \(did you mean 'optim.epochs'\?\)"):
         load_config(p)
     p.write_text("optim: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -7,6 +7,7 @@ import torch
 
 from goca_fast.eval.common import EvalError, load_model
 from goca_fast.eval.finetune import Finetuner, FinetuneSettings, run_finetune
+from goca_fast.stop_signals import RunStopped
 from test_eval_support import tiny_run, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
@@ -41,8 +42,9 @@ def test_finetune_resume_continues_and_equals_uninterrupted(tmp_path, monkeypatc
             self.stop_signal = signal.SIGTERM
         return orig(self, net, batch)
     monkeypatch.setattr(Finetuner, "_train_step", step_then_signal)
-    assert run_finetune(str(tiny_run()), str(tmp_path / "sig"), settings(2), device="cpu", workers=0,
-                        quiet=True) is None
+    with pytest.raises(RunStopped) as stopped:
+        run_finetune(str(tiny_run()), str(tmp_path / "sig"), settings(2), device="cpu", workers=0, quiet=True)
+    assert stopped.value.exit_code == 0 and "Run the same command again to resume" in str(stopped.value)
     c = torch.load(tmp_path / "sig" / "checkpoints" / "latest.pth", weights_only=True)
     assert (c["epoch"], c["iteration"]) == (1, 1)
     monkeypatch.undo()

@@ -24,6 +24,7 @@ from goca_fast.data.index import VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
 from goca_fast.data.video_io import VideoReadError, read_frames, set_decoder_threads
 from goca_fast.flow.codec import read_flow_frames
+from goca_fast.stop_signals import ignore_interrupts_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ def _worker_init(_: int) -> None:
     # already ran a parallel cv2 op deadlocks. The loader does not use OpenCV.)
     torch.set_num_threads(1)
     set_decoder_threads(1)
+    ignore_interrupts_in_worker()  # Ctrl-C reaches the whole process group; the main process stops the run
 
 
 def make_train_loader(dataset: TrainClipDataset, batch_size: int, num_workers: int, rank: int,

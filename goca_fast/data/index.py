@@ -132,6 +132,22 @@ def select_split(records: Sequence[VideoRecord], split: str) -> list[VideoRecord
     return out
 
 
+def training_records(records: Sequence[VideoRecord], split: str, *, with_flow: bool,
+                     batch: int) -> list[VideoRecord]:
+    """The videos of `split` a training run can use, checked before anything is trained or written.
+
+    A run whose every batch is skipped would otherwise end as if it had trained: so a split that cannot fill one
+    batch of `batch` usable videos (e.g. no flow extracted yet) is a DatasetIndexError naming the cause."""
+    chosen = select_split(records, split)
+    usable = [r for r in chosen if r.flow is not None] if with_flow else list(chosen)
+    if len(usable) < batch:
+        no_flow = len(chosen) - len(usable)
+        cause = (f"{no_flow} of its {len(chosen)} videos have no flow video in the index: run goca-flow first"
+                 if no_flow else f"it has {len(chosen)} videos")
+        raise DatasetIndexError(f"split {split!r} yields no full batch of {batch} usable videos ({cause})")
+    return usable
+
+
 def _validate_one(root: str, r: VideoRecord, min_frames: int, decode: bool,
                   max_frame_diff: int) -> tuple[Optional[VideoRecord], Optional[dict]]:
     def bad(path: Optional[str], reason: str):

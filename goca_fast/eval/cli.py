@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from goca_fast.checkpoint import CheckpointError
 from goca_fast.config import ConfigError
 from goca_fast.data.index import DatasetIndexError
+from goca_fast.stop_signals import RunStopped
 
 PROG = "goca-eval"
 
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="npy", choices=("npy", "pt"))
     ex.add_argument("--views", action="store_true", help="also write the per-view features (fp16)")
     ex.add_argument("--feature", default="backbone", choices=("backbone", "head"))
+    ex.add_argument("--weights", metavar="OUT.pth",
+                    help="instead of features, write one stream's backbone as a torchvision state_dict")
+    ex.add_argument("--stream", default="rgb", choices=("rgb", "flow"), help="the stream --weights exports")
 
     pl = sub.add_parser("plots", help="retrieval grid, PCA/t-SNE map, training curves (PNG + TensorBoard)")
     _common(pl, protocol=False)
@@ -171,6 +175,9 @@ def dispatch(a: argparse.Namespace) -> None:
                                     amp=a.amp, seed=a.seed, max_iters_per_epoch=a.max_iters_per_epoch)
         run_finetune(a.source, a.out, settings, a.data_root, a.train_split, a.test_split, a.streams, a.workers,
                      a.device, a.fresh, a.config, a.arch)
+    elif a.command == "export" and a.weights:
+        from goca_fast.eval.export import run_export_weights
+        run_export_weights(a.source, a.weights, a.stream, a.device, a.config)
     elif a.command == "export":
         from goca_fast.eval.export import run_export
         run_export(a.source, a.split, a.format, a.out, a.data_root, a.views, a.feature, a.clips, a.crops,
@@ -188,6 +195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         dispatch(args)
+    except RunStopped as e:  # fine-tuning stopped by a signal or Ctrl-C, its checkpoint written
+        print(e, flush=True)
+        return e.exit_code
     except (ConfigError, DatasetIndexError, CheckpointError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -321,6 +321,23 @@ def split_records(root: Path, split: str, streams: Sequence[str], records: Optio
     return SplitRecords(split, ok, len(chosen), missing, list(classes))
 
 
+def check_disjoint(first: str, first_ids: Sequence[str], second: str, second_ids: Sequence[str],
+                   roles: tuple[str, str] = ("gallery", "query")) -> None:
+    """Refuse to evaluate on training videos: a query that is also in the gallery retrieves itself (R@1 100 %),
+    and a probe tested on what it was fitted on measures memory, not features."""
+    shared = set(first_ids) & set(second_ids)
+    if shared:
+        same = ", the same split" if first == second else ""
+        raise EvalError(f"{roles[0]} split {first!r} and {roles[1]} split {second!r} share {len(shared)} of "
+                        f"{len(set(second_ids))} videos{same} (e.g. {', '.join(sorted(shared)[:3])}): every such "
+                        f"video would be matched with itself; choose disjoint splits")
+
+
+def check_disjoint_records(first: SplitRecords, second: SplitRecords,
+                           roles: tuple[str, str] = ("gallery", "query")) -> None:
+    check_disjoint(first.name, [r.id for r in first.records], second.name, [r.id for r in second.records], roles)
+
+
 def class_check(gallery: Sequence[int], query: Sequence[int], classes: Sequence[str], gallery_split: str,
                 query_split: str) -> list[str]:
     """Warnings about classes present in one split but not the other (an error when they share none)."""

@@ -6,6 +6,11 @@ Per split, `npy` format writes
     <out>/<split>_meta.json              video ids, labels, class names, padded flags, counts, protocol
 and `pt` format one `<out>/<split>.pt` holding the same as a dict of tensors and lists (torch.load it).
 Rows are in the dataset index's order of the split; videos that could not be read are listed, not exported.
+
+`--weights OUT.pth` instead writes one stream's backbone as a plain torchvision state_dict: for r2plus1d_18, r3d_18
+and s3d, `torchvision.models.video.<arch>().load_state_dict(torch.load(OUT), strict=False)` loads every weight and
+misses only the classifier (`fc` / `classifier`). The flow stream's stem takes 2 channels (u, v): replace the
+torchvision model's first conv with a 2-channel one of the same geometry before loading.
 """
 from __future__ import annotations
 
@@ -23,6 +28,48 @@ from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewS
                                    split_records, view_spec_from_config)
 
 FORMATS = ("npy", "pt")
+# where our backbone trunk's children sit in the torchvision model (goca_fast.models.backbones builds them so)
+TORCHVISION_TRUNK = {"r2plus1d_18": ("stem", "layer1", "layer2", "layer3", "layer4"),
+                     "r3d_18": ("stem", "layer1", "layer2", "layer3", "layer4"),
+                     "s3d": None}  # the trunk is torchvision's `features` itself
+
+
+def torchvision_state_dict(backbone: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """A backbone's weights (`PooledBackbone.state_dict()`) under the torchvision model's own key names."""
+    if arch not in TORCHVISION_TRUNK:
+        raise EvalError(f"arch {arch!r} has no torchvision counterpart to export weights for "
+                        f"(one of {', '.join(TORCHVISION_TRUNK)})")
+    names = TORCHVISION_TRUNK[arch]
+    out = {}
+    for key, value in backbone.items():
+        head, _, rest = key.partition(".")
+        if head != "trunk":
+            raise EvalError(f"unexpected backbone weight {key!r}")
+        if names is None:
+            out[f"features.{rest}"] = value.clone()
+        else:
+            index, _, tail = rest.partition(".")
+            out[f"{names[int(index)]}.{tail}"] = value.clone()
+    return out
+
+
+def run_export_weights(source: str, out_path: str, stream: str = "rgb", device: str = "cpu",
+                       config_path: Optional[str] = None, quiet: bool = False) -> Path:
+    """`goca-eval export RUN --weights OUT.pth [--stream rgb|flow]`: one backbone as a torchvision state_dict."""
+    loaded = load_model(source, resolve_device(device), config_path=config_path)
+    if stream not in loaded.streams:
+        raise EvalError(f"the checkpoint has no {stream} stream (it has {', '.join(loaded.streams)})")
+    arch = loaded.config.model.arch
+    weights = torchvision_state_dict(loaded.model.backbones[stream].state_dict(), arch)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in weights.items()}, out)
+    if not quiet:
+        print(f"{stream} backbone ({arch}, {len(weights)} tensors) written to {out}: "
+              f"torchvision.models.video.{arch}().load_state_dict(torch.load({str(out)!r}), strict=False) "
+              f"misses only the classifier" + ("; replace the first conv by a 2-channel one first (u, v flow)"
+                                               if stream == "flow" else ""))
+    return out
 
 
 def write_features(f: SplitFeatures, out: Path, fmt: str, protocol: dict) -> list[Path]:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -34,8 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from goca_fast import checkpoint as ckpt
+from goca_fast.stop_signals import RunStopped, StopSignals
 from goca_fast.engine import build_model
-from goca_fast.eval.common import (EvalError, class_check, config_from_dict, dataset_root_for,
+from goca_fast.eval.common import (EvalError, check_disjoint_records, class_check, config_from_dict, dataset_root_for,
                                    default_output_dir, load_model, preserve_rng, resolve_amp, split_records,
                                    view_spec_from_config)
 from goca_fast.eval.linear import BOTH, RegLog, accuracy_table, fuse_probabilities, topk_accuracy
@@ -188,6 +188,7 @@ class Finetuner:
         self.test_split = test_split or cfg.data.test_split
         self.train_recs = split_records(self.root, self.train_split, self.streams)
         self.test_recs = split_records(self.root, self.test_split, self.streams)
+        check_disjoint_records(self.train_recs, self.test_recs, roles=("train", "test"))
         self.classes = self.train_recs.classes
         self.warnings = class_check([r.label for r in self.train_recs.records],
                                     [r.label for r in self.test_recs.records], self.classes, self.train_split,
@@ -219,7 +220,7 @@ class Finetuner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.epoch, self.iteration, self.step = 0, 0, 0
         self.history: list[dict] = []
-        self.stop_signal: Optional[int] = None
+        self.signals = StopSignals()
         self.dataset = self._train_dataset()
         per_rank = len(self.dataset) // self.info.world_size
         self.iters = per_rank // s.batch_size
@@ -265,8 +266,13 @@ class Finetuner:
             "rng": rngs, "config": self.cfg.to_dict(), "finetune": asdict(self.settings), "streams": self.streams,
             "classes": self.classes, "source_checkpoint": self.source, "history": self.history})
 
-    def _on_signal(self, signum, _frame) -> None:
-        self.stop_signal = signum
+    @property
+    def stop_signal(self) -> Optional[int]:
+        return self.signals.signum
+
+    @stop_signal.setter
+    def stop_signal(self, signum: Optional[int]) -> None:
+        self.signals.signum = signum
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
@@ -280,7 +286,7 @@ class Finetuner:
         from goca_fast.data.cpu_loader import make_train_loader
         s = self.settings
         t0 = time.time()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self.signals.install()
         writer = None
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -338,8 +344,7 @@ class Finetuner:
         finally:
             if writer is not None:
                 writer.flush()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.signals.restore()
         acc, counts = self.evaluate(s.test_clips, s.test_crops)
         if writer is not None:
             for k, v in acc.items():
@@ -416,10 +421,10 @@ def run_finetune(source: Optional[str], out_dir: Optional[str] = None, settings:
                  data_root: Optional[str] = None, train_split: Optional[str] = None, test_split: Optional[str] = None,
                  streams: Optional[Sequence[str]] = None, workers: Optional[int] = None, device: str = "auto",
                  fresh: bool = False, config_path: Optional[str] = None, expect_arch: Optional[str] = None,
-                 quiet: bool = False) -> Optional[FinetuneResult]:
+                 quiet: bool = False) -> FinetuneResult:
     """`goca-eval finetune`: train (or resume) and test; writes finetune.json in the run directory.
 
-    Returns None when stopped by a signal (a checkpoint was written; run the same command again to resume)."""
+    Raises RunStopped when stopped by a signal or Ctrl-C (a checkpoint was written; the same command resumes)."""
     if out_dir:
         run_dir = Path(out_dir)
     elif source:
@@ -432,10 +437,7 @@ def run_finetune(source: Optional[str], out_dir: Optional[str] = None, settings:
     try:
         res = ft.fit()
     except _Stop:
-        if ft.info.is_main:
-            print(f"stopped by signal {ft.stop_signal}; checkpoint written to {run_dir / 'checkpoints'}. "
-                  f"Run the same command again to resume.", flush=True)
-        return None
+        raise RunStopped(ft.signals, str(run_dir / "checkpoints")) from None
     finally:
         from goca_fast.distributed import cleanup
         cleanup(ft.info)

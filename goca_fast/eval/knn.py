@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import torch
 
 from goca_fast.config import Config
-from goca_fast.eval.common import (FeatureCache, SplitFeatures, ViewSpec, class_check, compute_split_features,
-                                   dataset_root_for, default_output_dir, load_model, resolve_amp, resolve_device,
-                                   split_features, split_records, view_spec_from_config)
+from goca_fast.eval.common import (FeatureCache, SplitFeatures, ViewSpec, check_disjoint_records, class_check,
+                                   compute_split_features, dataset_root_for, default_output_dir, load_model,
+                                   resolve_amp, resolve_device, split_features, split_records, view_spec_from_config)
 from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
 from goca_fast.models.goca_model import GocaModel
 
@@ -105,6 +105,7 @@ def evaluate_knn(model: GocaModel, cfg: Config, root: Path, device: torch.device
     streams = list(model.streams)
     recs = [split_records(Path(root), split, streams)
             for split in (train_split or cfg.data.train_split, test_split or cfg.data.test_split)]
+    check_disjoint_records(recs[0], recs[1])
     feats = [compute_split_features(model, Path(root), r, spec, device, cfg.eval.batch_size, cfg.data.workers,
                                     source, amp=amp, loader=cfg.data.loader) for r in recs]
     res = knn_from_features(feats[0], feats[1], streams, spec, source, ks)
@@ -141,6 +142,7 @@ def run_knn(source: str, data_root: Optional[str] = None, train_split: Optional[
     recs = {role: split_records(root, split, loaded.streams)  # both checked before any extraction
             for role, split in (("gallery", train_split or cfg.data.train_split),
                                 ("query", test_split or cfg.data.test_split))}
+    check_disjoint_records(recs["gallery"], recs["query"])
     feats = {role: split_features(loaded, root, r, spec, dev, bs, nw, feature, amp=resolve_amp(amp, dev),
                                   cache=cache) for role, r in recs.items()}
     res = knn_from_features(feats["gallery"], feats["query"], loaded.streams, spec, feature, ks)

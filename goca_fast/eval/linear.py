@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewSpec, class_check, dataset_root_for,
+from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewSpec, check_disjoint_records,
+                                   class_check, dataset_root_for,
                                    default_output_dir, load_model, resolve_amp, resolve_device, split_features,
                                    split_records, view_spec_from_config)
 
@@ -311,6 +312,7 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
     test_spec = view_spec_from_config(cfg, test_clips, test_crops, clip_length, stride)
     train_recs = split_records(root, train_name, loaded.streams)
     test_recs = split_records(root, test_name, loaded.streams)
+    check_disjoint_records(train_recs, test_recs, roles=("train", "test"))
     num_classes = len(test_recs.classes)
     test = split_features(loaded, root, test_recs, test_spec, dev, bs, nw, keep_views=True, amp=amp_dt, cache=cache)
     if augment:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from goca_fast.data.index import read_index
-from goca_fast.eval.common import EvalError, preserve_rng
+from goca_fast.eval.common import EvalError, check_disjoint, preserve_rng
 from goca_fast.eval.features import extract_features
 from goca_fast.eval.retrieval import combine_streams, recall_at_k
 
@@ -84,6 +84,9 @@ class KnnMonitor:
     def _build_datasets(self) -> dict:
         from goca_fast.data.cpu_loader import EvalClipDataset
         records, _ = read_index(self.root)
+        gallery, query = self.splits
+        check_disjoint(gallery, [r.id for r in records if gallery in r.splits],
+                       query, [r.id for r in records if query in r.splits], roles=("monitor gallery", "monitor query"))
         out = {}
         for split in self.splits:
             recs = [r for r in records if split in r.splits]

@@ -261,8 +261,9 @@ def run_plots(source: str, what: Sequence[str] = ("retrieval", "embedding", "cur
               workers: Optional[int] = None, device: str = "auto", use_cache: bool = True,
               config_path: Optional[str] = None, tensorboard: bool = True, quiet: bool = False) -> dict[str, Path]:
     """`goca-eval plots`: the retrieval grid and embedding use the kNN protocol's (cached) features."""
-    from goca_fast.eval.common import (FeatureCache, dataset_root_for, default_output_dir, load_model,
-                                       resolve_device, split_features, split_records, view_spec_from_config)
+    from goca_fast.eval.common import (FeatureCache, check_disjoint_records, dataset_root_for, default_output_dir,
+                                       load_model, resolve_device, split_features, split_records,
+                                       view_spec_from_config)
     unknown = set(what) - {"retrieval", "embedding", "curves"}
     if unknown:
         raise EvalError(f"unknown plot(s) {', '.join(sorted(unknown))}; choose from retrieval, embedding, curves")
@@ -277,6 +278,7 @@ def run_plots(source: str, what: Sequence[str] = ("retrieval", "embedding", "cur
         cache = FeatureCache(default_output_dir(loaded.run_dir) / "features") if use_cache else None
         bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
         recs = [split_records(root, split, loaded.streams) for split in (cfg.data.train_split, cfg.data.test_split)]
+        check_disjoint_records(recs[0], recs[1])
         feats = [split_features(loaded, root, r, spec, dev, bs, nw, feature, cache=cache) for r in recs]
         s = stream or ("both" if len(loaded.streams) == 2 else loaded.streams[0])
         if "retrieval" in what:

@@ -1,0 +1,249 @@
+"""Safe by default: no run presents an untrained model or a trivial evaluation as a result, a failed start leaves
+nothing behind, Ctrl-C keeps progress, and typical mistakes end in one line with exit code 2."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from goca_fast.config import load_config
+from goca_fast.data.synthetic import make_synthetic_dataset
+from goca_fast.distributed import DistInfo
+from goca_fast.engine import NothingTrained, Trainer
+from goca_fast.eval.cli import main as eval_main
+from goca_fast.eval.common import EvalError, check_disjoint
+from test_eval_support import one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
+         "engine.progress=false", "engine.tensorboard=false"]
+
+
+def pretrain_cmd(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "goca_fast.pretrain", f"output_dir={out}", "name=run", f"data.cache_dir={cache}",
+            *SMALL, *extra]
+
+
+def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The process failed with `code` and said why on exactly one line of stderr (no traceback)."""
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    lines = [l for l in r.stderr.splitlines() if l.strip() and " INFO " not in l and " WARNING " not in l]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------- results that lie
+
+def test_split_without_flow_is_refused_before_anything_is_written_then_trains_once_flow_exists(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, num_classes=2, videos_per_class=6, frames=24, height=64, width=80, workers=1,
+                           with_flow=False)
+    out = tmp_path / "out"
+    cmd = pretrain_cmd(out, tmp_path / "cache", f"data.root={data}", "optim.epochs=1", "optim.warmup_epochs=0",
+                       "data.batch_size=4", "eval.knn_after_training=false")
+    line = one_line_error(run(cmd))
+    assert "data error" in line and "no flow video" in line and "goca-flow" in line
+    assert not (out / "run").exists()  # no checkpoint, no metrics line, no config.yaml
+    make_synthetic_dataset(data, num_classes=2, videos_per_class=6, frames=24, height=64, width=80, workers=1,
+                           with_flow=True)  # "after goca-flow": the same command now trains for real
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" not in r.stderr
+    history = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["optimizer_steps"] == history[0]["iterations"] >= 1
+    assert np.isfinite(history[0]["loss"]) and history[0]["loss"] > 0
+
+
+def test_an_epoch_without_an_optimiser_step_is_an_error_and_saves_nothing(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["engine.tensorboard=false", "engine.progress=false",
+                                                       "data.batch_size=4", "engine.checkpoint_minutes=0"])
+    trainer = Trainer(cfg, DistInfo(), tmp_path, lambda epoch, start: [None, None, None], 3)
+    with pytest.raises(NothingTrained, match="epoch 1 made no optimiser step"):
+        trainer.fit()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_gallery_equal_to_query_is_refused(capsys):
+    assert eval_main(["knn", str(tiny_run()), "--train-split", "train", "--test-split", "train",
+                      "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "share 12 of 12 videos, the same split" in err[0]
+    assert eval_main(["linear", str(tiny_run()), "--train-split", "test", "--test-split", "test",
+                      "--no-cache", "--epochs", "1"]) == 2
+    assert "train split 'test' and test split 'test'" in capsys.readouterr().err
+
+
+def test_overlapping_splits_are_named_with_their_shared_videos():
+    check_disjoint("train", ["a", "b"], "test", ["c"])  # disjoint: fine
+    with pytest.raises(EvalError, match=r"share 1 of 2 videos \(e.g. b\)"):
+        check_disjoint("train", ["a", "b"], "val", ["b", "c"])
+
+
+def test_pretraining_refuses_an_evaluation_on_its_own_training_videos(tmp_path):
+    r = run(pretrain_cmd(tmp_path / "out", tmp_path / "cache", "data.test_split=train", "optim.epochs=1",
+                         "optim.warmup_epochs=0"))
+    assert "share" in one_line_error(r) and not (tmp_path / "out" / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+
+def test_ctrl_c_checkpoints_exits_130_and_resumes(tmp_path):
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) while DataLoader workers run."""
+    cmd = pretrain_cmd(tmp_path / "out", tmp_path / "cache", "data.workers=2", "optim.epochs=3",
+                       "engine.max_iters_per_epoch=3", "engine.checkpoint_every_iters=1",
+                       "eval.knn_after_training=false", "optim.warmup_epochs=0")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    latest = tmp_path / "out" / "run" / "checkpoints" / "latest.pth"
+    t0 = time.time()
+    while not latest.is_file():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - t0 < 300, "no checkpoint appeared"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "interrupted (Ctrl-C); checkpoint written" in stdout and "Run the same command again" in stdout
+    stopped = torch.load(latest, map_location="cpu", weights_only=True)
+    assert stopped["step"] < 9
+    r = run(cmd)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert torch.load(latest, map_location="cpu", weights_only=True)["step"] == 9
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    cmd = pretrain_cmd(tmp_path / "out", tmp_path / "cache", "optim.epochs=50", "eval.knn_after_training=false",
+                       "optim.warmup_epochs=0")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    metrics = tmp_path / "out" / "run" / "metrics.jsonl"
+    t0 = time.time()
+    while not metrics.is_file():  # training has started
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted again: exiting now" in stderr, stderr[-3000:]
+
+
+# -------------------------------------------------------------------------------------- one-line errors
+
+@pytest.mark.parametrize("override,expect", [
+    ("data.root=/nonexistent/goca", "holds no index.jsonl"),
+    ("data.train_split=train1", "unknown or empty split 'train1'"),
+    ("engine.device=cuda", "torch sees no CUDA device"),
+    ("output_dir=/proc/goca_fast_cannot_write", "cannot write the run directory"),
+    ("data.batchsize=4", "did you mean 'data.batch_size'?"),
+])
+def test_typical_mistakes_end_in_one_line(tmp_path, override, expect):
+    if override == "engine.device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    r = run(pretrain_cmd(tmp_path / "out", tmp_path / "cache", override, "optim.epochs=1",
+                         "optim.warmup_epochs=0"))
+    assert expect in one_line_error(r)
+    assert not (tmp_path / "out" / "run").exists()  # a failed start leaves nothing behind
+
+
+def test_prototypes_file_missing_or_of_the_wrong_shape_is_one_line(tmp_path):
+    bad = tmp_path / "p.npy"
+    np.save(bad, np.ones((5, 3), dtype=np.float32))
+    for value, expect in ((tmp_path / "missing.npy", "cannot read prototypes file"), (bad, "holds 5×3 prototypes")):
+        r = run(pretrain_cmd(tmp_path / "out", tmp_path / "cache", f"model.prototypes_path={value}",
+                             "optim.epochs=1", "optim.warmup_epochs=0"))
+        assert expect in one_line_error(r)
+
+
+def test_prototypes_tool_refuses_zero_steps_and_unwritable_output(tmp_path):
+    from goca_fast.prototypes import main as prototypes_main
+    with pytest.raises(SystemExit) as e:
+        prototypes_main(["--num", "8", "--dim", "4", "--steps", "0", "--out", str(tmp_path / "p.npy")])
+    assert e.value.code == 2 and not (tmp_path / "p.npy").exists()
+    assert prototypes_main(["--num", "8", "--dim", "4", "--steps", "5", "--no-plot",
+                            "--out", "/proc/goca_fast_cannot_write.npy"]) == 2
+
+
+# ------------------------------------------------------------------------------------- conveniences
+
+def test_shipped_config_by_name_from_another_directory_and_print_config_round_trips(tmp_path):
+    cmd = [sys.executable, "-m", "goca_fast.pretrain", "--config", "ucf101_r2plus1d", "--print-config",
+           "data.batch_size=3"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "batch_size: 3" in first.stdout and "name: ucf101_r2plus1d" in first.stdout
+    (tmp_path / "printed.yaml").write_text(first.stdout)
+    again = subprocess.run([sys.executable, "-m", "goca_fast.pretrain", "--config", "printed.yaml",
+                            "--print-config"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    bad = subprocess.run([sys.executable, "-m", "goca_fast.pretrain", "--config", "ucf102"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=300)
+    assert "shipped: demo, k400_r2plus1d, ucf101_r2plus1d, ucf101_s3d_official" in one_line_error(bad)
+
+
+def test_without_a_terminal_progress_is_one_line_per_epoch(tmp_path):
+    r = run(pretrain_cmd(tmp_path / "out", tmp_path / "cache", "optim.epochs=2", "optim.warmup_epochs=0",
+                         "engine.max_iters_per_epoch=2", "eval.knn_after_training=false", "engine.progress=true"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stderr and "it/s" not in r.stderr  # no tqdm redraws in a log file
+    epochs = [l for l in r.stderr.splitlines() if " epoch " in l and "clips/s" in l]
+    assert len(epochs) == 2 and "epoch 1/2: loss" in epochs[0] and "over 2 steps" in epochs[0]
+
+
+def _torchvision_model(arch: str, in_channels: int):
+    from torchvision.models import video as tv
+    from goca_fast.models.backbones import _replace_first_conv
+    m = getattr(tv, arch)(weights=None)
+    if in_channels != 3:  # what the README tells users to do for the flow stream
+        if arch == "s3d":
+            m.features[0][0][0] = _replace_first_conv(m.features[0][0][0], in_channels)
+        else:
+            m.stem[0] = _replace_first_conv(m.stem[0], in_channels)
+    return m
+
+
+@pytest.mark.parametrize("arch,channels,head", [("r2plus1d_18", 3, "fc"), ("r3d_18", 2, "fc"),
+                                                ("s3d", 3, "classifier"), ("s3d", 2, "classifier")])
+def test_exported_backbone_loads_into_torchvision_with_only_the_classifier_missing(arch, channels, head):
+    from goca_fast.eval.export import torchvision_state_dict
+    from goca_fast.models.backbones import build_backbone
+    torch.manual_seed(0)
+    ours = build_backbone(arch, channels)
+    weights = torchvision_state_dict(ours.state_dict(), arch)
+    tv_model = _torchvision_model(arch, channels)
+    missing, unexpected = tv_model.load_state_dict(weights, strict=False)
+    assert unexpected == [] and missing and all(k.startswith(head + ".") for k in missing)
+    # the same network: identical features before the classifier
+    x = torch.randn(1, channels, 8, 32, 32)
+    ours.eval(), tv_model.eval()
+    trunk = tv_model.features if arch == "s3d" else torch.nn.Sequential(tv_model.stem, tv_model.layer1,
+                                                                        tv_model.layer2, tv_model.layer3,
+                                                                        tv_model.layer4)
+    with torch.no_grad():
+        assert torch.equal(ours.trunk(x), trunk(x))
+
+
+def test_export_weights_command_end_to_end(tmp_path, capsys):
+    from test_eval_support import make_run
+    run_dir = make_run(tmp_path / "r3d", "model.arch=r3d_18", "data.modalities=rgb", "model.pool=global")
+    out = tmp_path / "rgb.pth"
+    assert eval_main(["export", str(run_dir), "--weights", str(out), "--device", "cpu"]) == 0
+    m = _torchvision_model("r3d_18", 3)
+    missing, unexpected = m.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    assert eval_main(["export", str(tiny_run()), "--weights", str(tmp_path / "t.pth")]) == 2
+    assert "no torchvision counterpart" in capsys.readouterr().err
