@@ -5,8 +5,9 @@
 Same dataset for all (generated once into --cache: --videos videos of 340×256, 10 s at 25 fps, H.264 GOP 16, with
 their flow videos), same recipe (2×16 + 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the
 official code), same worker/thread count. The official-style loader is what the released code does per sample
-(spec §3.2): PyAV-decode the *whole* RGB and flow videos, convert the sampled frames with to_rgb, then run the torch
-augmentation on RGB and, independently, on the 3-channel flow image. `dali_decode` is the DALI source and the
+(docs/official_behaviour.md#known-bugs-of-the-official-code): PyAV-decode the *whole* RGB and flow videos,
+convert the sampled frames with to_rgb, then run the torch augmentation on RGB and, independently, on the
+3-channel flow image. `dali_decode` is the DALI source and the
 two decoders alone (no augmentation, no copy into torch): the decode share of `dali_cpu`. Reported per loader:
 clips/s, ms/batch, CPU utilisation (process + worker CPU time / wall / cores), peak host RSS (main process and the
 largest finished child), the RSS of the loader process at the first and the last timed batch and its growth over
@@ -74,7 +75,8 @@ def make_dataset(root: Path, videos: int, frames: int = 250, height: int = 256, 
 
 class OfficialStyleDataset(torch.utils.data.Dataset):
     """Per sample: whole-video PyAV decode of RGB and flow (thread_type AUTO), to_rgb of the sampled frames only,
-    torch augmentation of RGB and of the flow image, each with its own draw (spec §3.2-3.4)."""
+    torch augmentation of RGB and of the flow image, each with its own draw
+    (docs/official_behaviour.md#augmentation)."""
 
     def __init__(self, root: Path, records, clip_lengths, stride, min_distance, augment, seed: int = 0):
         self.root, self.records, self.clip_lengths = root, records, clip_lengths

@@ -1,6 +1,6 @@
 """GOCA assignment: Sinkhorn-Knopp equipartition codes, optionally guided by the other stream's codes.
 
-The official iterate (spec §1.7) on a B×K score matrix S is
+The official iterate (docs/official_behaviour.md#assignment) on a B×K score matrix S is
 
     X = S/ε                         (no prior)
     X = (S + s·ε2·log P)/(ε + ε2)   (prior P, s = +1 "kl", s = -1 "official")
@@ -220,7 +220,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int, prior: Optio
 def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, epsilon: float, prior_epsilon: float,
                iterations: int, cycles: int = 1, prior_sign: PriorSign = "kl", backend: Backend = "auto",
                group=None, keep_last: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prior-guided codes for both streams (spec §1.7).
+    """Prior-guided codes for both streams (docs/official_behaviour.md#prior-and-cycles).
 
     P_f = SK(S_f), P_r = SK(S_r); then `cycles` times: Q_r = SK(S_r | P_f), Q_f = SK(S_f | P_r); P_r, P_f = Q_r, Q_f.
     Returns (codes_rgb, codes_flow), float32, rows summing to 1 (only the last `keep_last` rows when given).

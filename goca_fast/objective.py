@@ -1,11 +1,11 @@
 """The GOCA objective: codes for the assigned clips (plain, prior-guided or mixed) and the swapped-prediction loss.
 
-Merge modes (spec §1.5):
+Merge modes (docs/official_behaviour.md#merge-modes):
   prior: per stream, codes from goca_codes (prior switched on from `prior_start_epoch`); RGB codes predicted from
          RGB scores, flow codes from flow scores; the two losses averaged.
   mix:   the 2N RGB and flow clips form one list; every assigned RGB and flow clip gets its own plain Sinkhorn and
          is predicted from all 2N−1 other clips (cross-modal prediction). The official code indexes these blocks
-         by *group* (spec §8.4); we use clip indices, which coincide with the official defaults.
+         by *group*; we use clip indices, which coincide with the official defaults.
   avg:   one merged stream (see GocaModel), plain SwAV.
 """
 from __future__ import annotations

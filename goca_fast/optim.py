@@ -1,8 +1,8 @@
 """Optimiser, LARC and the per-iteration LR schedule.
 
-The official recipe (spec §1.9) is SGD(momentum 0.9, weight decay 1e-4) over *all* parameters in one group,
-wrapped in NVIDIA apex's LARC(trust_coefficient=0.001, clip=False), with an LR array that does a linear warmup
-to ``base_lr * sqrt(global batch)`` and then a cosine decay. apex is not pip-installable, so :class:`LARC`
+The official recipe (docs/official_behaviour.md#optimiser) is SGD(momentum 0.9, weight decay 1e-4) over *all*
+parameters in one group, wrapped in NVIDIA apex's LARC(trust_coefficient=0.001, clip=False), with an LR array
+that does a linear warmup to ``base_lr * sqrt(global batch)`` and then a cosine decay. apex is not pip-installable, so :class:`LARC`
 re-implements its semantics here; ``use_apex=True`` selects the real apex classes when they are installed.
 """
 from __future__ import annotations

@@ -16,7 +16,8 @@ from goca_fast.assign import goca_codes, resolve_backend, sinkhorn
 
 
 def plain_iterate64(S, eps, iters, P=None, eps2=0.0, sign=1.0):
-    """The official iterate (spec §1.7) in float64 numpy, written independently of goca_fast."""
+    """The official iterate (docs/official_behaviour.md#assignment) in float64 numpy, written independently of
+    goca_fast."""
     S = np.asarray(S, dtype=np.float64)
     X = S / eps if P is None else (S + sign * eps2 * np.log(np.asarray(P, np.float64) / S.shape[0])) / (eps + eps2)
     Q = np.exp(X).T

@@ -361,8 +361,8 @@ def _gpu_scores(B, K, seed, dtype=torch.float32, D=128):
 
 
 def _iterate64(S, eps, iters, P=None, eps2=0.0, sign=1.0):
-    """The official iterate (spec §1.7) in float64 torch, written independently of goca_fast: test_assign's numpy
-    version on the GPU, for shapes up to 65536×3000."""
+    """The official iterate (docs/official_behaviour.md#assignment) in float64 torch, written independently of
+    goca_fast: test_assign's numpy version on the GPU, for shapes up to 65536×3000."""
     S = S.double()
     X = S / eps if P is None else (S + sign * eps2 * torch.log(P / S.shape[0])) / (eps + eps2)
     Q = torch.exp(X).t()

@@ -11,7 +11,8 @@ from goca_fast.queue import FeatureQueue, local_queue_length
 
 
 def loss_by_hand(scores, codes, tau):
-    """Spec §1.4 written as plain loops: CE_i = Σ_{v≠i} mean_b(−Σ_k q_i log softmax(s_v/τ)), /(N−1), mean over i."""
+    """The official loss (docs/official_behaviour.md#loss) as plain loops:
+    CE_i = Σ_{v≠i} mean_b(−Σ_k q_i log softmax(s_v/τ)), /(N−1), mean over i."""
     n = len(scores)
     total = 0.0
     for i, q in codes.items():

@@ -1,4 +1,5 @@
-"""Temporal sampling against independent re-derivations of the official rule (spec §3.3)."""
+"""Temporal sampling against independent re-derivations of the official rule
+(docs/official_behaviour.md#temporal-sampling)."""
 import numpy as np
 import pytest
 

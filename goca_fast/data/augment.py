@@ -1,6 +1,6 @@
 """Clip augmentation for the CPU loader (torch, T×C×H×W in, C×T×H×W float32 out).
 
-Train pipeline, as the official code (spec §3.4): random short-side resize (aspect kept,
+Train pipeline, as the official code (docs/official_behaviour.md#augmentation): random short-side resize (aspect kept,
 bilinear), one random crop for all frames, hflip p=0.5, optional time reversal, colour jitter
 p=0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1; random op order, one draw per
 clip), grayscale p=0.2, optional Gaussian blur (official: never applied, so default off),
@@ -17,7 +17,7 @@ Flow (`flow_mode`):
   "official": the released code's independent path: flow as a 3-channel image put through its
              own draw of the whole RGB pipeline (jitter, grayscale, ImageNet normalisation).
              Channel order is what the official loader sees after PyAV to_rgb of its flow
-             videos (spec §3.7): R = 128, G = v, B = u.
+             videos (docs/official_behaviour.md#flow-format): R = 128, G = v, B = u.
 """
 from __future__ import annotations
 

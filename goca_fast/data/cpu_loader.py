@@ -2,7 +2,8 @@
 
 Reproducibility: every random choice for dataset item i in epoch e comes from generators
 seeded by (seed, e, i), never from worker-global state, so a batch does not depend on the
-number of workers, on which worker served it, or on the rank count (official bug §8.24).
+number of workers, on which worker served it, or on the rank count (the official code seeds
+every rank alike: docs/official_behaviour.md#data-order-and-seeds).
 Bad videos never crash a run: the item is dropped with a warning (once per video and
 process) and counted in `ClipBatch.skipped`.
 """

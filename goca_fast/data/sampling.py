@@ -4,7 +4,8 @@ Pure functions of plain numbers (no I/O, no config objects); randomness only fro
 `np.random.Generator` passed in, so a caller can make sampling independent of worker
 assignment by deriving the generator from (seed, epoch, item).
 
-Behaviour follows the official GOCA code (spec §3.3, "strategy 1 / start 3") with two
+Behaviour follows the official GOCA code (its "strategy 1 / start 3", see
+docs/official_behaviour.md#temporal-sampling) with two
 documented deviations that only matter for degenerate inputs:
   * a video shorter than a clip's span (even after stride adaptation) gets valid indices
     (clamped to the last frame, i.e. the last frame is repeated) instead of an error;

@@ -241,7 +241,8 @@ def dataset_root_for(cfg: Config, override: Optional[str] = None) -> Path:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """The eval view protocol: num_clips uniformly spaced clips × crops spatial crops per video (spec §3.3/§3.5)."""
+    """The eval view protocol: num_clips uniformly spaced clips × crops spatial crops per video
+    (docs/official_behaviour.md#evaluation-views)."""
 
     clip_length: int
     stride: int

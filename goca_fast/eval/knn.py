@@ -1,4 +1,4 @@
-"""kNN video retrieval, the standard protocol (CoCLR / ViCC / GOCA §6.1).
+"""kNN video retrieval, the standard protocol (CoCLR / ViCC / GOCA, docs/official_behaviour.md#evaluation-protocol).
 
 Gallery = the train split, queries = the test split. Each video's feature is the mean over N uniformly spaced clips
 × 3 crops of the L2-normalised view features (official default 5 × 3 of the pretraining clip length), from the

@@ -1,5 +1,6 @@
 """Linear probe: a frozen backbone, the official `RegLog` classifier (optional L2 norm → BN1d → dropout → Linear),
-SGD for 100 epochs with the LR divided by 10 at epochs 60 and 80 (the official eval defaults, spec §6.2).
+SGD for 100 epochs with the LR divided by 10 at epochs 60 and 80 (the official eval
+defaults, docs/official_behaviour.md#evaluation-protocol).
 
 Two ways to feed it:
   * fast path (default, no augmentation): the raw backbone features of every train view (clips × crops per video)

@@ -44,7 +44,7 @@ class GocaModel(nn.Module):
 
     merge="prior"/"mix": each stream is scored separately. merge="avg": the official AvgRgbFlow model — backbone
     features averaged before a shared head, or head outputs averaged when heads are separate (then normalised:
-    the official returns the unnormalised average, spec §8.5).
+    the official returns the unnormalised average, docs/official_behaviour.md#merge-modes).
     """
 
     def __init__(self, arch: str, modalities: str = "rgb_flow", pool: str = "1x2x2", hidden_dim: int = 2048,
