@@ -22,7 +22,7 @@ from goca_fast.data.datasets import (
     scan_dataset,
 )
 from goca_fast.data.index import read_index, select_split
-from goca_fast.data.prepare import (ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, prepare_dataset, scan_source,
+from goca_fast.data.prepare import (ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, prepare_dataset,
                                     target_size)
 from goca_fast.data.video_io import probe_video, read_all_frames
 
@@ -188,7 +188,7 @@ def test_scan_folders_plain_and_split_layout(tmp_path):
                       ("train/b/same.mp4", b"dup"), ("val/b/same_copy.mp4", b"dup")]:
         (tmp_path / "split" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "split" / rel).write_bytes(data)
-    ds = scan_source("folders", str(tmp_path / "split"))
+    ds = scan_dataset("folders", str(tmp_path / "split"))
     assert {(v.id, v.cls, tuple(v.splits)) for v in ds.videos} == {
         ("train__x", "a", ("train",)), ("val__x", "a", ("val",)), ("w", "b", ("val",)), ("same", "b", ("train",))}
     assert [p["reason"] for p in ds.problems] == [

@@ -11,10 +11,11 @@ Split names in the index: UCF101/HMDB51 "train1", "test1", ..., "train3", "test3
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -309,26 +310,66 @@ def scan_folders(root: str) -> SourceDataset:
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not subdirs:
         raise SplitFileError(f"{root} has no class folders")
-    split_layout = all(d.lower() in SPLIT_DIR_NAMES for d in subdirs)
-    groups = [(SPLIT_DIR_NAMES[d.lower()], os.path.join(root, d)) for d in subdirs] if split_layout else [("all", root)]
-    videos: dict[tuple[str, str], SourceVideo] = {}
-    problems: list[dict] = []
+    if all(d.lower() in SPLIT_DIR_NAMES for d in subdirs):
+        return _scan_split_folders(root)
+    videos: dict[str, SourceVideo] = {}
     classes: set[str] = set()
-    for split, base in groups:
+    for cls in subdirs:
+        cdir = os.path.join(root, cls)
+        classes.add(cls)
+        for p in walk_videos(cdir):
+            rel = os.path.relpath(p, cdir)
+            videos[p] = SourceVideo(os.path.splitext(rel.replace(os.sep, "__"))[0], p, cls, ["all"])
+    return SourceDataset(list(videos.values()), sorted(classes), [])
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def _scan_split_folders(root: str) -> SourceDataset:
+    """`root/<split>/<class>/<videos>`: one video per file, ids unique per dataset.
+
+    Different videos may share a name across splits (`train/a/x.mp4`, `test/a/x.mp4`): a repeated name gets its
+    split prefixed (`test__x`, `train__x`); only files with the same content are duplicates (the first in
+    split/class/name order is kept).
+    """
+    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    found: list[SourceVideo] = []
+    classes: set[str] = set()
+    for sd in splits:
+        split, base = SPLIT_DIR_NAMES[sd.lower()], os.path.join(root, sd)
         for cls in sorted(os.listdir(base)):
             cdir = os.path.join(base, cls)
             if not os.path.isdir(cdir) or cls.startswith("."):
                 continue
             classes.add(cls)
             for p in walk_videos(cdir):
-                rel = os.path.relpath(p, cdir)
-                key = (cls, rel)
-                vid = os.path.splitext(rel.replace(os.sep, "__"))[0]
-                if key in videos:  # same file name under two split folders
-                    problems.append({"id": vid, "path": p, "reason": f"duplicate: same name as {videos[key].path}; kept that one"})
-                    continue
-                videos[key] = SourceVideo(vid, p, cls, [split])
-    return SourceDataset(list(videos.values()), sorted(classes), problems)
+                stem = os.path.splitext(os.path.relpath(p, cdir).replace(os.sep, "__"))[0]
+                found.append(SourceVideo(stem, p, cls, [split]))
+    by_size: dict[int, list[SourceVideo]] = defaultdict(list)
+    for v in found:
+        by_size[os.path.getsize(v.path)].append(v)
+    first: dict[str, str] = {}
+    problems, dup = [], set()
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        for v in group:  # only files of equal size are read and hashed
+            h = _file_digest(v.path)
+            if h in first:
+                dup.add(v.path)
+                problems.append({"id": v.id, "path": v.path, "reason": f"duplicate: same content as {first[h]}; kept that one"})
+            else:
+                first[h] = v.path
+    videos = [v for v in found if v.path not in dup]
+    names = Counter((v.cls, v.id) for v in videos)
+    for v in videos:
+        if names[(v.cls, v.id)] > 1:
+            v.id = f"{v.splits[0]}__{v.id}"
+    unique_ids(videos)
+    return SourceDataset(videos, sorted(classes), problems)
 
 
 # ----------------------------------------------------------------------------- helpers

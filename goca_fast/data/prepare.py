@@ -18,7 +18,6 @@ encodes only what is missing. Nothing here raises on a bad input; it is excluded
 from __future__ import annotations
 
 import argparse
-import hashlib
 import heapq
 import json
 import logging
@@ -35,8 +34,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
-from goca_fast.data.datasets import (SCANNERS, SPLIT_DIR_NAMES, SourceDataset, SourceVideo, SplitFileError, safe_name,
-                                     scan_dataset, unique_ids, walk_videos)
+from goca_fast.data.datasets import SCANNERS, SourceDataset, SplitFileError, safe_name, scan_dataset
 from goca_fast.data.index import VideoRecord, _write_atomic, write_index
 from goca_fast.data.video_io import (VideoReadError, VideoWriter, _configure_decoder, probe_video,
                                      set_decoder_threads)
@@ -624,68 +622,6 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0]
 
 
-# ----------------------------------------------------------------------------- sources
-
-
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
-
-
-def scan_split_folders(root: str) -> SourceDataset:
-    """`root/<split>/<class>/<videos>`: one video per file, ids unique per dataset.
-
-    Why not datasets.scan_folders: it keys videos by class/name, so `train/a/x.mp4` and
-    `test/a/x.mp4` (different videos that happen to share a name) lose one as a "duplicate".
-    Here a repeated name gets its split prefixed (`test__x`, `train__x`); only files with the
-    same content are duplicates (the first in split/class/name order is kept).
-    """
-    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    found: list[SourceVideo] = []
-    classes: set[str] = set()
-    for sd in splits:
-        split, base = SPLIT_DIR_NAMES[sd.lower()], os.path.join(root, sd)
-        for cls in sorted(os.listdir(base)):
-            cdir = os.path.join(base, cls)
-            if not os.path.isdir(cdir) or cls.startswith("."):
-                continue
-            classes.add(cls)
-            for p in walk_videos(cdir):
-                stem = os.path.splitext(os.path.relpath(p, cdir).replace(os.sep, "__"))[0]
-                found.append(SourceVideo(stem, p, cls, [split]))
-    by_size: dict[int, list[SourceVideo]] = defaultdict(list)
-    for v in found:
-        by_size[os.path.getsize(v.path)].append(v)
-    first: dict[str, str] = {}
-    problems, dup = [], set()
-    for group in by_size.values():
-        if len(group) < 2:
-            continue
-        for v in group:  # only files of equal size are read and hashed
-            h = _file_digest(v.path)
-            if h in first:
-                dup.add(v.path)
-                problems.append({"id": v.id, "path": v.path, "reason": f"duplicate: same content as {first[h]}; kept that one"})
-            else:
-                first[h] = v.path
-    videos = [v for v in found if v.path not in dup]
-    names = Counter((v.cls, v.id) for v in videos)
-    for v in videos:
-        if names[(v.cls, v.id)] > 1:
-            v.id = f"{v.splits[0]}__{v.id}"
-    unique_ids(videos)
-    return SourceDataset(videos, sorted(classes), problems)
-
-
-def scan_source(kind: str, root: str, split_dir: Optional[str] = None) -> SourceDataset:
-    """datasets.scan_dataset, with split-folder trees scanned by `scan_split_folders`."""
-    if kind == "folders" and os.path.isdir(root):
-        subdirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
-        if subdirs and all(d.lower() in SPLIT_DIR_NAMES for d in subdirs):
-            return scan_split_folders(root)
-    return scan_dataset(kind, root, split_dir)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -743,7 +679,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"workers must be >= 1, got {a.workers}")
         if a.out is None and not a.check:
             raise ValueError("--out is required (or --check for a dry run)")
-        source = scan_source(a.dataset, a.src, a.splits_dir)
+        source = scan_dataset(a.dataset, a.src, a.splits_dir)
     except (SplitFileError, ValueError) as e:
         parser.error(str(e))
     if not source.videos:
