@@ -76,5 +76,21 @@ def test_finetune_command_line(tmp_path, capsys):
     assert "flow" in capsys.readouterr().out
     out = json.loads((tmp_path / "finetune.json").read_text())
     assert set(out["accuracy"]) == {"flow"} and out["protocol"]["settings"]["schedule"] == "cosine"
-    assert main(argv[:1] + ["--epochs", "1"]) == 2          # no checkpoint and no run to resume: one-line error
-    assert capsys.readouterr().err.startswith("goca-eval: error: finetune needs")
+    with pytest.raises(SystemExit) as e:                    # the pretrained checkpoint / run dir is required
+        main(argv[:1] + ["--epochs", "1"])
+    assert e.value.code == 2 and "required: source" in capsys.readouterr().err
+
+
+def test_finetune_command_line_resumes_when_run_again(tmp_path, capsys, caplog):
+    from goca_fast.eval.cli import main
+    argv = ["finetune", str(tiny_run()), "--out", str(tmp_path), "--warmup-epochs", "0", "--batch-size", "4",
+            "--max-iters-per-epoch", "1", "--test-clips", "1", "--test-crops", "1", "--streams", "flow",
+            "--device", "cpu", "--workers", "0"]
+    assert main(argv + ["--epochs", "1"]) == 0
+    assert "Fine-tuning (1 epoch, flow)" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="goca_fast.eval"):
+        assert main(argv + ["--epochs", "2"]) == 0         # the same source and --out again: resumed, not restarted
+    assert any("resumed fine-tuning from" in r.getMessage() and "at epoch 1" in r.getMessage()
+               for r in caplog.records)
+    assert "Fine-tuning (2 epochs, flow)" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "finetune.json").read_text())["history"]) == 2

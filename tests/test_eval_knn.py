@@ -120,3 +120,31 @@ def test_demo_retrieval_comes_from_this_module():
     fn = getattr(pretrain, "knn_retrieval", None)
     assert fn is None or fn is knn.knn_retrieval, "pretrain.py must use goca_fast.eval.knn, not a copy"
     assert "extract_video_features" not in inspect.getsource(pretrain)
+
+
+def test_every_option_has_a_help_text_and_shows_its_default_once():
+    import argparse
+    import re
+    from goca_fast.eval.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"knn", "linear", "finetune", "export", "plots"}
+    for name, parser in sub.choices.items():
+        text = parser.format_help()
+        flat = " ".join(text.split())
+        assert not re.search(r"\(default[^)]*\) \(default", flat) and "(default: None)" not in flat, name
+        fmt = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            shown = fmt._expand_help(action) if action.help else ""
+            assert shown.strip(), f"{name} {action.option_strings or action.dest}: no help text"
+            n = shown.lower().count("default")
+            assert n <= 1, f"{name} {action.option_strings}: {shown!r}"
+            if action.option_strings and action.default is not None and action.default is not False:
+                assert n == 1, f"{name} {action.option_strings}: default {action.default!r} not shown: {shown!r}"
+        with pytest.raises(SystemExit) as e:           # the checkpoint/run directory is required everywhere
+            parser.parse_args([])
+        assert e.value.code == 2
+    lin = sub.choices["linear"].format_help()
+    assert "training epochs (official 100) (default: 100)" in " ".join(lin.split())
+    assert "SGD momentum (default: 0.9)" in " ".join(lin.split())

@@ -58,3 +58,28 @@ def test_linear_command_line(tmp_path, capsys):
     assert "top-1" in capsys.readouterr().out
     out = json.loads((tmp_path / "linear.json").read_text())
     assert out["protocol"]["settings"]["epochs"] == 2 and out["protocol"]["settings"]["lr"] == 0.1
+
+
+def test_short_run_warns_once_about_unreached_milestones_and_counts_are_singular(tmp_path, capsys, caplog):
+    from goca_fast.eval.cli import main
+    argv = ["linear", str(tiny_run()), "--epochs", "1", "--train-clips", "1", "--train-crops", "1",
+            "--test-clips", "1", "--test-crops", "1", "--out", str(tmp_path), "--device", "cpu", "--workers", "0"]
+    with caplog.at_level("WARNING", logger="goca_fast.eval"):
+        assert main(argv) == 0
+    warned = [r.getMessage() for r in caplog.records if "milestones" in r.getMessage()]
+    assert warned == ["linear probe: --milestones 60,80 not below --epochs 1: the LR never drops there "
+                      "(pass smaller --milestones for a short run)"]
+    out = capsys.readouterr().out
+    assert "cached features, 1 epoch, lr" in out and "1 epochs" not in out
+    protocol = json.loads((tmp_path / "linear.json").read_text())["protocol"]
+    assert protocol["test"].startswith("1 clip × 1 crop of ") and "1 crops" not in protocol["train"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="goca_fast.eval"):   # milestones inside the run: no warning
+        assert main(argv[:3] + ["2", "--milestones", "1"] + argv[4:]) == 0
+    assert not [r for r in caplog.records if "milestones" in r.getMessage()]
+
+
+def test_plural():
+    from goca_fast.eval.common import plural
+    assert [plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert plural(1, "query video") == "1 query video" and plural(3, "query video") == "3 query videos"

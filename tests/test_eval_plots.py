@@ -69,3 +69,43 @@ def test_export_npy_and_pt(tmp_path):
     assert obj["features"]["flow"].shape == (12, 128) and len(obj["ids"]) == 12 and obj["views"] is None
     test = torch.load(tmp_path / "pt" / "test.pt", weights_only=True)
     assert np.allclose(test["features"]["rgb"].numpy(), x)   # same features whatever the format
+
+
+def test_export_lists_each_written_file_once(tmp_path, capsys):
+    argv = ["export", str(tiny_run()), "--out", str(tmp_path), "--split", "test", "--split", "test", "--views",
+            "--device", "cpu", "--workers", "0"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("test: 4 of 4 videos exported") == 1          # a split named twice is exported once
+    names = out.strip().splitlines()[-1].split(": ", 1)[1].split(", ")
+    assert sorted(names) == sorted(["test_rgb.npy", "test_rgb_views.npy", "test_flow.npy", "test_flow_views.npy",
+                                    "test_meta.json"])
+
+
+def _blue_pixels(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        px = np.asarray(im.convert("RGB")).astype(int)
+    c0 = np.array([31, 119, 180])                                    # matplotlib's first line colour
+    return int((np.abs(px - c0).sum(-1) < 60).sum())
+
+
+def test_a_one_epoch_curve_is_drawn_as_a_point(tmp_path):
+    one = draw_curves({"train/loss": [(1, 2.0)]}, tmp_path / "one.png", size_px=(380, 300))
+    assert _blue_pixels(one) > 10                                    # a marker, not empty axes
+    many = draw_curves({"train/loss": [(s, 1.0 / s) for s in range(1, 50)]}, tmp_path / "many.png",
+                       size_px=(380, 300))
+    assert _blue_pixels(many) > 10
+
+
+def test_plots_output_has_no_tensorboard_info_lines(tmp_path, capsys, caplog):
+    run = make_run(tmp_path / "run")
+    w = SummaryWriter(str(run / "tensorboard"))
+    w.add_scalar("train/loss", 1.0, 1)
+    w.close()
+    with caplog.at_level("INFO"):
+        assert cli_main(["plots", str(run), "--what", "curves", "--device", "cpu", "--no-tensorboard"]) == 0
+    assert not [r for r in caplog.records if r.name.startswith("tensorboard")], caplog.text
+    assert capsys.readouterr().out.startswith("plots written:")
+    import logging
+    assert logging.getLogger("tensorboard").level == logging.NOTSET   # the level is restored afterwards

@@ -47,17 +47,28 @@ def _positive(text: str) -> int:
     return v
 
 
-def _common(p: argparse.ArgumentParser, source_optional: bool = False, protocol: bool = True,
-            views: bool = True) -> None:
-    p.add_argument("source", nargs="?" if source_optional else None,
-                   help="checkpoint file or pretraining run directory (its checkpoints/latest.pth)")
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default exactly once: appended as "(default: X)" unless the help text already says
+    what the default is, and never for defaults that mean "unset" (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text.lower() or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _common(p: argparse.ArgumentParser, protocol: bool = True, views: bool = True,
+            out: str = "<run_dir>/eval") -> None:
+    p.add_argument("source", help="checkpoint file or pretraining run directory (its latest intact checkpoint)")
     p.add_argument("--data-root", help="prepared dataset to evaluate on (default: the pretraining dataset)")
     p.add_argument("--train-split", help="gallery / training split (default: the config's data.train_split)")
     p.add_argument("--test-split", help="query / test split (default: the config's data.test_split)")
     p.add_argument("--streams", type=_streams, help="rgb, flow or rgb,flow (default: every stream of the model)")
     p.add_argument("--workers", type=int, help="loader processes (default: the config's data.workers)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--out", help="output directory (default: <run_dir>/eval)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda[:N]")
+    p.add_argument("--out", help=f"output directory (default: {out})")
     p.add_argument("--config", help="pretraining YAML, for checkpoints that carry no config")
     p.add_argument("--arch", help="fail unless the checkpoint is of this architecture (e.g. r2plus1d_18)")
     if protocol and views:
@@ -73,78 +84,90 @@ def _common(p: argparse.ArgumentParser, source_optional: bool = False, protocol:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Evaluate GOCA checkpoints: kNN retrieval, linear probe, "
+    p = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter,
+                                description="Evaluate GOCA checkpoints: kNN retrieval, linear probe, "
                                 "fine-tuning, feature export, plots. Each subcommand takes a checkpoint or a run "
                                 "directory; see `goca-eval <subcommand> --help`.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{knn,linear,finetune,export,plots}")
 
-    k = sub.add_parser("knn", help="nearest-neighbour video retrieval R@1/5/10/20/50")
+    k = sub.add_parser("knn", formatter_class=HelpFormatter, help="nearest-neighbour video retrieval R@1/5/10/20/50")
     _common(k)
     k.add_argument("--feature", default="backbone", choices=("backbone", "head"),
                    help="pooled backbone features (default, official) or projection-head embeddings")
     k.add_argument("--ks", type=_ints, default=[1, 5, 10, 20, 50], help="comma-separated k (default 1,5,10,20,50)")
     k.add_argument("--plots", action="store_true", help="also draw the retrieval grid and PCA map")
 
-    lin = sub.add_parser("linear", help="linear probe on the frozen backbone")
+    lin = sub.add_parser("linear", formatter_class=HelpFormatter, help="linear probe on the frozen backbone")
     _common(lin, views=False)
     lin.add_argument("--augment", action="store_true",
                      help="train on random augmented clips each epoch (slow) instead of cached view features")
-    lin.add_argument("--epochs", type=_positive, default=100)
-    lin.add_argument("--lr", type=float, default=0.1)
-    lin.add_argument("--wd", type=float, default=0.0, help="weight decay")
-    lin.add_argument("--momentum", type=float, default=0.9)
-    lin.add_argument("--milestones", type=_ints, default=[60, 80], help="epochs where the LR is multiplied by gamma")
-    lin.add_argument("--gamma", type=float, default=0.1)
+    lin.add_argument("--epochs", type=_positive, default=100, help="training epochs (official 100)")
+    lin.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (official argument default 0.3)")
+    lin.add_argument("--wd", type=float, default=0.0, help="weight decay (official argument default 1e-6)")
+    lin.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    lin.add_argument("--milestones", type=_ints, default=[60, 80],
+                     help="comma-separated epochs where the LR is multiplied by --gamma (default 60,80)")
+    lin.add_argument("--gamma", type=float, default=0.1, help="LR factor at each milestone")
     lin.add_argument("--probe-batch-size", type=_positive, default=256, help="samples (views) per SGD step")
     lin.add_argument("--l2norm", action="store_true", help="L2-normalise features before the BN (official option)")
     lin.add_argument("--no-bn", action="store_true", help="drop the BatchNorm1d in front of the linear layer")
-    lin.add_argument("--dropout", type=float, default=0.0)
+    lin.add_argument("--dropout", type=float, default=0.0, help="dropout probability before the linear layer")
     lin.add_argument("--train-clips", type=_positive, default=5, help="train views: clips per video (fast path)")
     lin.add_argument("--train-crops", type=int, choices=(1, 3), default=3, help="train views: crops per clip")
-    lin.add_argument("--test-clips", type=_positive, default=10)
-    lin.add_argument("--test-crops", type=int, choices=(1, 3), default=3)
-    lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--test-clips", type=_positive, default=10, help="test views: clips per video")
+    lin.add_argument("--test-crops", type=int, choices=(1, 3), default=3, help="test views: crops per clip")
+    lin.add_argument("--seed", type=int, default=0, help="seed of the classifier init and the sample order")
 
-    ft = sub.add_parser("finetune", help="end-to-end fine-tuning, two-stream late fusion")
-    _common(ft, source_optional=True, protocol=False)
-    ft.add_argument("--epochs", type=_positive, default=100)
+    ft = sub.add_parser("finetune", formatter_class=HelpFormatter,
+                        help="end-to-end fine-tuning, two-stream late fusion")
+    _common(ft, protocol=False, out="<run_dir>/eval/finetune; a fine-tuning run there is resumed")
+    ft.add_argument("--epochs", type=_positive, default=100, help="training epochs")
     ft.add_argument("--lr", type=float, default=0.1, help="classifier LR (the backbone gets lr × ratio)")
-    ft.add_argument("--backbone-lr-ratio", type=float, default=0.1)
+    ft.add_argument("--backbone-lr-ratio", type=float, default=0.1, help="backbone LR / classifier LR")
     ft.add_argument("--wd", type=float, default=1e-4, help="weight decay")
-    ft.add_argument("--momentum", type=float, default=0.9)
+    ft.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     ft.add_argument("--batch-size", type=_positive, default=16, help="videos per process and step")
-    ft.add_argument("--warmup-epochs", type=float, default=5.0)
-    ft.add_argument("--schedule", choices=("step", "cosine"), default="step")
-    ft.add_argument("--milestones", type=_ints, default=[60, 80])
-    ft.add_argument("--gamma", type=float, default=0.1)
-    ft.add_argument("--dropout", type=float, default=0.5)
-    ft.add_argument("--test-clips", type=_positive, default=10)
-    ft.add_argument("--test-crops", type=int, choices=(1, 3), default=3)
-    ft.add_argument("--eval-every", type=int, default=0, help="epochs between 1-clip validations (0 = off)")
-    ft.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--max-iters-per-epoch", type=int, default=0, help="cut epochs short (smoke tests)")
-    ft.add_argument("--fresh", action="store_true", help="ignore a checkpoint in the output directory")
+    ft.add_argument("--warmup-epochs", type=float, default=5.0, help="linear LR warm-up length (may be fractional)")
+    ft.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                    help="after the warm-up: x gamma at the milestones, or a cosine to 0")
+    ft.add_argument("--milestones", type=_ints, default=[60, 80],
+                    help="comma-separated epochs of the step schedule (default 60,80)")
+    ft.add_argument("--gamma", type=float, default=0.1, help="LR factor at each milestone")
+    ft.add_argument("--dropout", type=float, default=0.5, help="dropout probability before the classifier")
+    ft.add_argument("--test-clips", type=_positive, default=10, help="test views: clips per video")
+    ft.add_argument("--test-crops", type=int, choices=(1, 3), default=3, help="test views: crops per clip")
+    ft.add_argument("--eval-every", type=int, default=0, help="epochs between 1-clip validations (default 0 = off)")
+    ft.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                    help="autocast (auto = bf16 on a GPU, off on the CPU)")
+    ft.add_argument("--seed", type=int, default=0, help="seed of the classifier init, data order and augmentation")
+    ft.add_argument("--max-iters-per-epoch", type=int, default=0,
+                    help="cut epochs short (smoke tests; default 0 = full epochs)")
+    ft.add_argument("--fresh", action="store_true",
+                    help="start over even if the output directory holds a fine-tuning checkpoint (by default "
+                         "the same command resumes it)")
 
-    ex = sub.add_parser("export", help="write features of any split to .npy or .pt")
-    _common(ex)
+    ex = sub.add_parser("export", formatter_class=HelpFormatter, help="write features of any split to .npy or .pt")
+    _common(ex, out="<run_dir>/eval/export")
     ex.add_argument("--split", action="append", default=[], help="split to export (repeatable; default train+test)")
-    ex.add_argument("--format", default="npy", choices=("npy", "pt"))
+    ex.add_argument("--format", default="npy", choices=("npy", "pt"),
+                    help="one .npy per split and stream + <split>_meta.json, or one <split>.pt dict")
     ex.add_argument("--views", action="store_true", help="also write the per-view features (fp16)")
-    ex.add_argument("--feature", default="backbone", choices=("backbone", "head"))
+    ex.add_argument("--feature", default="backbone", choices=("backbone", "head"),
+                    help="pooled backbone features or projection-head embeddings")
     ex.add_argument("--weights", metavar="OUT.pth",
                     help="instead of features, write one stream's backbone as a torchvision state_dict")
     ex.add_argument("--stream", default="rgb", choices=("rgb", "flow"), help="the stream --weights exports")
 
-    pl = sub.add_parser("plots", help="retrieval grid, PCA/t-SNE map, training curves (PNG + TensorBoard)")
-    _common(pl, protocol=False)
+    pl = sub.add_parser("plots", formatter_class=HelpFormatter,
+                        help="retrieval grid, PCA/t-SNE map, training curves (PNG + TensorBoard)")
+    _common(pl, protocol=False, out="<run_dir>/eval/plots")
     pl.add_argument("--what", default="retrieval,embedding,curves",
-                    help="comma-separated subset of retrieval, embedding, curves")
+                    help="comma-separated subset of retrieval, embedding, curves (default: all three)")
     pl.add_argument("--stream", choices=("rgb", "flow", "both"), help="features to plot (default: both if two)")
     pl.add_argument("--method", default="pca", choices=("pca", "tsne"), help="2-D map (t-SNE needs scikit-learn)")
     pl.add_argument("--queries", type=_positive, default=8, help="rows of the retrieval grid")
-    pl.add_argument("--batch-size", type=_positive)
-    pl.add_argument("--no-cache", action="store_true")
+    pl.add_argument("--batch-size", type=_positive, help="videos per batch (default: eval.batch_size)")
+    pl.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     pl.add_argument("--no-tensorboard", action="store_true", help="do not add the images to TensorBoard")
     return p
 

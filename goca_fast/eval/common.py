@@ -39,6 +39,11 @@ from goca_fast.models.goca_model import GocaModel
 
 log = logging.getLogger("goca_fast.eval")
 
+
+def plural(n: int, word: str, words: Optional[str] = None) -> str:
+    """"1 epoch", "2 epochs": a count with its noun in the right number (`words` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
 STREAM_NAMES = ("rgb", "flow")
 
 
@@ -257,7 +262,8 @@ class ViewSpec:
         return self.num_clips * self.crops
 
     def describe(self) -> str:
-        return (f"{self.num_clips} clips × {self.crops} crops of {self.clip_length} frames (stride {self.stride}), "
+        return (f"{plural(self.num_clips, 'clip')} × {plural(self.crops, 'crop')} of "
+                f"{plural(self.clip_length, 'frame')} (stride {self.stride}), "
                 f"short side {self.short_side} → {self.crop_size}² crops")
 
 
@@ -313,11 +319,13 @@ def split_records(root: Path, split: str, streams: Sequence[str], records: Optio
             ok.append(r)
     if missing:
         what = "RGB or flow" if need_flow else "RGB"
-        msg = (f"split {split!r}: {len(missing)} of {len(chosen)} videos have missing {what} files "
+        msg = (f"split {split!r}: {len(missing)} of {plural(len(chosen), 'video')} "
+               f"{'has' if len(missing) == 1 else 'have'} missing {what} files "
                f"(e.g. {', '.join(missing[:3])}); they are left out and counted")
         if not ok:
             hint = " (no flow extracted? run goca-flow, or evaluate --streams rgb)" if need_flow else ""
-            raise EvalError(f"split {split!r} of {root}: none of its {len(chosen)} videos has its files{hint}")
+            raise EvalError(f"split {split!r} of {root}: none of its {plural(len(chosen), 'video')} has its "
+                              f"files{hint}")
         log.warning(msg)
     return SplitRecords(split, ok, len(chosen), missing, list(classes))
 
@@ -433,10 +441,11 @@ def compute_split_features(model: GocaModel, root: Path, split: SplitRecords, sp
     got = set(out.index.tolist())
     unreadable = [r.id for i, r in enumerate(split.records) if i not in got]
     if not got:
-        raise EvalError(f"split {split.name!r}: none of its {len(split.records)} videos could be decoded")
+        raise EvalError(f"split {split.name!r}: none of its {plural(len(split.records), 'video')} could be decoded")
     if unreadable:
-        log.warning("split %r: %d videos could not be decoded and are left out (e.g. %s)", split.name,
-                    len(unreadable), ", ".join(unreadable[:3]))
+        log.warning("split %r: %s could not be decoded and %s left out (e.g. %s)", split.name,
+                    plural(len(unreadable), "video"), "is" if len(unreadable) == 1 else "are",
+                    ", ".join(unreadable[:3]))
     ids = [split.records[i].id for i in out.index[order].tolist()]
     # view features are kept (and cached) at fp16: half the memory, and a cache hit gives the very same numbers
     return SplitFeatures(split.name, ids, out.labels[order], out.padded[order],

@@ -25,7 +25,7 @@ import torch
 
 from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewSpec, dataset_root_for,
                                    default_output_dir, load_model, resolve_amp, resolve_device, split_features,
-                                   split_records, view_spec_from_config)
+                                   plural, split_records, view_spec_from_config)
 
 FORMATS = ("npy", "pt")
 # where our backbone trunk's children sit in the torchvision model (goca_fast.models.backbones builds them so)
@@ -118,8 +118,8 @@ def run_export(source: str, splits: Sequence[str] = (), fmt: str = "npy", out_di
     cache = FeatureCache(base / "features") if use_cache else None
     bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
     written = []
-    all_recs = [split_records(root, split, loaded.streams)  # every split checked before any extraction
-                for split in (list(splits) or [cfg.data.train_split, cfg.data.test_split])]
+    names = list(dict.fromkeys(splits or [cfg.data.train_split, cfg.data.test_split]))  # a split named twice: once
+    all_recs = [split_records(root, split, loaded.streams) for split in names]  # every split checked before extracting
     for recs in all_recs:
         split = recs.name
         f = split_features(loaded, root, recs, spec, dev, bs, nw, feature, keep_views=views,
@@ -130,8 +130,8 @@ def run_export(source: str, splits: Sequence[str] = (), fmt: str = "npy", out_di
         written += write_features(f, out, fmt, protocol)
         if not quiet:
             c = f.counts()
-            print(f"{split}: {c['evaluated']} of {c['videos']} videos exported "
+            print(f"{split}: {c['evaluated']} of {plural(c['videos'], 'video')} exported "
                   f"({c['missing_files']} missing, {c['unreadable']} unreadable, {c['padded_short']} padded)")
     if not quiet:
-        print(f"written to {out} in {time.time() - t0:.1f}s: " + ", ".join(p.name for p in written))
+        print(f"written to {out} in {time.time() - t0:.1f}s: " + ", ".join(dict.fromkeys(p.name for p in written)))
     return written

@@ -37,7 +37,7 @@ from goca_fast.stop_signals import RunStopped, StopSignals
 from goca_fast.engine import build_model
 from goca_fast.eval.common import (EvalError, check_disjoint_records, class_check, config_from_dict, dataset_root_for,
                                    default_output_dir, load_model, preserve_rng, resolve_amp, split_records,
-                                   view_spec_from_config)
+                                   plural, view_spec_from_config)
 from goca_fast.eval.linear import BOTH, RegLog, accuracy_table, fuse_probabilities, topk_accuracy
 
 log = logging.getLogger("goca_fast.eval")
@@ -129,8 +129,9 @@ class FinetuneResult:
     seconds: float = 0.0
 
     def table(self, name: str = "model") -> str:
-        return accuracy_table(self.accuracy, name) + (f"\n{self.test['evaluated']} of {self.test['videos']} test videos "
-                                   f"({self.protocol['test_split']}), {self.protocol['test']}")
+        return accuracy_table(self.accuracy, name) + (
+            f"\n{self.test['evaluated']} of {plural(self.test['videos'], 'test video')} "
+            f"({self.protocol['test_split']}), {self.protocol['test']}")
 
     def to_json(self) -> dict:
         return {"accuracy": {s: {f"top{k}": v for k, v in a.items()} for s, a in self.accuracy.items()},
@@ -351,7 +352,8 @@ class Finetuner:
                 writer.add_scalar(f"finetune/test_top1_{k}", v[1], self.epoch)
             writer.close()
         protocol = {"train_split": self.train_split, "test_split": self.test_split,
-                    "test": f"{s.test_clips} clips × {s.test_crops} crops of {self.spec.clip_length} frames, "
+                    "test": f"{plural(s.test_clips, 'clip')} × {plural(s.test_crops, 'crop')} of "
+                            f"{plural(self.spec.clip_length, 'frame')}, "
                             f"softmax averaged over views; two streams late-fused (probabilities averaged)",
                     "settings": asdict(s), "source_checkpoint": self.source, "arch": self.cfg.model.arch,
                     "dataset": str(self.root), "world_size": self.info.world_size, "num_classes": len(self.classes)}
@@ -444,7 +446,8 @@ def run_finetune(source: Optional[str], out_dir: Optional[str] = None, settings:
     if ft.info.is_main:
         (run_dir / "finetune.json").write_text(json.dumps(res.to_json(), indent=2))
         if not quiet:
-            print(f"Fine-tuning ({ft.settings.epochs} epochs, {', '.join(ft.streams)}):\n{res.table(ft.cfg.name)}\n"
+            print(f"Fine-tuning ({plural(ft.settings.epochs, 'epoch')}, {', '.join(ft.streams)}):\n"
+                  f"{res.table(ft.cfg.name)}\n"
                   f"written: {run_dir / 'finetune.json'}")
     return res
 

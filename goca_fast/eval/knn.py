@@ -26,7 +26,8 @@ import torch
 from goca_fast.config import Config
 from goca_fast.eval.common import (FeatureCache, SplitFeatures, ViewSpec, check_disjoint_records, class_check,
                                    compute_split_features, dataset_root_for, default_output_dir, load_model,
-                                   resolve_amp, resolve_device, split_features, split_records, view_spec_from_config)
+                                   plural, resolve_amp, resolve_device, split_features, split_records,
+                                   view_spec_from_config)
 from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
 from goca_fast.models.goca_model import GocaModel
 
@@ -60,9 +61,9 @@ class KnnResult:
 
     def table(self, name: str = "model") -> str:
         return (format_table({name: self.recall}, sorted(next(iter(self.recall.values()))))
-                + f"\n{self.query['evaluated']} of {self.query['videos']} query videos "
+                + f"\n{self.query['evaluated']} of {plural(self.query['videos'], 'query video')} "
                   f"({self.protocol['query_split']}) against {self.gallery['evaluated']} of "
-                  f"{self.gallery['videos']} gallery videos ({self.protocol['gallery_split']})"
+                  f"{plural(self.gallery['videos'], 'gallery video')} ({self.protocol['gallery_split']})"
                 + self._notes())
 
     def _notes(self) -> str:
@@ -70,10 +71,11 @@ class KnnResult:
         for name, c in (("gallery", self.gallery), ("query", self.query)):
             left = c["missing_files"] + c["unreadable"]
             if left:
-                notes.append(f"{name}: {left} videos left out ({c['missing_files']} missing, "
+                notes.append(f"{name}: {plural(left, 'video')} left out ({c['missing_files']} missing, "
                              f"{c['unreadable']} unreadable)")
             if c["padded_short"]:
-                notes.append(f"{name}: {c['padded_short']} videos shorter than a clip, padded by repeating frames")
+                notes.append(f"{name}: {plural(c['padded_short'], 'video')} shorter than a clip, padded by "
+                             f"repeating frames")
         return "".join(f"\n  note: {n}" for n in notes)
 
     def to_json(self) -> dict:

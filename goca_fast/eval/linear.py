@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewSpec, check_disjoint_records,
                                    class_check, dataset_root_for,
                                    default_output_dir, load_model, resolve_amp, resolve_device, split_features,
-                                   split_records, view_spec_from_config)
+                                   plural, split_records, view_spec_from_config)
 
 log = logging.getLogger("goca_fast.eval")
 
@@ -203,9 +203,10 @@ class LinearResult:
     seconds: float = 0.0
 
     def table(self, name: str = "model") -> str:
-        return accuracy_table(self.accuracy, name) + (f"\n{self.test['evaluated']} of {self.test['videos']} test videos "
-                                   f"({self.protocol['test_split']}); probe trained on {self.train['evaluated']} of "
-                                   f"{self.train['videos']} videos ({self.protocol['train_split']})")
+        return accuracy_table(self.accuracy, name) + (
+            f"\n{self.test['evaluated']} of {plural(self.test['videos'], 'test video')} "
+            f"({self.protocol['test_split']}); probe trained on {self.train['evaluated']} of "
+            f"{plural(self.train['videos'], 'video')} ({self.protocol['train_split']})")
 
     def to_json(self) -> dict:
         return {"accuracy": {s: {f"top{k}": v for k, v in a.items()} for s, a in self.accuracy.items()},
@@ -301,6 +302,10 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
     """`goca-eval linear`: frozen-backbone linear probe; prints a table, writes linear.json and the probe weights."""
     t0 = time.time()
     settings = (settings or ProbeSettings()).check()
+    unreached = [m for m in settings.milestones if m >= settings.epochs]
+    if unreached:
+        log.warning("linear probe: --milestones %s not below --epochs %d: the LR never drops there "
+                    "(pass smaller --milestones for a short run)", ",".join(map(str, unreached)), settings.epochs)
     dev = resolve_device(device)
     amp_dt = resolve_amp(amp, dev)
     loaded = load_model(source, dev, streams, expect_arch=expect_arch, config_path=config_path)
@@ -326,7 +331,8 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
         train_counts = {"videos": train_recs.total, "evaluated": n_train, "missing_files": len(train_recs.missing),
                         "unreadable": 0, "padded_short": sum(r.frames < test_spec.clip_length
                                                              for r in train_recs.records)}
-        train_desc = f"1 random clip of {test_spec.clip_length} frames per video per epoch, resized crop + flip"
+        train_desc = (f"1 random clip of {plural(test_spec.clip_length, 'frame')} per video per epoch, "
+                      f"resized crop + flip")
     else:
         train_spec = view_spec_from_config(cfg, train_clips, train_crops, clip_length, stride)
         train = split_features(loaded, root, train_recs, train_spec, dev, bs, nw, keep_views=True, amp=amp_dt,
@@ -344,7 +350,8 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
     (out / "linear.json").write_text(json.dumps(res.to_json(), indent=2))
     torch.save({s: p.state_dict() for s, p in probes.items()}, out / "linear_probe.pth")
     if not quiet:
-        print(f"Linear probe ({'augmented clips' if augment else 'cached features'}, {settings.epochs} epochs, "
+        print(f"Linear probe ({'augmented clips' if augment else 'cached features'}, "
+              f"{plural(settings.epochs, 'epoch')}, "
               f"lr {settings.lr}, milestones {list(settings.milestones)}):\n{res.table(cfg.name)}\n"
               f"written: {out / 'linear.json'}")
     return res

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from goca_fast.data.index import read_index
-from goca_fast.eval.common import EvalError, check_disjoint, preserve_rng
+from goca_fast.eval.common import EvalError, check_disjoint, plural, preserve_rng
 from goca_fast.eval.features import extract_features
 from goca_fast.eval.retrieval import combine_streams, recall_at_k
 
@@ -144,8 +144,8 @@ class KnnMonitor:
         """R@1 (percent) per stream and, with two streams, "both"."""
         if self._datasets is None:
             self.prepare()
-            log.info("kNN monitor: %d train / %d val videos, %s in memory (%.0f MB), prepared in %.1fs",
-                     self.counts[self.splits[0]], self.counts[self.splits[1]],
+            log.info("kNN monitor: %d train / %s, %s in memory (%.0f MB), prepared in %.1fs",
+                     self.counts[self.splits[0]], plural(self.counts[self.splits[1]], "val video"),
                      "clips kept" if self._data is not None else "not kept", self.preload_mb(), self.prepare_seconds)
         t0 = time.perf_counter()
         streams = [s for s in self.streams if s in model.streams]
@@ -174,7 +174,7 @@ class KnnMonitor:
             for s, v in r.items():
                 writer.add_scalar(f"{self.tag}/knn_r1_{s}", v, x)
             writer.add_scalar(f"{self.tag}/seconds", self.last_seconds, x)
-        log.info("kNN monitor after epoch %d: %s (%d val vs %d train videos, %.1fs)", epoch + 1,
+        log.info("kNN monitor after epoch %d: %s (%d val vs %s, %.1fs)", epoch + 1,
                  ", ".join(f"R@1 {s} {v:.1f}" for s, v in r.items()), self.counts[self.splits[1]],
-                 self.counts[self.splits[0]], self.last_seconds)
+                 plural(self.counts[self.splits[0]], "train video"), self.last_seconds)
         return r["both"] if "both" in r else next(iter(r.values()))

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.eval.common import EvalError, SplitFeatures
+from goca_fast.eval.common import EvalError, SplitFeatures, plural
 from goca_fast.eval.retrieval import combine_streams, nearest_neighbours
 
 log = logging.getLogger("goca_fast.eval")
@@ -175,8 +175,8 @@ def embedding_plot(features: SplitFeatures, out_path: Path, stream: str = "both"
                    seed: int = 0) -> Path:
     """2-D map of a split's video features coloured by class."""
     pts = project_2d(stream_features(features, stream), method, seed)
-    return draw_embedding(pts, features.labels.tolist(), features.classes, out_path,
-                          f"{method.upper()} of {features.split} features ({stream}, {features.evaluated} videos)")
+    title = f"{method.upper()} of {features.split} features ({stream}, {plural(features.evaluated, 'video')})"
+    return draw_embedding(pts, features.labels.tolist(), features.classes, out_path, title)
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -188,14 +188,20 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         except ImportError:
             EventAccumulator = None
-        if EventAccumulator is not None:
-            for d in sorted({p.parent for p in tb.rglob("events.out.tfevents.*")}):
+        tb_log = logging.getLogger("tensorboard")  # its INFO lines ("No path found after ...") are not ours to print
+        quiet_level = tb_log.level
+        tb_log.setLevel(max(quiet_level, logging.WARNING))
+        try:
+            dirs = sorted({p.parent for p in tb.rglob("events.out.tfevents.*")}) if EventAccumulator else []
+            for d in dirs:
                 acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
                 acc.Reload()
                 for tag in acc.Tags().get("scalars", []):
                     pts = {e.step: e.value for e in acc.Scalars(tag)}  # later writes win (resumed runs)
                     series.setdefault(tag, [])
                     series[tag] = sorted({**dict(series[tag]), **pts}.items())
+        finally:
+            tb_log.setLevel(quiet_level)
     if not series and (Path(run_dir) / "metrics.jsonl").is_file():
         for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
@@ -220,7 +226,8 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], out_path: Path, tags
     for n, tag in enumerate(tags):
         ax = fig.add_subplot(gs[n // cols, n % cols])
         steps, vals = zip(*series[tag])
-        ax.plot(steps, vals, lw=1.2)
+        # a single point (e.g. a one-epoch run) is a line of length 0: draw markers so it shows
+        ax.plot(steps, vals, lw=1.2, marker="o" if len(steps) <= 3 else None, ms=4)
         ax.set_title(tag, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
