@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from goca_fast.cli_help import HelpFormatter
+
 
 def nearest_neighbour_angles(p: np.ndarray | torch.Tensor) -> np.ndarray:
     """Angle in degrees from each row to its nearest other row (rows normalised first)."""
@@ -117,7 +119,7 @@ def save_npy_atomic(path: str, arr: np.ndarray) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goca-prototypes", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--num", "-c", type=int, default=1000, help="number of prototypes K (model.num_prototypes)")
     p.add_argument("--dim", "-d", type=int, default=128, help="dimension D (model.embed_dim)")
     p.add_argument("--steps", "-e", type=int, default=3000, help="optimisation steps on the sphere (>= 1)")
@@ -125,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="momentum")
     p.add_argument("--seed", "-s", type=int, default=300, help="seed of the random start")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--out", default=None, help="output .npy (None: prototypes-<D>d-<K>c.npy)")
-    p.add_argument("--plot", default=None, help="PNG path (None: the .npy path with .png)")
+    p.add_argument("--out", default=None, help="output .npy (default: prototypes-<D>d-<K>c.npy)")
+    p.add_argument("--plot", default=None, help="PNG path (default: the .npy path with .png)")
     p.add_argument("--no-plot", action="store_true", help="write no histogram plot")
     p.add_argument("--log-every", type=int, default=0, help="log the loss every N steps (0: never)")
     return p

@@ -247,3 +247,35 @@ def test_export_weights_command_end_to_end(tmp_path, capsys):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     assert eval_main(["export", str(tiny_run()), "--weights", str(tmp_path / "t.pth")]) == 2
     assert "no torchvision counterpart" in capsys.readouterr().err
+
+
+def _cli_parsers():
+    from goca_fast.data.prepare import build_parser as prepare_parser
+    from goca_fast.eval.cli import build_parser as eval_parser
+    from goca_fast.flow.extract import build_parser as flow_parser
+    from goca_fast.prototypes import build_parser as prototypes_parser
+    subs = [a for a in eval_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction)]
+    return [prepare_parser(), flow_parser(), prototypes_parser(), *subs[0].choices.values()]
+
+
+def test_every_option_of_every_tool_has_help_with_its_default_shown_at_most_once():
+    for parser in _cli_parsers():
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.option_strings == ["-h", "--help"]:
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings[0]} has no help text"
+            shown = parser._get_formatter()._expand_help(action) if action.help else ""
+            assert shown.lower().count("default") <= 1, f"{parser.prog} {action.option_strings[0]}: {shown!r}"
+        assert "(default: None)" not in text and "(default: False)" not in text, parser.prog
+
+
+def test_prepare_to_an_unwritable_place_is_one_line(tmp_path):
+    from test_eval_support import tiny_dataset
+    src = tmp_path / "src" / "walk"
+    src.mkdir(parents=True)
+    first = sorted((tiny_dataset() / "rgb").rglob("*.mp4"))[0]
+    (src / "v.mp4").write_bytes(first.read_bytes())
+    r = run([sys.executable, "-m", "goca_fast.data.prepare", "--dataset", "folders", "--src", str(tmp_path / "src"),
+             "--out", "/proc/goca_fast_cannot_write", "--no-progress", "--workers", "1"])
+    assert "cannot write /proc/goca_fast_cannot_write" in one_line_error(r)

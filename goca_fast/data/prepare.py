@@ -34,6 +34,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
+from goca_fast.cli_help import HelpFormatter
 from goca_fast.data.datasets import SCANNERS, SourceDataset, SplitFileError, safe_name, scan_dataset
 from goca_fast.data.index import VideoRecord, _write_atomic, write_index
 from goca_fast.data.video_io import (VideoReadError, VideoWriter, _configure_decoder, probe_video,
@@ -627,7 +628,7 @@ def _reason_kind(reason: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goca-prepare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="exit status: 0 when at least one video is usable, 1 when none is, "
                                        "2 for usage errors")
     p.add_argument("--dataset", required=True, choices=sorted(SCANNERS), help="source layout")
@@ -638,17 +639,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits-dir", default=None,
                    help="split/annotation files (UCF ucfTrainTestlist, HMDB testTrainMulti_7030_splits, "
                         "K400 CSVs); default: searched under --src")
-    p.add_argument("--short-side", type=int, default=256)
-    p.add_argument("--gop", type=int, default=16)
-    p.add_argument("--crf", type=float, default=18)
-    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: native)")
+    p.add_argument("--short-side", type=int, default=256, help="output short side in pixels (aspect kept)")
+    p.add_argument("--gop", type=int, default=16, help="keyframe interval of the H.264 output (frames)")
+    p.add_argument("--crf", type=float, default=18, help="libx264 quality (lower = better, larger files)")
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the source's)")
     p.add_argument("--min-frames", type=int, default=31, help="shorter videos are excluded")
     p.add_argument("--max-gap", type=float, default=1.0, help="longest timestamp gap (s) CFR resampling may fill")
     p.add_argument("--no-upscale", action="store_true", help="keep sources smaller than --short-side as they are")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     p.add_argument("--limit", type=int, default=None, help="only the first N videos (a trial run)")
     p.add_argument("--force", action="store_true", help="re-encode if --out was prepared with other parameters")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -691,6 +692,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  force=a.force, limit=a.limit, check=a.check)
     except ValueError as e:
         parser.error(str(e))
+    except OSError as e:  # e.g. --out on a read-only file system
+        print(f"goca-prepare: error: cannot write {a.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if a.check:
         _print_check(report)
     else:

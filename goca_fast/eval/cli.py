@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from goca_fast.checkpoint import CheckpointError
+from goca_fast.cli_help import HelpFormatter
 from goca_fast.config import ConfigError
 from goca_fast.data.index import DatasetIndexError
 from goca_fast.stop_signals import RunStopped
@@ -45,18 +46,6 @@ def _positive(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows each option's default exactly once: appended as "(default: X)" unless the help text already says
-    what the default is, and never for defaults that mean "unset" (None, False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "default" in text.lower() or unset or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
 
 
 def _common(p: argparse.ArgumentParser, protocol: bool = True, views: bool = True,

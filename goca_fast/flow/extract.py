@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from goca_fast.cli_help import HelpFormatter
 from goca_fast.data.index import (CLASSES_FILE, EXCLUDED_FILE, INDEX_FILE, DatasetIndexError, VideoRecord,
                                   _write_atomic, write_index)
 from goca_fast.data.video_io import VideoReadError, probe_video, read_all_frames, set_decoder_threads
@@ -313,25 +314,26 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goca-flow", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="exit status: 0 when at least one video has flow, 1 when none has, "
                                        "2 for usage errors")
     p.add_argument("--root", required=True, help="prepared dataset root (made by goca-prepare)")
-    p.add_argument("--backend", choices=["opencv", "torch"], default="opencv")
+    p.add_argument("--backend", choices=["opencv", "torch"], default="opencv",
+                   help="opencv: DualTVL1 on CPU cores; torch: batched TV-L1 (a GPU when there is one)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="opencv: processes (one per core); torch: decode/encode threads")
     p.add_argument("--device", default="auto", help="torch backend: cuda, cuda:1, cpu or auto")
     p.add_argument("--batch", type=int, default=32, help="torch backend: frame pairs solved at once")
     p.add_argument("--compile", action="store_true", help="torch backend: fuse the solver with torch.compile")
     p.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th video from the i-th")
-    p.add_argument("--gop", type=int, default=16)
+    p.add_argument("--gop", type=int, default=16, help="keyframe interval of the flow videos (frames)")
     p.add_argument("--crf", type=float, default=FLOW_CRF, help="flow video quality (0 = lossless)")
     p.add_argument("--limit", type=int, default=None, help="only this many videos (a trial run)")
     p.add_argument("--import-jpeg", default=None, metavar="DIR",
                    help="instead of computing: import MemDPC/CoCLR/GOCA flow JPEG folders from DIR")
     p.add_argument("--frame-tolerance", type=int, default=5,
                    help="--import-jpeg: largest |#JPEGs - (#RGB frames - 1)| that is padded/trimmed")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in ("tau", "lambda_", "theta", "nscales", "warps", "epsilon", "inner_iterations", "outer_iterations",
               "scale_step", "median_filtering"):
         default = getattr(TVL1Params(), f)
