@@ -44,6 +44,7 @@ def plural(n: int, word: str, words: Optional[str] = None) -> str:
     """"1 epoch", "2 epochs": a count with its noun in the right number (`words` for irregular plurals)."""
     return f"{n} {word if n == 1 else (words or word + 's')}"
 
+
 STREAM_NAMES = ("rgb", "flow")
 
 
@@ -338,8 +339,8 @@ def check_disjoint(first: str, first_ids: Sequence[str], second: str, second_ids
     if shared:
         same = ", the same split" if first == second else ""
         raise EvalError(f"{roles[0]} split {first!r} and {roles[1]} split {second!r} share {len(shared)} of "
-                        f"{len(set(second_ids))} videos{same} (e.g. {', '.join(sorted(shared)[:3])}): every such "
-                        f"video would be matched with itself; choose disjoint splits")
+                        f"{plural(len(set(second_ids)), 'video')}{same} (e.g. {', '.join(sorted(shared)[:3])}): "
+                        f"every such video would be matched with itself; choose disjoint splits")
 
 
 def check_disjoint_records(first: SplitRecords, second: SplitRecords,
