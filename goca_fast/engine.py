@@ -217,14 +217,6 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ signals
-    @property
-    def stop_signal(self) -> Optional[int]:
-        return self.signals.signum
-
-    @stop_signal.setter
-    def stop_signal(self, signum: Optional[int]) -> None:
-        self.signals.signum = signum
-
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGUSR1 and Ctrl-C stop at the next batch boundary with a checkpoint (goca_fast.stop_signals)."""
         self.signals.install()
@@ -395,9 +387,8 @@ class Trainer:
                 "skipped_videos": s.skipped_videos, "bad_steps": s.bad_total}
 
     def _stop_requested(self) -> bool:
-        """SIGTERM/SIGUSR1 seen on any rank (SLURM pre-emption) → every rank stops at this batch boundary."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        return bool(all_reduce_sum(flag, self.info).item() > 0)
+        """SIGTERM/SIGUSR1/Ctrl-C seen on any rank → every rank stops at this batch boundary."""
+        return self.signals.seen_on_any_rank(self.device)
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.engine.checkpoint_every_iters

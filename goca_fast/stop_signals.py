@@ -13,6 +13,9 @@ import signal
 import sys
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -40,6 +43,14 @@ class StopSignals:
             print("\ninterrupted: stopping at the next batch boundary to write a checkpoint "
                   "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
         self.signum = signum
+
+    def seen_on_any_rank(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop: with a process group every rank must stop at the same batch
+        boundary (pre-emption usually signals one node), so the flag is all-reduced."""
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
 
     @property
     def exit_code(self) -> int:

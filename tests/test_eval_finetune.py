@@ -39,7 +39,7 @@ def test_finetune_resume_continues_and_equals_uninterrupted(tmp_path, monkeypatc
     def step_then_signal(self, net, batch):
         calls.append(1)
         if len(calls) == 3:
-            self.stop_signal = signal.SIGTERM
+            self.signals.signum = signal.SIGTERM
         return orig(self, net, batch)
     monkeypatch.setattr(Finetuner, "_train_step", step_then_signal)
     with pytest.raises(RunStopped) as stopped:

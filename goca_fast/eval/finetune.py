@@ -267,19 +267,8 @@ class Finetuner:
             "rng": rngs, "config": self.cfg.to_dict(), "finetune": asdict(self.settings), "streams": self.streams,
             "classes": self.classes, "source_checkpoint": self.source, "history": self.history})
 
-    @property
-    def stop_signal(self) -> Optional[int]:
-        return self.signals.signum
-
-    @stop_signal.setter
-    def stop_signal(self, signum: Optional[int]) -> None:
-        self.signals.signum = signum
-
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        if self.info.enabled:
-            dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return self.signals.seen_on_any_rank(self.device)
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> FinetuneResult:
