@@ -146,8 +146,9 @@ def child_processes() -> int:
 
 
 def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_video: int, batch_size: int,
-            on_cuda: bool, rss_every: int = 1) -> dict:
-    """Time `n_batches` after `warmup`; host RSS of this process sampled every `rss_every` batches."""
+            on_cuda: bool, rss_every: int = 1, progress: int = 0) -> dict:
+    """Time `n_batches` after `warmup`; host RSS of this process sampled every `rss_every` batches (and printed
+    to stderr with the elapsed time every `progress` batches, so a long run that is cut short still tells)."""
     it = iter(batches_iter)
     for _ in range(warmup):
         next(it)
@@ -162,6 +163,9 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
             gpu_free.append(torch.cuda.mem_get_info()[0] / 2**20)
         if b % rss_every == 0 or b == n_batches - 1:
             rss.append(_rss_mib())
+        if progress and (b + 1) % progress == 0:
+            print(f"batch {b + 1} rss_mib {_rss_mib():.1f} s {time.perf_counter() - t0:.1f}", file=sys.stderr,
+                  flush=True)
         del batch
     wall = time.perf_counter() - t0
     children = child_processes()
@@ -214,7 +218,7 @@ def dali_decode_only(cfg, root: Path):
         yield p.run()
 
 
-def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int) -> dict:
+def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress: int = 0) -> dict:
     from goca_fast.data.index import read_index
     from goca_fast.distributed import DistInfo
     from goca_fast.pretrain import build_train_loader, train_augment
@@ -225,7 +229,8 @@ def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int) -> dict:
         from dali_pipelines.train import build_dali_train_loader
         dev = torch.device("cuda", 0) if kind == "dali_gpu" else torch.device("cpu")
         factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root, train_augment(cfg))
-        res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda", rss_every=every)
+        res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda", rss_every=every,
+                      progress=progress)
         factory.close()
         return res
     if kind == "dali_decode":
@@ -268,13 +273,14 @@ def main(argv=None) -> int:
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/goca_fast/loader_bench"))
     ap.add_argument("--name", default="loader", help="results file name (e.g. loader-longrun for a leak check)")
+    ap.add_argument("--progress", type=int, default=0, help="print RSS and time every N batches (stderr)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     root = make_dataset(Path(a.cache), a.videos)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ucf101_r2plus1d.yaml"),
                       RECIPE + [f"data.root={root}", f"data.workers={a.workers}", f"data.batch_size={a.batch_size}"])
     if a.one:  # child mode: one loader in a fresh process, so peak RSS and CPU time are its own
-        print(json.dumps(run_loader(a.one, cfg, root, a.batches, a.warmup)))
+        print(json.dumps(run_loader(a.one, cfg, root, a.batches, a.warmup, a.progress)))
         return 0
     rows = []
     kinds = [k for k in a.loaders.split(",") if k != "dali_gpu" or torch.cuda.is_available()]
