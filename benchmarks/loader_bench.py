@@ -199,11 +199,11 @@ def dali_decode_only(cfg, root: Path):
     from dali_pipelines import graph
     from dali_pipelines.source import TrainSource, video_metas
     from goca_fast.data.index import read_index
-    from goca_fast.pretrain import train_augment
+    from goca_fast.data.augment import train_augment
     recs, _ = read_index(root)
     d = cfg.data
     n = len(recs) // d.batch_size
-    src = TrainSource(video_metas(root, recs), cfg.clip_lengths, d.stride, d.min_distance, train_augment(cfg),
+    src = TrainSource(video_metas(root, recs), cfg.clip_lengths, d.stride, d.min_distance, train_augment(cfg.data),
                       True, cfg.seed, 0, 1, d.batch_size, n, 0, 0)
     per_clip = [types.INT32, types.FLOAT] * 2
     dtypes = [types.UINT8, types.UINT8, types.INT32, types.INT64] + per_clip * len(cfg.clip_lengths)
@@ -221,14 +221,15 @@ def dali_decode_only(cfg, root: Path):
 def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress: int = 0) -> dict:
     from goca_fast.data.index import read_index
     from goca_fast.distributed import DistInfo
-    from goca_fast.pretrain import build_train_loader, train_augment
+    from goca_fast.data.augment import train_augment
+    from goca_fast.pretrain import build_train_loader
     clips = len(cfg.clip_lengths)
     bs = cfg.data.batch_size
     every = max(1, n_batches // 500)
     if kind in ("dali_cpu", "dali_gpu"):
         from dali_pipelines.train import build_dali_train_loader
         dev = torch.device("cuda", 0) if kind == "dali_gpu" else torch.device("cpu")
-        factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root, train_augment(cfg))
+        factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root, train_augment(cfg.data))
         res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda", rss_every=every,
                       progress=progress)
         factory.close()
@@ -241,7 +242,7 @@ def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress
     if kind == "official":
         recs, _ = read_index(root)
         ds = OfficialStyleDataset(root, recs, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                                  train_augment(cfg))
+                                  train_augment(cfg.data))
 
         def factory(epoch, start):
             return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=cfg.data.workers,

@@ -21,7 +21,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines import graph
 from dali_pipelines.source import TrainSource, video_metas
-from goca_fast.data.augment import ClipAugment
+from goca_fast.data.augment import ClipAugment, train_augment
 from goca_fast.data.batch import ClipBatch
 
 log = logging.getLogger(__name__)
@@ -217,17 +217,9 @@ def output_dtype(device: torch.device, amp: str):
     return types.FLOAT, None
 
 
-def augment_from_config(d) -> ClipAugment:
-    """The training augmentation of `cfg.data`, the same fields as `goca_fast.pretrain.train_augment` (this
-    package must not import the entry point; callers that have the entry point's object pass it instead)."""
-    return ClipAugment(crop_size=d.crop_size, scale_range=tuple(d.scale_range), jitter_prob=d.color_jitter_p,
-                       grayscale_prob=d.grayscale_p, blur_prob=d.blur_p, time_reverse_prob=d.time_reverse_p,
-                       flow_mode=d.flow_mode)
-
-
 def build_dali_train_loader(cfg, info, root: str | os.PathLike, augment: Optional[ClipAugment] = None):
     """(factory(epoch, start_batch) -> iterable of ClipBatch, batches per epoch), from the whole config.
-    `augment`: the training augmentation (default: `augment_from_config(cfg.data)`)."""
+    `augment`: the training augmentation (default: `goca_fast.data.augment.train_augment(cfg.data)`)."""
     from dali_pipelines.validate import validate_for_dali
     from goca_fast.config import ConfigError
     from goca_fast.data.cpu_loader import EpochSampler, TrainClipDataset, collate_clips
@@ -244,7 +236,7 @@ def build_dali_train_loader(cfg, info, root: str | os.PathLike, augment: Optiona
     if batches < 1:
         raise ConfigError(f"{len(train)} readable training videos cannot fill one batch of {d.batch_size} "
                           f"on each of {info.world_size} ranks")
-    augment = augment if augment is not None else augment_from_config(d)
+    augment = augment if augment is not None else train_augment(d)
     out_dtype, torch_dtype = output_dtype(info.device, cfg.engine.amp)
     spec = TrainPipelineSpec(video_metas(root, train), list(cfg.clip_lengths), d.stride, d.min_distance, augment,
                              with_flow, cfg.seed, info.rank, info.world_size, d.batch_size, batches,

@@ -56,9 +56,6 @@ class DataConfig:
     flow_mode: Literal["shared", "official"] = "shared"
     batch_size: int = 8                 # per process
     workers: int = 4
-    # DALI: batches per producer process (the 1.34 video decoder leaks ~72 KB per sample; a process returns it when
-    # it exits). 0 = auto (about 1 GiB of leak per process), -1 = run the pipeline in the training process.
-    dali_process_batches: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

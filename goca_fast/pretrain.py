@@ -88,22 +88,15 @@ def choose_loader(cfg: Config, info: DistInfo) -> str:
     return "dali" if dali_ok and info.device.type == "cuda" else "cpu"
 
 
-def train_augment(cfg: Config):
-    from goca_fast.data.augment import ClipAugment
-    d = cfg.data
-    return ClipAugment(crop_size=d.crop_size, scale_range=tuple(d.scale_range), jitter_prob=d.color_jitter_p,
-                       grayscale_prob=d.grayscale_p, blur_prob=d.blur_p, time_reverse_prob=d.time_reverse_p,
-                       flow_mode=d.flow_mode)
-
-
 def build_train_loader(cfg: Config, info: DistInfo, root: Path):
     """Returns (factory(epoch, start_batch) → iterable of ClipBatch, batches per epoch)."""
+    from goca_fast.data.augment import train_augment
     from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
     from goca_fast.data.index import read_index, select_split
     records, _ = read_index(root)
     train = select_split(records, cfg.data.train_split)
     dataset = TrainClipDataset(root, train, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                               train_augment(cfg), with_flow=cfg.data.modalities != "rgb", seed=cfg.seed)
+                               train_augment(cfg.data), with_flow=cfg.data.modalities != "rgb", seed=cfg.seed)
     per_rank = len(dataset) // info.world_size
     batches = per_rank // cfg.data.batch_size
 

@@ -203,3 +203,14 @@ def test_eval_crops_landscape_portrait_flow():
     assert eval_crops(f, 40, 32, kind="flow", flow_mode="official").shape == (3, 3, 2, 32, 32)
     with pytest.raises(ValueError):
         eval_crops(f, 30, 32, kind="flow")
+
+
+def test_train_augment_takes_every_field_from_the_data_section():
+    from goca_fast.config import load_config
+    from goca_fast.data.augment import train_augment
+    d = load_config(None, ["data.blur_p=0.5", "data.time_reverse_p=0.3", "data.flow_mode=official",
+                           "data.crop_size=96", "data.scale_range=[100,140]", "data.color_jitter_p=0.7",
+                           "data.grayscale_p=0.1"]).data
+    a = train_augment(d)
+    assert (a.crop, a.scale_range, a.jitter_prob, a.grayscale_prob, a.blur_prob, a.time_reverse_prob,
+            a.flow_mode) == ((96, 96), (100, 140), 0.7, 0.1, 0.5, 0.3, "official")

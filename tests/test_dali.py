@@ -15,7 +15,7 @@ dali = pytest.importorskip("nvidia.dali", reason="DALI is part of the [dali] ext
 
 from dali_pipelines.eval import DaliEvalLoader  # noqa: E402
 from dali_pipelines.source import P_FLIP, TrainSource, frame_plan, video_metas  # noqa: E402
-from dali_pipelines.train import augment_from_config, build_dali_train_loader  # noqa: E402
+from dali_pipelines.train import build_dali_train_loader  # noqa: E402
 from dali_pipelines.validate import validate_for_dali  # noqa: E402
 from goca_fast.config import load_config  # noqa: E402
 from goca_fast.data.cpu_loader import EvalClipDataset, TrainClipDataset, make_eval_loader, make_train_loader  # noqa: E402
@@ -26,7 +26,7 @@ from goca_fast.data.synthetic import decode_frame_index, frame_index_video, make
 from goca_fast.data.video_io import write_video  # noqa: E402
 from goca_fast.distributed import DistInfo  # noqa: E402
 from goca_fast.flow.codec import read_flow_frames, write_flow_video  # noqa: E402
-from goca_fast.pretrain import train_augment  # noqa: E402
+from goca_fast.data.augment import train_augment  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 10 and 12 frames: the stride shrinks; 6 frames (< the 8-frame clips): the last frame repeats
@@ -135,11 +135,6 @@ def test_flow_video_full_range_round_trip_through_dali(tmp_path):
 # ------------------------------------------------------------------ training pipeline
 
 
-def test_augment_from_config_is_the_trainers():
-    cfg = cfg_for("/nonexistent", "data.blur_p=0.5", "data.time_reverse_p=0.3", "data.flow_mode=official")
-    assert vars(augment_from_config(cfg.data)) == vars(train_augment(cfg))
-
-
 def cpu_order(ds, epoch, b, batch_size=4):
     """Dataset indices of batch b of `epoch` in the CPU loader's (and DALI's) order."""
     from goca_fast.data.cpu_loader import EpochSampler
@@ -153,9 +148,9 @@ def check_alignment(cfg, root, device=None):
     indices (reversed where the clip's draw reverses time)."""
     recs, _ = read_index(root)
     cpu = TrainClipDataset(root, recs, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                           train_augment(cfg), True, cfg.seed)
+                           train_augment(cfg.data), True, cfg.seed)
     src = TrainSource(video_metas(root, recs), cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                      train_augment(cfg), True, cfg.seed, 0, 1, 4, 1, 0, 0)
+                      train_augment(cfg.data), True, cfg.seed, 0, 1, 4, 1, 0, 0)
     short = {i for i, r in enumerate(recs) if r.frames < max(cfg.clip_lengths)}  # the CPU loader drops them
     seen_reversed, seen_shrunk = False, False
     for epoch in (0, 1):
@@ -192,7 +187,7 @@ def test_same_batches_as_the_cpu_loader(motion_root, flow_mode):
     recs, _ = read_index(motion_root)
     train = [r for r in recs if "train" in r.splits]
     ds = TrainClipDataset(motion_root, train, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                          train_augment(cfg), True, cfg.seed)
+                          train_augment(cfg.data), True, cfg.seed)
     cpu = list(make_train_loader(ds, 4, 0, 0, 1, cfg.seed, 0))
     got, _ = batches(cfg, motion_root)
     assert len(got) == len(cpu)
@@ -221,7 +216,7 @@ def test_flip_negates_u(tmp_path):
     u_px, v_px = dequantise_flow(flow[0, 0, 0])
     cfg = cfg_for(root, "data.scale_range=[48,56]", "data.crop_size=40")
     src = TrainSource(video_metas(root, recs), cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                      train_augment(cfg), True, cfg.seed, 0, 1, 4, 2, 0, 0)
+                      train_augment(cfg.data), True, cfg.seed, 0, 1, 4, 2, 0, 0)
     got, _ = batches(cfg, root)
     seen = set()
     for b, batch in enumerate(got):

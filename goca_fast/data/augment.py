@@ -195,6 +195,13 @@ class ClipAugment:
 # ---------------------------------------------------------------------- eval
 
 
+def train_augment(data) -> ClipAugment:
+    """The training augmentation a config's `data` section asks for (one builder for both loaders)."""
+    return ClipAugment(crop_size=data.crop_size, scale_range=tuple(data.scale_range), jitter_prob=data.color_jitter_p,
+                       grayscale_prob=data.grayscale_p, blur_prob=data.blur_p, time_reverse_prob=data.time_reverse_p,
+                       flow_mode=data.flow_mode)
+
+
 def _eval_offsets(h: int, w: int, crop: int, position: int) -> tuple[int, int]:
     """Left/centre/right crops along the long side (top/centre/bottom for portrait)."""
     if position not in (0, 1, 2):
