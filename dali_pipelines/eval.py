@@ -31,11 +31,7 @@ def eval_pipeline(source: EvalSource, num_clips: int, num_crops: int, crop: int,
     """Outputs: meta (N×4 int64: label, index, valid, padded_short), RGB views, then flow views (clip-major)."""
     dtypes = source_dtypes(num_clips, with_flow, [types.INT32]) + [types.FLOAT] * num_crops + [types.FLOAT]
     outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes))
-    rgb_file = outs.pop(0)
-    flow_file = outs.pop(0) if with_flow else None
-    frames = outs.pop(0)
-    rgb_frames = graph.decode(rgb_file, frames, gpu)
-    flow_frames = graph.decode(flow_file, frames, gpu) if with_flow else None
+    rgb_frames, flow_frames = graph.decode_streams(outs, with_flow, gpu)
     meta = outs.pop(0)
     orders = [outs.pop(0) for _ in range(num_clips)]
     anchors = [outs.pop(0) for _ in range(num_crops)]

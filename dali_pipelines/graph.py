@@ -29,6 +29,15 @@ def decode(encoded, frames, gpu: bool):
     return fn.reshape(frames, layout="FHWC")  # the decoder (1.53 too) leaves the layout empty; later ops need it
 
 
+def decode_streams(outs: list, with_flow: bool, gpu: bool):
+    """Takes the source's leading outputs (RGB file, flow file when `with_flow`, the frame list) off `outs` and
+    decodes both streams at the same frames: (RGB frames, flow frames or None)."""
+    rgb_file = outs.pop(0)
+    flow_file = outs.pop(0) if with_flow else None
+    frames = outs.pop(0)
+    return decode(rgb_file, frames, gpu), (decode(flow_file, frames, gpu) if with_flow else None)
+
+
 def take_frames(frames, order):
     """The clip's frames, in `order` (positions in the sample's decode)."""
     return fn.sequence_rearrange(frames, new_order=order)

@@ -41,11 +41,7 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
     per_clip = [types.INT32, types.FLOAT] * (2 if with_flow else 1)
     dtypes = source_dtypes(num_clips, with_flow, per_clip)
     outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes))
-    rgb_file = outs.pop(0)
-    flow_file = outs.pop(0) if with_flow else None
-    frames = outs.pop(0)
-    rgb_frames = graph.decode(rgb_file, frames, gpu)
-    flow_frames = graph.decode(flow_file, frames, gpu) if with_flow else None
+    rgb_frames, flow_frames = graph.decode_streams(outs, with_flow, gpu)
     meta = outs.pop(0)
     rgb, flow = [], []
     for _ in range(num_clips):
