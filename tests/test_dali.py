@@ -289,22 +289,32 @@ def test_shards_are_disjoint_and_cover(index_root):
 def test_host_memory_is_flat_over_hundreds_of_batches(index_root):
     """Host RSS growth per decoded sample (RGB and flow) after 60 warm-up batches of 8, over 160 more (least-squares
     slope, so allocator steps of a few MiB do not decide it). DALI 1.34 kept ~72 KB per sample; 1.53 measured on
-    this set: 3-4 KB per sample at batch 8 over 1,000 batches, none at batch 4 over 1,100 batches."""
+    this set: 3-4 KB per sample at batch 8 over 1,000 batches, none at batch 4 over 1,100 batches. Inside the full
+    suite one allocator step of ~10 MiB can tilt a 160-batch fit past the limit, so a fit over the limit is redone
+    over 320 more batches: a one-off step is diluted there, a leak tilts every longer fit just as much."""
     def rss_kb():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
     cfg = cfg_for(index_root, *INDEX_AUG, "data.workers=2", "data.batch_size=8")
     factory, n = build_dali_train_loader(cfg, DistInfo(), index_root)
-    rss, samples, done = [], [], 0
-    for epoch in range(220 // n):
-        for b in factory(epoch, 0):
-            done += b.batch_size + b.skipped
-            if epoch * n >= 60:
-                samples.append(done)
-                rss.append(rss_kb())
-            del b
+    rss, samples = [], []
+    state = {"epoch": 0, "done": 0}
+
+    def run_until(batches: int) -> float:
+        while state["epoch"] * n < batches:
+            for b in factory(state["epoch"], 0):
+                state["done"] += b.batch_size + b.skipped
+                if state["epoch"] * n >= 60:
+                    samples.append(state["done"])
+                    rss.append(rss_kb())
+                del b
+            state["epoch"] += 1
+        return np.polyfit(samples, rss, 1)[0]
+
+    per_sample = run_until(220)
+    if per_sample >= 12.0:
+        per_sample = run_until(540)
     assert factory.rebuilds == 1 and factory.failed_batches == 0
-    per_sample = np.polyfit(samples, rss, 1)[0]
     assert per_sample < 12.0, per_sample  # KB per sample: a sixth of 1.34's leak
 
 
