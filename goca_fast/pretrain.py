@@ -107,10 +107,9 @@ def build_train_loader(cfg: Config, info: DistInfo, root: Path):
     return factory, batches
 
 
-def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
-    """The run directory with its config.yaml; made only once every start-up check has passed, so a failed start
-    leaves nothing behind."""
-    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+def prepare_run_dir(cfg: Config, info: DistInfo, run_dir: Path) -> None:
+    """Writes the run directory with its config.yaml; called only once every start-up check has passed, so a failed
+    start leaves nothing behind."""
     if info.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +118,6 @@ def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
             raise ConfigError(f"output_dir={cfg.output_dir}: cannot write the run directory {run_dir} "
                               f"({e.strerror or e})") from None
     barrier(info)
-    return run_dir
 
 
 def run(cfg: Config, fresh: bool = False) -> dict:
@@ -158,7 +156,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     trainer = Trainer(cfg, info, run_dir, factory, batches)
     init_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     seed_everything(cfg.seed + info.rank)
-    prepare_run_dir(cfg, info)
+    prepare_run_dir(cfg, info, run_dir)
     if not fresh:
         trainer.resume()
     trainer.install_signal_handlers()
