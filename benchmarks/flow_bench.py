@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     speed = [("opencv, 1 process", cv1)]
     if not a.compile_only:
-        from goca_fast.data.prepare import process_pool
+        from goca_fast.parallel import process_pool
         with process_pool(cores, preload=["benchmarks.flow_bench"]) as ex:
             list(ex.map(_cv_one, pairs[:cores]))  # warm the workers
             _, tn = timed(lambda p: list(ex.map(_cv_one, p)), pairs[:max(cores, ns // 4 if cuda else ns)])

@@ -19,8 +19,10 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from goca_fast.data.index import VideoRecord, _write_atomic
+from goca_fast.atomic import write_atomic
+from goca_fast.data.index import VideoRecord
 from goca_fast.data.video_io import VideoReadError, probe_video
+from goca_fast.parallel import run_parallel
 
 log = logging.getLogger(__name__)
 CACHE_FILE = "dali_check.json"
@@ -69,8 +71,6 @@ def validate_for_dali(root: str | os.PathLike, records: Sequence[VideoRecord], w
                       progress: bool = False) -> tuple[list[VideoRecord], list[dict]]:
     """(records the DALI loader can read, excluded [{id, path, reason}]). The cache and the report go to
     `cache_dir` (default: the dataset root, or ~/.cache/goca_fast when the root is read-only)."""
-    from goca_fast.data.prepare import run_parallel
-
     root = os.fspath(root)
     cdir = Path(cache_dir) if cache_dir else Path(root)
     if not os.access(cdir, os.W_OK):
@@ -94,11 +94,12 @@ def validate_for_dali(root: str | os.PathLike, records: Sequence[VideoRecord], w
     todo = [r for r in records if keys[r.id] not in cache]
     if todo:
         jobs = [(root, r.to_json(), with_flow) for r in todo]
-        for res in run_parallel(_check_job, jobs, min(workers, len(jobs)), "dali check", progress):
+        for res in run_parallel(_check_job, jobs, min(workers, len(jobs)), "dali check", progress,
+                                preload=["dali_pipelines.validate"]):
             cache[keys[res["id"]]] = res["reason"]
         cdir.mkdir(parents=True, exist_ok=True)
         live = set(keys.values())
-        _write_atomic(str(cache_path), json.dumps({"version": _VERSION,
+        write_atomic(str(cache_path), json.dumps({"version": _VERSION,
                                                    "entries": {k: v for k, v in cache.items() if k in live}}))
     good, excluded = [], []
     for r in records:
@@ -109,7 +110,7 @@ def validate_for_dali(root: str | os.PathLike, records: Sequence[VideoRecord], w
             excluded.append({"id": r.id, "path": r.rgb, "reason": reason})
     if excluded:
         cdir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(str(cdir / REPORT_FILE), "".join(json.dumps(e) + "\n" for e in excluded))
+        write_atomic(str(cdir / REPORT_FILE), "".join(json.dumps(e) + "\n" for e in excluded))
         log.warning("DALI loader: %d of %d videos excluded (e.g. %s: %s); full list in %s", len(excluded),
                     len(records), excluded[0]["id"], excluded[0]["reason"], cdir / REPORT_FILE)
     return good, excluded

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 import time
 import zipfile
 from collections import OrderedDict
@@ -23,9 +22,11 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
+from goca_fast.atomic import atomic_open
+
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "is_valid_checkpoint", "find_latest",
-    "checkpoint_dir", "latest_path", "snapshot_path", "remove_temp_files", "rng_state", "set_rng_state",
+    "checkpoint_dir", "latest_path", "snapshot_path", "rng_state", "set_rng_state",
     "strip_ddp_prefix", "CheckpointTimer", "LATEST_NAME", "CHECKPOINT_SUBDIR",
 ]
 
@@ -33,7 +34,7 @@ PathLike = Union[str, os.PathLike]
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST_NAME = "latest.pth"
 _SNAPSHOT_RE = re.compile(r"^ckpt_epoch(\d+)\.pth$")
-_TEMP_SUFFIX = ".tmp"  # temp files are ".<name>.<random>.tmp": never match the names find_latest looks for
+_TEMP_SUFFIX = ".tmp"  # temp files are ".tmp_<name>.<random>.tmp": never match the names find_latest looks for
 
 
 class CheckpointError(RuntimeError):
@@ -54,47 +55,16 @@ def snapshot_path(run_dir: PathLike, epoch: int) -> Path:
 
 
 # --- save / load -----------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); silently skipped where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: PathLike, state: dict) -> Path:
     """Write ``state`` so that ``path`` is either the old file or the complete new one, never a partial file.
 
-    torch.save into a temp file in the same directory (same filesystem, so the rename is atomic), flush +
-    fsync, ``os.replace`` onto ``path``, fsync the directory. On an exception the temp file is removed; after a
-    hard crash (SIGKILL, power loss) a ``.<name>.*.tmp`` file may remain, which :func:`find_latest` ignores and
-    :func:`remove_temp_files` cleans up.
+    torch.save into a temp file beside ``path`` (`goca_fast.atomic`), fsynced, renamed onto ``path``, the
+    directory fsynced. On an exception the temp file is removed; after a hard crash (SIGKILL, power loss) a
+    ``.tmp_<name>.*.tmp`` file may remain, which :func:`find_latest` ignores and :func:`goca_fast.atomic.remove_stale_temps` cleans up.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp makes 0600 files; keep the old file's mode, or give new checkpoints the usual 0644.
-            try:
-                os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o644)
-            except OSError:  # filesystems without POSIX modes
-                pass
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb", durable=True, suffix=_TEMP_SUFFIX) as f:
+        torch.save(state, f)
     return path
 
 
@@ -168,19 +138,6 @@ def find_latest(run_dir: PathLike) -> Optional[Path]:
         if is_valid_checkpoint(p):
             return p
     return None
-
-
-def remove_temp_files(directory: PathLike) -> list[Path]:
-    """Delete temp files left by saves that were killed mid-write. Call it from the only process that saves."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    removed = []
-    for p in directory.iterdir():
-        if p.name.startswith(".") and p.name.endswith(_TEMP_SUFFIX) and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 # --- RNG -------------------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ import torch.nn as nn
 
 from goca_fast import checkpoint as ckpt
 from goca_fast.assign import resolve_backend
-from goca_fast.config import Config, ConfigError
+from goca_fast.builders import build_model
+from goca_fast.config import Config
 from goca_fast.data.batch import ClipBatch
 from goca_fast.distributed import DistInfo, all_reduce_sum
-from goca_fast.models import GocaModel, load_prototypes, prototype_separation
+from goca_fast.models import GocaModel, prototype_separation
 from goca_fast.objective import GocaObjective, ObjectiveResult
 from goca_fast.optim import build_optimizer, get_lr, lr_schedule, set_lr
 from goca_fast.queue import FeatureQueue, local_queue_length
@@ -47,24 +48,6 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
     if mode in ("auto", "bf16"):
         return torch.bfloat16
     return torch.float16
-
-
-def build_model(cfg: Config) -> GocaModel:
-    init = None
-    if cfg.model.prototypes_path:
-        m = cfg.model
-        try:
-            init = load_prototypes(m.prototypes_path)
-        except ValueError as e:
-            raise ConfigError(f"model.prototypes_path: {e}") from None
-        if init.shape != (m.num_prototypes, m.embed_dim):
-            raise ConfigError(f"model.prototypes_path={m.prototypes_path} holds {init.shape[0]}×{init.shape[1]} "
-                              f"prototypes; this model needs model.num_prototypes × model.embed_dim = "
-                              f"{m.num_prototypes}×{m.embed_dim}")
-    return GocaModel(cfg.model.arch, cfg.data.modalities, cfg.model.pool, cfg.model.hidden_dim, cfg.model.embed_dim,
-                     cfg.model.num_prototypes, cfg.model.shared_head,
-                     flow_channels=3 if cfg.data.flow_mode == "official" else 2, merge=cfg.goca.merge,
-                     prototypes_init=init)
 
 
 def clips_of(batch: ClipBatch, streams: list[str]) -> dict[str, list[torch.Tensor]]:

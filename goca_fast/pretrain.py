@@ -9,7 +9,6 @@ requeued job continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import random
@@ -21,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from goca_fast.builders import build_model, dataset_root
 from goca_fast.config import Config, ConfigError, config_to_yaml, load_config, resolve_config
 from goca_fast.distributed import DistInfo, barrier, cleanup, init_distributed
 from goca_fast.stop_signals import RunStopped
@@ -47,27 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def dataset_root(cfg: Config, info: DistInfo) -> Path:
-    """The prepared dataset, or the synthetic one (generated once, by rank 0) when `data.root` is empty."""
-    if cfg.data.root:
-        root = Path(cfg.data.root).expanduser()
-        if not (root / "index.jsonl").is_file():
-            raise ConfigError(f"data.root={root} holds no index.jsonl; prepare it with goca-prepare and goca-flow")
-        return root
-    from goca_fast.data.synthetic import make_synthetic_dataset
-    syn = cfg.data.synthetic
-    key = hashlib.sha1(json.dumps(vars(syn), sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg.data.cache_dir).expanduser() / f"synthetic-{key}"
-    if info.is_main:
-        t0 = time.time()
-        make_synthetic_dataset(root, syn.num_classes, syn.videos_per_class, syn.frames, syn.height, syn.width,
-                               syn.fps, syn.seed, syn.test_fraction, with_flow=cfg.data.modalities != "rgb",
-                               pan_speed=syn.pan_speed)
-        log.info("synthetic dataset ready at %s (%.1fs)", root, time.time() - t0)
-    barrier(info)
-    return root
 
 
 def choose_loader(cfg: Config, info: DistInfo) -> str:
@@ -124,7 +103,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     """Pretrain (resuming the run directory unless `fresh`), then evaluate. Raises RunStopped after a stop signal or
     Ctrl-C (checkpoint written), NothingTrained when an epoch made no optimiser step."""
     from goca_fast.data.index import read_index, training_records
-    from goca_fast.engine import StopRequested, Trainer, build_model
+    from goca_fast.engine import StopRequested, Trainer
     from goca_fast.eval.common import check_disjoint
     from goca_fast.eval.knn import knn_retrieval
     from goca_fast.eval.retrieval import DEFAULT_KS, format_table

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from goca_fast.atomic import atomic_open, write_atomic
 from goca_fast.cli_help import HelpFormatter
 
 
@@ -101,20 +102,10 @@ def plot_angle_histograms(path: str, ours: np.ndarray, rand: np.ndarray, title: 
         cv2.rectangle(img, (w - 330, y - 10), (w - 315, y + 2), colour, -1)
         cv2.putText(img, f"{name}: min {arr.min():.1f} mean {arr.mean():.1f} max {arr.max():.1f}",
                     (w - 308, y), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".tmp_{os.getpid()}.png")
-    if not cv2.imwrite(tmp, cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write {path}")
-    os.replace(tmp, path)
-
-
-def save_npy_atomic(path: str, arr: np.ndarray) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".tmp_{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    write_atomic(path, png.tobytes())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     protos = hyperspherical_prototypes(a.num, a.dim, a.steps, a.lr, a.momentum, a.seed, device, a.log_every)
     secs = time.time() - t0
     try:
-        save_npy_atomic(out, protos)
+        with atomic_open(out, "wb") as f:
+            np.save(f, protos)
     except OSError as e:
         print(f"goca-prototypes: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import goca_fast.checkpoint as ck
+from goca_fast.atomic import remove_stale_temps
 from goca_fast.checkpoint import (CheckpointError, CheckpointTimer, find_latest, latest_path, load_checkpoint,
-                                  remove_temp_files, rng_state, save_checkpoint, set_rng_state, snapshot_path,
-                                  strip_ddp_prefix)
+                                  rng_state, save_checkpoint, set_rng_state, snapshot_path, strip_ddp_prefix)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_hard_crash_mid_write_keeps_previous_file(tmp_path):
     # without any good latest/snapshot the temp file is still never picked
     path.unlink()
     assert find_latest(run_dir) is None
-    assert remove_temp_files(path.parent) == leftovers and _tmp_files(path.parent) == []
+    assert remove_stale_temps(path.parent, older_than=0) == leftovers and _tmp_files(path.parent) == []
 
 
 def test_load_errors_name_the_file(tmp_path):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_knn_module_cli_writes_table_and_json(tmp_path):
     run = tiny_run()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "goca_fast.eval.knn", str(run), "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "goca_fast.eval", "knn", str(run), "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "R@1" in r.stdout and "4 of 4 query videos (test) against 12 of 12 gallery videos (train)" in r.stdout

@@ -16,7 +16,7 @@ import torch
 from goca_fast.checkpoint import latest_path, save_checkpoint
 from goca_fast.config import Config, config_to_yaml, load_config
 from goca_fast.data.synthetic import make_synthetic_dataset
-from goca_fast.engine import build_model
+from goca_fast.builders import build_model
 
 TINY = ["model.arch=tiny", "model.pool=global", "model.hidden_dim=32", "model.embed_dim=16",
         "model.num_prototypes=8", "data.crop_size=24", "data.scale_range=[32,32]", "data.frames_per_group=[8,4]",

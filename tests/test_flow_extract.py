@@ -18,7 +18,8 @@ from goca_fast.data.prepare import PrepareOptions, prepare_dataset
 from goca_fast.data.synthetic import class_motion, random_texture, render_motion_video
 from goca_fast.data.video_io import probe_video, read_all_frames, write_video
 from goca_fast.flow.codec import dequantise_flow, quantise_flow, read_flow_frames, write_flow_video
-from goca_fast.flow.extract import extract_flow, flow_rel_path, grey_frames, main
+from goca_fast.flow.dataset import flow_rel_path
+from goca_fast.flow.extract import extract_flow, grey_frames, main
 from goca_fast.flow.tvl1 import TVL1Params, opencv_tvl1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -412,7 +412,7 @@ def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
         diff = read_all_frames(out / rel).astype(int) - read_all_frames(tmp_path / "ref" / rel)
         assert np.abs(diff).mean() <= 0.5
     assert (out / "index.jsonl").read_text() == (tmp_path / "ref" / "index.jsonl").read_text()
-    from goca_fast.data.prepare import remove_stale_temps
+    from goca_fast.atomic import remove_stale_temps
     remove_stale_temps(str(out), older_than=0)  # what a rerun does once the killed run's temp is stale
     assert not [q for q in out.rglob(".tmp_*")]
 

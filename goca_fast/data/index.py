@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Optional, Sequence
 
-from goca_fast.data.video_io import VideoReadError, _umask_mode, probe_video
+from goca_fast.atomic import write_atomic
+from goca_fast.data.video_io import VideoReadError, probe_video
 
 INDEX_FILE = "index.jsonl"
 CLASSES_FILE = "classes.txt"
 EXCLUDED_FILE = "excluded.jsonl"
+MASTER_INDEX = "prepare_index.jsonl"        # goca-prepare's RGB-only index, from which goca-flow writes index.jsonl
+MASTER_EXCLUDED = "prepare_excluded.jsonl"
 
 
 class DatasetIndexError(ValueError):
@@ -58,29 +60,15 @@ class VideoRecord:
                            splits=[str(s) for s in d.get("splits", [])])
 
 
-def _write_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_index(root: str | os.PathLike, records: Sequence[VideoRecord], classes: Sequence[str],
                 excluded: Iterable[dict] = ()) -> None:
     """Write index.jsonl, classes.txt and excluded.jsonl under `root` (each atomically)."""
     root = os.fspath(root)
     os.makedirs(root, exist_ok=True)
     _check_consistent(records, list(classes), where=root)
-    _write_atomic(os.path.join(root, CLASSES_FILE), "".join(f"{c}\n" for c in classes))
-    _write_atomic(os.path.join(root, EXCLUDED_FILE), "".join(json.dumps(e) + "\n" for e in excluded))
-    _write_atomic(os.path.join(root, INDEX_FILE), "".join(json.dumps(r.to_json()) + "\n" for r in records))
+    write_atomic(os.path.join(root, CLASSES_FILE), "".join(f"{c}\n" for c in classes))
+    write_atomic(os.path.join(root, EXCLUDED_FILE), "".join(json.dumps(e) + "\n" for e in excluded))
+    write_atomic(os.path.join(root, INDEX_FILE), "".join(json.dumps(r.to_json()) + "\n" for r in records))
 
 
 def _check_consistent(records: Sequence[VideoRecord], classes: list[str], where: str) -> None:

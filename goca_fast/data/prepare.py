@@ -25,28 +25,27 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
+from goca_fast.atomic import remove_stale_temps, write_atomic
 from goca_fast.cli_help import HelpFormatter
 from goca_fast.data.datasets import SCANNERS, SourceDataset, SplitFileError, safe_name, scan_dataset
-from goca_fast.data.index import VideoRecord, _write_atomic, write_index
+from goca_fast.data.index import MASTER_EXCLUDED, MASTER_INDEX, VideoRecord, write_index
 from goca_fast.data.video_io import (VideoReadError, VideoWriter, _configure_decoder, probe_video,
                                      set_decoder_threads)
+from goca_fast.flow.dataset import check_flow_file, flow_rel_path
+from goca_fast.parallel import run_parallel
 
 log = logging.getLogger(__name__)
 
 PARAMS_FILE = "prepare.json"
-MASTER_INDEX = "prepare_index.jsonl"
-MASTER_EXCLUDED = "prepare_excluded.jsonl"
 REPORT_FILE = "prepare_report.json"
-TEMP_PREFIX = ".tmp_"
 _VERSION = 1
 
 # Area-averaging downscale (no aliasing) with accurate chroma, in one swscale pass per frame.
@@ -436,18 +435,6 @@ def process_one(job: Job, opts: PrepareOptions, check: bool = False) -> dict:
                 "seconds": time.perf_counter() - t0}
 
 
-def process_pool(workers: int, initializer=None, initargs: tuple = (), preload: Sequence[str] = ()) -> ProcessPoolExecutor:
-    """A process pool safe to start from a process that already ran OpenMP/OpenCV/torch threads.
-
-    Plain fork copies thread-pool state whose threads do not exist in the child (a deadlock we hit
-    in practice); forkserver forks workers from a clean server that preloads our modules once.
-    """
-    import multiprocessing as mp
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["goca_fast.data.prepare", *preload])
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs)
-
-
 def _worker_init() -> None:
     set_decoder_threads(1)
     try:
@@ -457,54 +444,10 @@ def _worker_init() -> None:
         pass
 
 
-def run_parallel(fn: Callable, args: Sequence[tuple], workers: int, desc: str, progress: bool,
-                 initializer=None, initargs: tuple = (), preload: Sequence[str] = ()) -> Iterator[dict]:
-    """fn(*a) for every a in `args`, in this process or a forkserver pool, with a progress bar.
-
-    Results are yielded as they complete, so callers can record each one before the next (resumability).
-    """
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(args), desc=desc, unit="video", file=sys.stderr)
-    try:
-        if workers <= 1:
-            for a in args:
-                r = fn(*a)
-                if bar:
-                    bar.update(1)
-                yield r
-        else:
-            with process_pool(workers, initializer, initargs, preload) as ex:
-                for f in as_completed([ex.submit(fn, *a) for a in args]):
-                    if bar:
-                        bar.update(1)
-                    yield f.result()
-    finally:
-        if bar:
-            bar.close()
-
-
 def _run_jobs(jobs: list[Job], opts: PrepareOptions, workers: int, progress: bool,
               check: bool = False) -> Iterator[dict]:
     return run_parallel(process_one, [(j, opts, check) for j in jobs], workers, "check" if check else "prepare",
-                        progress, _worker_init)
-
-
-def remove_stale_temps(root: str, older_than: float = 120.0) -> int:
-    """Delete temp files a killed run left (not modified for `older_than` s; a live writer keeps them fresh)."""
-    n, now = 0, time.time()
-    for d, _, files in os.walk(root):
-        for f in files:
-            if f.startswith(TEMP_PREFIX):
-                p = os.path.join(d, f)
-                try:
-                    if now - os.path.getmtime(p) > older_than:
-                        os.unlink(p)
-                        n += 1
-                except OSError:
-                    pass
-    return n
+                        progress, _worker_init, preload=["goca_fast.data.prepare"])
 
 
 def _check_params(out: str, opts: PrepareOptions, force: bool) -> None:
@@ -521,12 +464,12 @@ def _check_params(out: str, opts: PrepareOptions, force: bool) -> None:
             import shutil
             shutil.rmtree(os.path.join(out, "rgb"), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
-    _write_atomic(path, json.dumps(want, indent=1) + "\n")
+    write_atomic(path, json.dumps(want, indent=1) + "\n")
 
 
 def write_master(out: str, records: Sequence[VideoRecord], excluded: Sequence[dict]) -> None:
-    _write_atomic(os.path.join(out, MASTER_INDEX), "".join(json.dumps(r.to_json()) + "\n" for r in records))
-    _write_atomic(os.path.join(out, MASTER_EXCLUDED), "".join(json.dumps(e) + "\n" for e in excluded))
+    write_atomic(os.path.join(out, MASTER_INDEX), "".join(json.dumps(r.to_json()) + "\n" for r in records))
+    write_atomic(os.path.join(out, MASTER_EXCLUDED), "".join(json.dumps(e) + "\n" for e in excluded))
 
 
 def keep_valid_flow(out: str, records: Sequence[VideoRecord], reencoded: set[str]) -> tuple[list[VideoRecord], dict]:
@@ -537,7 +480,6 @@ def keep_valid_flow(out: str, records: Sequence[VideoRecord], reencoded: set[str
     A flow video whose RGB was re-encoded in this run was computed from other pixels: it is
     deleted, so goca-flow recomputes it. Returns (records, {"kept", "recompute": {reason: n}}).
     """
-    from goca_fast.flow.extract import check_flow_file, flow_rel_path  # lazy: extract imports torch
     kept, recompute, result = 0, Counter(), []
     for rec in records:
         path = os.path.join(out, flow_rel_path(rec))
@@ -614,7 +556,7 @@ def prepare_dataset(source: SourceDataset, out: str, opts: PrepareOptions = Prep
                                 for r in results if r["status"] == "checked"]
         report["would_exclude"] = [{"id": e["id"], "path": e["path"], "reason": e["reason"]} for e in excluded]
     else:
-        _write_atomic(os.path.join(out, REPORT_FILE), json.dumps(report, indent=1) + "\n")
+        write_atomic(os.path.join(out, REPORT_FILE), json.dumps(report, indent=1) + "\n")
     return report
 
 

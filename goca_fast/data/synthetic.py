@@ -38,7 +38,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from goca_fast.data.index import VideoRecord, _write_atomic, write_index
+from goca_fast.atomic import write_atomic
+from goca_fast.data.index import VideoRecord, write_index
 from goca_fast.data.video_io import write_video
 from goca_fast.flow.codec import pad_flow_to_frames, quantise_flow, write_flow_video
 
@@ -334,7 +335,7 @@ def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos
     elif os.path.isdir(root) and os.listdir(root):
         raise FileExistsError(f"{root} is not empty and holds no {_MARKER}; refusing to write a synthetic dataset there")
     os.makedirs(root, exist_ok=True)
-    _write_atomic(marker, json.dumps({"params": params, "complete": False}))
+    write_atomic(marker, json.dumps({"params": params, "complete": False}))
 
     classes = list(MOTION_CLASSES[:num_classes])
     n_test = int(round(videos_per_class * test_fraction))
@@ -359,7 +360,7 @@ def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos
                            frames=frames, fps=float(fps), width=width, height=height, splits=[j["split"]])
                for j in done]
     write_index(root, records, classes)
-    _write_atomic(marker, json.dumps({"params": params, "complete": True, "seconds": round(time.time() - t0, 2)}))
+    write_atomic(marker, json.dumps({"params": params, "complete": True, "seconds": round(time.time() - t0, 2)}))
     log.info("synthetic dataset: %d videos in %.1fs at %s", len(records), time.time() - t0, root)
     return root
 

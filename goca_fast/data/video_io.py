@@ -7,9 +7,7 @@ can lie about frame counts and timing.
 """
 from __future__ import annotations
 
-import functools
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterable, Optional, Sequence
@@ -17,6 +15,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import av
 import numpy as np
 from av.video.reformatter import Interpolation
+
+from goca_fast.atomic import temp_beside
 
 # swscale's default YUV->RGB path (no accurate rounding, chroma not interpolated) costs ~2.9
 # grey levels of mean error on a colourful 4:2:0 round trip; these flags plus our own
@@ -108,22 +108,9 @@ def _x264_params(gop: int) -> str:
     return f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:chromaloc=1"
 
 
-@functools.lru_cache(maxsize=1)
-def _umask_mode() -> int:
-    """0o666 minus the process umask: what a plain open() would give (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_output(path: str | os.PathLike) -> tuple[str, str]:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1] or ".mp4", dir=d)
-    os.close(fd)
-    os.chmod(tmp, _umask_mode())
-    return path, tmp
+def _temp_output(path: str | os.PathLike) -> tuple[str, str]:
+    """(final path, temp file beside it) for an atomic video write (`goca_fast.atomic`)."""
+    return os.fspath(path), temp_beside(path, os.path.splitext(os.fspath(path))[1] or ".mp4")
 
 
 def _encode(path: str | os.PathLike, width: int, height: int, fps: float, gop: int, crf: float,
@@ -133,7 +120,7 @@ def _encode(path: str | os.PathLike, width: int, height: int, fps: float, gop: i
         raise ValueError(f"H.264 yuv420p needs even width and height, got {width}x{height}")
     if gop < 1:
         raise ValueError(f"gop must be >= 1, got {gop}")
-    final, tmp = _atomic_output(path)
+    final, tmp = _temp_output(path)
     try:
         with av.open(tmp, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=_fps_fraction(fps))
@@ -169,7 +156,7 @@ class VideoWriter:
         if gop < 1:
             raise ValueError(f"gop must be >= 1, got {gop}")
         self.width, self.height, self.frames = width, height, 0
-        self._final, self._tmp = _atomic_output(path)
+        self._final, self._tmp = _temp_output(path)
         try:
             self._container = av.open(self._tmp, mode="w", format="mp4")
             self._stream = self._container.add_stream("libx264", rate=_fps_fraction(fps))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from goca_fast import checkpoint as ckpt
+from goca_fast.builders import build_model, dataset_root
 from goca_fast.config import Config, ConfigError, load_config
 from goca_fast.data.index import DatasetIndexError, VideoRecord, read_index, split_names
 from goca_fast.models.goca_model import GocaModel
@@ -192,8 +193,6 @@ def load_model(source: str | os.PathLike, device: torch.device | str = "cpu", st
     architecture is this one. The architecture comes from the checkpoint's own config (else the run directory's
     config.yaml, else `config_path`).
     """
-    from goca_fast.engine import build_model
-
     path, run_dir = resolve_checkpoint(source)
     try:
         state = ckpt.load_checkpoint(path, map_location="cpu")
@@ -240,9 +239,7 @@ def dataset_root_for(cfg: Config, override: Optional[str] = None) -> Path:
         if not (root / "index.jsonl").is_file():
             raise EvalError(f"{root} holds no index.jsonl; prepare it with goca-prepare (and goca-flow for flow)")
         return root
-    from goca_fast.distributed import DistInfo
-    from goca_fast.pretrain import dataset_root
-    return dataset_root(cfg, DistInfo())
+    return dataset_root(cfg)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,8 @@ import json
 import logging
 import math
 import random
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from goca_fast import checkpoint as ckpt
+from goca_fast.builders import build_model
 from goca_fast.stop_signals import RunStopped, StopSignals
-from goca_fast.engine import build_model
 from goca_fast.eval.common import (EvalError, check_disjoint_records, class_check, config_from_dict, dataset_root_for,
                                    default_output_dir, load_model, preserve_rng, resolve_amp, split_records,
                                    plural, view_spec_from_config)
@@ -439,16 +438,3 @@ def run_finetune(source: Optional[str], out_dir: Optional[str] = None, settings:
                   f"{res.table(ft.cfg.name)}\n"
                   f"written: {run_dir / 'finetune.json'}")
     return res
-
-
-def settings_fields() -> list[str]:
-    return [f.name for f in fields(FinetuneSettings)]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from goca_fast.eval.cli import main as cli_main
-    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ of their class among the k nearest (k = 1, 5, 10, 20, 50). RGB+flow ("both") ave
 as the official code does.
 
     goca-eval knn RUN_DIR_OR_CHECKPOINT [--data-root DIR] [--clips 5 --crops 3] [--feature backbone|head] ...
-    python -m goca_fast.eval.knn ...        (same arguments)
+    python -m goca_fast.eval knn ...        (same arguments)
 
 In-process users (the pretraining demo) call :func:`knn_retrieval` or :func:`evaluate_knn` with a live model.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,12 +161,3 @@ def run_knn(source: str, data_root: Optional[str] = None, train_split: Optional[
         print(f"kNN retrieval, {spec.describe()}, {feature} features "
               f"({res.protocol['feature_dim']}-d), cosine:\n{res.table(cfg.name)}\nwritten: {out / 'knn.json'}")
     return res
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from goca_fast.eval.cli import main as cli_main
-    return cli_main(["knn", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -355,12 +354,3 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
               f"lr {settings.lr}, milestones {list(settings.milestones)}):\n{res.table(cfg.name)}\n"
               f"written: {out / 'linear.json'}")
     return res
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from goca_fast.eval.cli import main as cli_main
-    return cli_main(["linear", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,91 +20,18 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from goca_fast.cli_help import HelpFormatter
-from goca_fast.data.index import (CLASSES_FILE, EXCLUDED_FILE, INDEX_FILE, DatasetIndexError, VideoRecord,
-                                  _write_atomic, write_index)
-from goca_fast.data.video_io import VideoReadError, probe_video, read_all_frames, set_decoder_threads
+from goca_fast.atomic import remove_stale_temps, write_atomic
+from goca_fast.data.index import DatasetIndexError
+from goca_fast.data.video_io import VideoReadError, read_all_frames, set_decoder_threads
 from goca_fast.flow.codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
+from goca_fast.flow.dataset import REPORT_FILE, FlowJob, finalise_index, flow_rel_path, load_master, pending_jobs
+from goca_fast.parallel import process_pool
 from goca_fast.flow.tvl1 import TVL1Params
-
-MASTER_INDEX = "prepare_index.jsonl"        # written by goca_fast.data.prepare
-MASTER_EXCLUDED = "prepare_excluded.jsonl"
-REPORT_FILE = "flow_report.json"
-
-
-# ----------------------------------------------------------------------------- dataset bookkeeping
-
-
-def flow_rel_path(rec: VideoRecord) -> str:
-    """flow/<class dir>/<id>.mp4 next to rgb/<class dir>/<id>.mp4."""
-    rel = rec.rgb.replace("\\", "/")
-    return "flow/" + rel[4:] if rel.startswith("rgb/") else "flow/" + rel
-
-
-def load_master(root: str) -> tuple[list[VideoRecord], list[str], list[dict]]:
-    """RGB records, classes and prepare's exclusions (master files, or index.jsonl for other roots)."""
-    ipath = os.path.join(root, MASTER_INDEX)
-    epath = os.path.join(root, MASTER_EXCLUDED)
-    if not os.path.isfile(ipath):
-        ipath, epath = os.path.join(root, INDEX_FILE), os.path.join(root, EXCLUDED_FILE)
-    cpath = os.path.join(root, CLASSES_FILE)
-    if not os.path.isfile(ipath) or not os.path.isfile(cpath):
-        raise DatasetIndexError(f"{root} is not a prepared dataset (no {MASTER_INDEX}/{INDEX_FILE} and "
-                                f"{CLASSES_FILE}); run goca-prepare first")
-    with open(cpath, encoding="utf-8") as f:
-        classes = [ln.rstrip("\n") for ln in f if ln.strip()]
-    with open(ipath, encoding="utf-8") as f:
-        records = [VideoRecord.from_json(json.loads(ln)) for ln in f if ln.strip()]
-    excluded = []
-    if os.path.isfile(epath):
-        with open(epath, encoding="utf-8") as f:
-            excluded = [json.loads(ln) for ln in f if ln.strip()]
-        if epath.endswith(EXCLUDED_FILE):  # an index without master: drop earlier flow failures, they are retried
-            excluded = [e for e in excluded if not str(e.get("reason", "")).startswith("flow")]
-    if not os.path.isfile(os.path.join(root, MASTER_INDEX)):
-        records = [replace(r, flow=None) for r in records]
-    return records, classes, excluded
-
-
-def check_flow_file(root: str, rec: VideoRecord) -> Optional[str]:
-    """None if the flow video is usable for `rec`, else the reason (missing, unreadable, mismatch)."""
-    path = os.path.join(root, flow_rel_path(rec))
-    if not os.path.isfile(path):
-        return "flow missing"
-    try:
-        info = probe_video(path)
-    except VideoReadError as e:
-        return f"flow unreadable: {e}"
-    if info.frames != rec.frames:
-        return f"flow frame count mismatch: rgb {rec.frames}, flow {info.frames}"
-    if (info.width, info.height) != (rec.width, 2 * rec.height):
-        return f"flow size mismatch: {info.width}x{info.height}, expected {rec.width}x{2 * rec.height}"
-    return None
-
-
-def finalise_index(root: str, records: Sequence[VideoRecord], classes: Sequence[str], excluded: Sequence[dict],
-                   failures: dict[str, str], workers: int = 8) -> tuple[list[VideoRecord], list[dict]]:
-    """Rewrite index.jsonl: records whose flow video checks out get its path, the others are excluded.
-
-    Every flow file is probed (cheap: packet table only), so shards of one dataset run by
-    separate processes end with a complete index whichever finishes last.
-    """
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        reasons = list(ex.map(lambda r: check_flow_file(root, r), records))
-    keep, excl = [], list(excluded)
-    for rec, why in zip(records, reasons):
-        if why is None:
-            keep.append(replace(rec, flow=flow_rel_path(rec)))
-        else:
-            excl.append({"id": rec.id, "path": flow_rel_path(rec), "reason": failures.get(rec.id, why)})
-    write_index(root, keep, list(classes), excl)
-    return keep, excl
-
 
 # ----------------------------------------------------------------------------- per-video work
 
@@ -118,18 +45,6 @@ def grey_frames(rgb: np.ndarray) -> np.ndarray:
 def flows_to_video(path: str, flows: np.ndarray, frames: int, fps: float, gop: int, crf: float) -> None:
     """(T−1)×H×W×2 float px -> quantised flow video with `frames` frames (last flow repeated)."""
     write_flow_video(path, pad_flow_to_frames(quantise_flow(flows), frames), fps, gop=gop, crf=crf)
-
-
-@dataclass
-class FlowJob:
-    root: str
-    rec: VideoRecord
-    gop: int = 16
-    crf: float = FLOW_CRF
-
-    @property
-    def out(self) -> str:
-        return os.path.join(self.root, flow_rel_path(self.rec))
 
 
 def load_grey(job: FlowJob) -> np.ndarray:
@@ -174,7 +89,6 @@ def _run_opencv(jobs: list[FlowJob], params: TVL1Params, workers: int) -> Iterat
         for j in jobs:
             yield opencv_job(j)
         return
-    from goca_fast.data.prepare import process_pool
     with process_pool(workers, _cv_init, (params,), preload=["goca_fast.flow.extract"]) as ex:
         for f in as_completed([ex.submit(opencv_job, j) for j in jobs]):
             yield f.result()
@@ -246,29 +160,11 @@ def _progress(it: Iterator[dict], total: int, enabled: bool, desc: str) -> Itera
             yield r
 
 
-def pending_jobs(root: str, records: Sequence[VideoRecord], shard: tuple[int, int] = (0, 1), gop: int = 16,
-                 crf: float = FLOW_CRF) -> tuple[list[FlowJob], int]:
-    """Jobs for this shard whose flow video is missing or does not match its RGB; (jobs, already done)."""
-    mine = [r for i, r in enumerate(records) if i % shard[1] == shard[0]]
-    jobs, done = [], 0
-    for r in mine:
-        why = check_flow_file(root, r)
-        if why is None:
-            done += 1
-            continue
-        out = os.path.join(root, flow_rel_path(r))
-        if why != "flow missing" and os.path.exists(out):
-            os.unlink(out)  # a stale flow video that does not match its RGB: recompute
-        jobs.append(FlowJob(root, r, gop, crf))
-    return jobs, done
-
-
 def extract_flow(root: str, backend: str = "opencv", workers: int = 1, device: str = "cpu", batch: int = 16,
                  compile: bool = False, params: TVL1Params = TVL1Params(), shard: tuple[int, int] = (0, 1),
                  gop: int = 16, crf: float = FLOW_CRF, limit: Optional[int] = None,
                  progress: bool = False) -> dict:
     """Compute missing flow videos under `root`, rewrite the index, return the report."""
-    from goca_fast.data.prepare import remove_stale_temps
     params.check()
     root = os.path.abspath(root)
     records, classes, excluded = load_master(root)
@@ -298,7 +194,7 @@ def extract_flow(root: str, backend: str = "opencv", workers: int = 1, device: s
               "flow_bytes_per_video": int(np.mean([os.path.getsize(os.path.join(root, flow_rel_path(r)))
                                                    for r in keep])) if keep else None,
               "shard": list(shard), "params": params.__dict__}
-    _write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
+    write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -14,18 +14,21 @@ from the RGB frame count − 1 are excluded (the official loader tolerates 5).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
-import sys
 import time
 from collections import Counter, defaultdict
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
+from goca_fast.atomic import remove_stale_temps, write_atomic
 from goca_fast.data.datasets import SPLIT_DIR_NAMES
-from goca_fast.data.index import VideoRecord, _write_atomic
+from goca_fast.data.index import VideoRecord
 from goca_fast.flow.codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
+from goca_fast.flow.dataset import REPORT_FILE, finalise_index, flow_rel_path, load_master, pending_jobs
+from goca_fast.parallel import run_parallel
 
 _NUM = re.compile(r"(\d+)\D*$")
 
@@ -127,10 +130,6 @@ def import_one(root: str, rec: VideoRecord, folder: str, out_rel: str, tolerance
 def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int = 5, gop: int = 16,
                      crf: float = FLOW_CRF, shard: tuple[int, int] = (0, 1), progress: bool = False) -> dict:
     """Import every missing flow video of the prepared dataset `root` from JPEG folders; rewrite the index."""
-    import json
-
-    from goca_fast.data.prepare import remove_stale_temps
-    from goca_fast.flow.extract import REPORT_FILE, finalise_index, flow_rel_path, load_master, pending_jobs
     root = os.path.abspath(root)
     records, classes, excluded = load_master(root)
     remove_stale_temps(os.path.join(root, "flow"))
@@ -159,23 +158,9 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
               "excluded_by_reason": dict(Counter(str(e["reason"]).split(":")[0] for e in excl)),
               "pairs": sum(r["pairs"] for r in done), "wall_seconds": round(time.time() - t0, 2),
               "pairs_per_second": None, "jpeg_root": os.path.abspath(jpeg_root)}
-    _write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
+    write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
     return report
 
 
 def _run(work: list[tuple], workers: int, progress: bool) -> Iterator[dict]:
-    from goca_fast.data.prepare import run_parallel
     return run_parallel(import_one, work, workers, "flow import", progress, preload=["goca_fast.flow.import_jpeg"])
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m goca_fast.flow.import_jpeg --root R --jpeg-root D` = `goca-flow --root R --import-jpeg D`."""
-    from goca_fast.flow.extract import main as flow_main
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--jpeg-root" in args:
-        args[args.index("--jpeg-root")] = "--import-jpeg"
-    return flow_main(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,49 @@
+"""One way to run per-video work in parallel (dataset preparation, flow extraction and import, DALI validation):
+a forkserver process pool and a progress bar, results yielded as they complete."""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Callable, Iterator, Sequence
+
+
+def process_pool(workers: int, initializer=None, initargs: tuple = (),
+                 preload: Sequence[str] = ()) -> ProcessPoolExecutor:
+    """A process pool safe to start from a process that already ran OpenMP/OpenCV/torch threads.
+
+    Plain fork copies thread-pool state whose threads do not exist in the child (a deadlock we hit in practice);
+    forkserver forks workers from a clean server that imports the `preload` modules once.
+    """
+    import multiprocessing as mp
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["goca_fast.parallel", *preload])
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+
+
+def run_parallel(fn: Callable, args: Sequence[tuple], workers: int, desc: str, progress: bool,
+                 initializer=None, initargs: tuple = (), preload: Sequence[str] = ()) -> Iterator[dict]:
+    """fn(*a) for every a in `args`, in this process (`initializer` is for pool workers only) or a forkserver pool,
+    with a progress bar.
+
+    Results are yielded as they complete, so callers can record each one before the next (resumability).
+    """
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(args), desc=desc, unit="video", file=sys.stderr)
+    try:
+        if workers <= 1:
+            for a in args:
+                r = fn(*a)
+                if bar:
+                    bar.update(1)
+                yield r
+        else:
+            with process_pool(workers, initializer, initargs, preload) as ex:
+                for f in as_completed([ex.submit(fn, *a) for a in args]):
+                    if bar:
+                        bar.update(1)
+                    yield f.result()
+    finally:
+        if bar:
+            bar.close()
