@@ -7,9 +7,11 @@ their flow videos), same recipe (2×16 + 4×8 frames at stride 2, scale 128-160,
 official code), same worker/thread count. The official-style loader is what the released code does per sample
 (docs/official_behaviour.md#known-bugs-of-the-official-code): PyAV-decode the *whole* RGB and flow videos,
 convert the sampled frames with to_rgb, then run the torch augmentation on RGB and, independently, on the
-3-channel flow image. `dali_decode` is the DALI source and the
-two decoders alone (no augmentation, no copy into torch): the decode share of `dali_cpu`. Reported per loader:
-clips/s, ms/batch, CPU utilisation (process + worker CPU time / wall / cores), peak host RSS (main process and the
+3-channel flow image. Where DALI's time goes: `dali_decode` is the DALI source and the two decoders alone (no
+augmentation, no copy into torch), `dali_graph` the whole training graph without the copy into torch, so
+decode / augmentation / copy are the differences of `dali_decode`, `dali_graph` and `dali_cpu`. Reported per loader:
+clips/s, clips per CPU-second (steadier than clips/s on a shared machine), ms/batch, CPU utilisation (process +
+worker CPU time / wall / cores), peak host RSS (main process and the
 largest finished child), the RSS of the loader process at the first and the last timed batch and its growth over
 the second half of the run (a leak shows as growth), and the loader's live child processes (DataLoader workers;
 none for DALI 1.53, which runs in the training process). Each loader runs in a fresh process; with `--repeats k` the
@@ -174,7 +176,8 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
     cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
         (c1.children_system - c0.children_system)
     clips = n_batches * batch_size * clips_per_video
-    return {"loader": name, "clips_per_s": clips / wall, "videos_per_s": n_batches * batch_size / wall,
+    return {"loader": name, "clips_per_s": clips / wall, "clips_per_cpu_s": clips / cpu,
+            "videos_per_s": n_batches * batch_size / wall,
             "ms_per_batch": 1e3 * wall / n_batches, "cpu_util_pct": 100 * cpu / wall / os.cpu_count(),
             "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -212,10 +215,14 @@ def dali_decode_only(cfg, root: Path):
     def pipe():
         outs = fn.external_source(source=src, num_outputs=len(dtypes), batch=False, dtype=dtypes)
         return graph.decode(outs[0], outs[2], False), graph.decode(outs[1], outs[2], False)
-    p = pipe()
-    p.build()
+    return graph_only(pipe())
+
+
+def graph_only(pipe):
+    """Endless raw outputs of a built-on-demand DALI pipeline (nothing copied into torch)."""
+    pipe.build()
     while True:
-        yield p.run()
+        yield pipe.run()
 
 
 def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress: int = 0) -> dict:
@@ -234,6 +241,11 @@ def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress
                       progress=progress)
         factory.close()
         return res
+    if kind == "dali_graph":
+        from dali_pipelines.train import build_dali_train_loader
+        factory, _ = build_dali_train_loader(cfg, DistInfo(), root, train_augment(cfg.data))
+        return measure(kind, graph_only(factory.spec.pipeline(0, 0)), n_batches, warmup, clips, bs, False,
+                       rss_every=every)
     if kind == "dali_decode":
         return measure(kind, dali_decode_only(cfg, root), n_batches, warmup, clips, bs, False, rss_every=every)
     if kind == "cpu":
@@ -264,8 +276,8 @@ def main(argv=None) -> int:
     from goca_fast.config import load_config
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loaders", default="dali_gpu,dali_cpu,cpu,official",
-                    help="comma list of dali_gpu, dali_cpu, dali_decode, cpu, official (dali_gpu is skipped without "
-                         "CUDA)")
+                    help="comma list of dali_gpu, dali_cpu, dali_graph, dali_decode, cpu, official (dali_gpu is "
+                         "skipped without CUDA)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every loader, interleaved")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--batch-size", type=int, default=8)
@@ -289,9 +301,11 @@ def main(argv=None) -> int:
         for kind in kinds:
             print(f"{kind} (run {rep + 1}): timing {a.batches} batches ...", file=sys.stderr)
             extra = sys.argv[1:] if argv is None else list(argv)
-            out = subprocess.run([sys.executable, __file__, *extra, "--one", kind], capture_output=True, text=True)
+            # with --progress the child's stderr (its progress lines) goes straight through, so a long run shows
+            out = subprocess.run([sys.executable, __file__, *extra, "--one", kind], stdout=subprocess.PIPE,
+                                 stderr=None if a.progress else subprocess.PIPE, text=True)
             if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
+                print((out.stderr or "")[-3000:], file=sys.stderr)
                 raise SystemExit(f"{kind}: benchmark process failed (exit {out.returncode})")
             rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "run": rep + 1})
             print({k: v for k, v in rows[-1].items() if k != "rss_samples_mib"}, file=sys.stderr)
@@ -300,7 +314,8 @@ def main(argv=None) -> int:
         r["speedup_vs_official"] = r["clips_per_s"] / base if base else float("nan")
     gpu = torch.cuda.is_available() and any(r["loader"] == "dali_gpu" for r in rows)
     dev = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    path = write_results(a.name, rows, ["loader", "run", "clips_per_s", "ms_per_batch", "speedup_vs_official",
+    path = write_results(a.name, rows, ["loader", "run", "clips_per_s", "clips_per_cpu_s", "ms_per_batch",
+                                          "speedup_vs_official",
                                           "cpu_util_pct", "peak_rss_main_mib", "peak_rss_worker_mib",
                                           "rss_first_mib", "rss_last_mib", "rss_growth_2nd_half_mib",
                                           "child_processes"],
