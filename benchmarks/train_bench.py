@@ -39,7 +39,7 @@ def run_case(arch: str, device: str, amp: str, channels_last: bool, steps: int, 
     from goca_fast.config import load_config
     from goca_fast.data.batch import ClipBatch
     from goca_fast.distributed import DistInfo
-    from goca_fast.engine import Trainer
+    from goca_fast.builders import build_trainer
 
     cfg_file, _, _, _ = ARCH_CONFIG[arch]
     cfg = load_config(ROOT / "configs" / cfg_file, [
@@ -54,7 +54,7 @@ def run_case(arch: str, device: str, amp: str, channels_last: bool, steps: int, 
     batch_obj = ClipBatch(clips_rgb, clips_flow, torch.zeros(batch, dtype=torch.long), torch.arange(batch))
     batch_obj = batch_obj.to(dev)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, DistInfo(device=dev), Path(tmp), lambda e, s: [], 1000)
+        trainer = build_trainer(cfg, DistInfo(device=dev), Path(tmp), lambda e, s: [], 1000)
         if compile:  # in place (nn.Module.compile): the trainer keeps calling the same module
             trainer.model.compile()
         t_warm = time.perf_counter()

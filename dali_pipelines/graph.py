@@ -16,9 +16,10 @@ from nvidia.dali import fn, types
 
 from dali_pipelines.source import P_BLUR, P_FLIP, P_JITTER, P_ROI, P_SIGN
 from goca_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from goca_fast.flow.codec import U8_LEVELS
 
-FLOW_MEAN = (127.5, 127.5)  # u8 -> px/20 in [-1, 1]: (x - 127.5) / 127.5, as goca_fast.data.augment.flow_to_unit
-FLOW_STD = 127.5
+FLOW_STD = U8_LEVELS / 2  # u8 -> px / FLOW_BOUND in [-1, 1]: (x - 127.5) / 127.5, as goca_fast.data.augment.flow_to_unit
+FLOW_MEAN = (FLOW_STD, FLOW_STD)  # the u8 of 0 px
 
 
 def decode(encoded, frames, gpu: bool):

@@ -1,6 +1,6 @@
 """DALI training loader: aligned RGB + flow multi-clip batches as `ClipBatch`, on the GPU or the DALI CPU backend.
 
-    factory, batches_per_epoch = build_dali_train_loader(cfg, info, root)
+    factory = dali_train_loaders(spec, cpu_dataset)      # spec: TrainPipelineSpec (goca_fast.builders makes both)
     for batch in factory(epoch, start_batch): ...
 
 One pipeline serves the whole run, in the training process: its sample n is position n of an endless sequence of
@@ -11,7 +11,6 @@ there; since all randomness comes from (seed, epoch, video), the batches are the
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -21,8 +20,9 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines import graph
 from dali_pipelines.source import TrainSource, video_metas
-from goca_fast.data.augment import ClipAugment, train_augment
+from goca_fast.data.augment import ClipAugment
 from goca_fast.data.batch import ClipBatch
+from goca_fast.data.cpu_loader import EpochSampler, TrainClipDataset, collate_clips
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def outputs_to_batch(outs, num_clips: int, with_flow: bool, device: torch.device
                      label=meta[:, 0].to(device), index=meta[:, 1].to(device), skipped=skipped)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainPipelineSpec:
     """Everything needed to build the training pipeline at any position."""
 
@@ -115,7 +115,7 @@ class TrainPipelineSpec:
     def pipeline(self, epoch: int, start_batch: int):
         src = TrainSource(self.metas, self.clip_lengths, self.stride, self.min_distance, self.augment,
                           self.with_flow, self.seed, self.rank, self.world_size, self.batch_size,
-                          self.batches_per_epoch, epoch, start_batch)
+                          self.batches_per_epoch, start_epoch=epoch, start_batch=start_batch)
         return train_pipeline(src, len(self.clip_lengths), self.with_flow, self.augment.crop, self.official_flow,
                               self.blur_window, types.FLOAT16 if self.half_output else types.FLOAT,
                               self.device.type == "cuda", batch_size=self.batch_size,
@@ -203,55 +203,27 @@ def device_index(device: torch.device) -> Optional[int]:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def output_dtype(device: torch.device, amp: str):
-    """DALI output dtype, and the torch dtype the batch is finally cast to (None = keep).
+def output_dtype(device: torch.device, amp: Optional[torch.dtype]) -> tuple[bool, Optional[torch.dtype]]:
+    """(DALI writes fp16, the torch dtype the batch is finally cast to or None = keep) for the autocast dtype `amp`
+    (None = fp32).
 
-    DALI (1.53 included) has no bfloat16 output type: on the GPU with AMP it writes fp16 (more mantissa than bf16, so no loss) and the
-    copy into torch casts to the training dtype."""
-    if device.type == "cuda" and amp in ("auto", "bf16", "fp16"):
-        return types.FLOAT16, (torch.float16 if amp == "fp16" else torch.bfloat16)
-    return types.FLOAT, None
+    DALI (1.53 included) has no bfloat16 output type: on the GPU with AMP it writes fp16 (more mantissa than bf16,
+    so no loss) and the copy into torch casts to the training dtype."""
+    if device.type == "cuda" and amp is not None:
+        return True, amp
+    return False, None
 
 
-def build_dali_train_loader(cfg, info, root: str | os.PathLike, augment: Optional[ClipAugment] = None):
-    """(factory(epoch, start_batch) -> iterable of ClipBatch, batches per epoch), from the whole config.
-    `augment`: the training augmentation (default: `goca_fast.data.augment.train_augment(cfg.data)`)."""
-    from dali_pipelines.validate import validate_for_dali
-    from goca_fast.config import ConfigError
-    from goca_fast.data.cpu_loader import EpochSampler, TrainClipDataset, collate_clips
-    from goca_fast.data.index import read_index, select_split
-
-    d = cfg.data
-    with_flow = d.modalities != "rgb"
-    records, _ = read_index(root)
-    train = select_split(records, d.train_split)
-    train, _excluded = validate_for_dali(root, train, with_flow, workers=max(1, d.workers),
-                                         cache_dir=None, progress=info.is_main)
-    per_rank = len(train) // info.world_size
-    batches = per_rank // d.batch_size
-    if batches < 1:
-        raise ConfigError(f"{len(train)} readable training videos cannot fill one batch of {d.batch_size} "
-                          f"on each of {info.world_size} ranks")
-    augment = augment if augment is not None else train_augment(d)
-    out_dtype, torch_dtype = output_dtype(info.device, cfg.engine.amp)
-    spec = TrainPipelineSpec(video_metas(root, train), list(cfg.clip_lengths), d.stride, d.min_distance, augment,
-                             with_flow, cfg.seed, info.rank, info.world_size, d.batch_size, batches,
-                             d.flow_mode == "official", augment.blur_kernel if d.blur_p > 0 else 0,
-                             out_dtype == types.FLOAT16, info.device, torch_dtype, d.workers)
-    gpu = info.device.type == "cuda"
-
+def dali_train_loaders(spec: TrainPipelineSpec, cpu_dataset: TrainClipDataset) -> DaliTrainLoaders:
+    """The training loader factory of `spec`; a batch DALI fails on is decoded by `cpu_dataset` (the same videos,
+    augmentation and seed) instead."""
     def batch_indices(epoch: int, b: int) -> list[int]:
-        sampler = EpochSampler(len(train), info.rank, info.world_size, cfg.seed, drop_last=True)
+        sampler = EpochSampler(len(cpu_dataset), spec.rank, spec.world_size, spec.seed, drop_last=True)
         sampler.set_epoch(epoch)
-        return sampler.rank_indices()[b * d.batch_size:(b + 1) * d.batch_size]
-
-    cpu_ds = TrainClipDataset(root, train, cfg.clip_lengths, d.stride, d.min_distance, augment, with_flow, cfg.seed)
+        return sampler.rank_indices()[b * spec.batch_size:(b + 1) * spec.batch_size]
 
     def fallback(epoch: int, indices: list[int]) -> Optional[ClipBatch]:
-        cpu_ds.set_epoch(epoch)
-        return collate_clips([cpu_ds[i] for i in indices])
+        cpu_dataset.set_epoch(epoch)
+        return collate_clips([cpu_dataset[i] for i in indices])
 
-    loaders = DaliTrainLoaders(spec, batch_indices, fallback)
-    log.info("DALI %s loader: %d videos, %d batches per epoch per rank", "GPU" if gpu else "CPU", len(train),
-             batches)
-    return loaders, batches
+    return DaliTrainLoaders(spec, batch_indices, fallback)

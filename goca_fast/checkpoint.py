@@ -10,6 +10,7 @@ this module only guarantees that a file at a final name is always complete, and 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -17,7 +18,7 @@ import time
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from goca_fast.atomic import atomic_open
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "is_valid_checkpoint", "find_latest",
-    "checkpoint_dir", "latest_path", "snapshot_path", "rng_state", "set_rng_state",
+    "checkpoint_dir", "latest_path", "snapshot_path", "rng_state", "set_rng_state", "preserve_rng",
     "strip_ddp_prefix", "CheckpointTimer", "LATEST_NAME", "CHECKPOINT_SUBDIR",
 ]
 
@@ -169,6 +170,22 @@ def set_rng_state(state: dict) -> None:
     if cuda and torch.cuda.is_available():
         for i in range(min(len(cuda), torch.cuda.device_count())):
             torch.cuda.set_rng_state(torch.as_tensor(cuda[i]).cpu(), device=i)
+
+
+@contextlib.contextmanager
+def preserve_rng() -> Iterator[None]:
+    """Run a block without disturbing any global RNG (python, numpy, torch CPU and CUDA).
+
+    Evaluation inside training (monitor, per-epoch validation) must not shift the training's random stream, or a
+    resumed run would differ from an uninterrupted one (DataLoader iterators draw a seed from torch's RNG)."""
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 # --- state-dict keys -------------------------------------------------------------------------------------

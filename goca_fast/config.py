@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import typing
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, get_args, get_origin
 
 import yaml
+
+log = logging.getLogger("goca_fast")
 
 
 class ConfigError(ValueError):
@@ -358,8 +361,23 @@ def validate(cfg: Config) -> Config:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """A validated Config from a plain dict (e.g. the one stored in a checkpoint)."""
-    return validate(_build(Config, values))
+    """A validated Config from the plain dict a checkpoint stores. Keys this version does not know are dropped with
+    a warning (a checkpoint from a newer goca_fast stays usable); missing keys take their defaults."""
+    def known(cls: type, vals: dict[str, Any], prefix: str) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        out = {}
+        for k, v in vals.items():
+            if k not in names:
+                log.warning("checkpoint config key '%s%s' is unknown to this version; ignored", prefix, k)
+                continue
+            tp = hints[k]
+            out[k] = known(tp, v, f"{prefix}{k}.") if dataclasses.is_dataclass(tp) and isinstance(v, dict) else v
+        return out
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"checkpoint config is a {type(values).__name__}, expected a mapping")
+    return validate(_build(Config, known(Config, values, "")))
 
 
 def shipped_config_dirs() -> list[Path]:

@@ -21,14 +21,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from goca_fast import checkpoint as ckpt
-from goca_fast.assign import resolve_backend
-from goca_fast.builders import build_model
-from goca_fast.config import Config
 from goca_fast.data.batch import ClipBatch
 from goca_fast.distributed import DistInfo, all_reduce_sum
 from goca_fast.models import GocaModel, prototype_separation
 from goca_fast.objective import GocaObjective, ObjectiveResult
-from goca_fast.optim import build_optimizer, get_lr, lr_schedule, set_lr
+from goca_fast.optim import OptimSettings, set_lr
 from goca_fast.queue import FeatureQueue, local_queue_length
 from goca_fast.stop_signals import StopSignals
 
@@ -39,15 +36,6 @@ LoaderFactory = Callable[[int, int], Iterable[ClipBatch]]  # (epoch, start_batch
 
 class TrainingDiverged(RuntimeError):
     """Raised after `engine.max_bad_steps` consecutive non-finite losses."""
-
-
-def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 on GPU by default, fp32 on CPU; the Sinkhorn assignment is always fp32 regardless."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode in ("auto", "bf16"):
-        return torch.bfloat16
-    return torch.float16
 
 
 def clips_of(batch: ClipBatch, streams: list[str]) -> dict[str, list[torch.Tensor]]:
@@ -93,24 +81,49 @@ class NothingTrained(RuntimeError):
     """An epoch made no optimiser step (every batch skipped): nothing may be saved or reported as trained."""
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the training loop runs, as plain values (made by `goca_fast.builders` from the config)."""
+
+    epochs: int
+    batch_size: int                 # per process
+    max_iters_per_epoch: int        # 0 = full epochs
+    max_bad_steps: int              # consecutive non-finite losses before aborting
+    checkpoint_minutes: float       # also write `latest` mid-epoch this often (0 = only at epoch ends)
+    checkpoint_every_iters: int     # also write `latest` every N iterations (0 = off)
+    snapshot_every_epochs: int
+    log_every: int
+    tensorboard: bool
+    progress: bool
+    channels_last: bool
+    sync_bn: bool
+    prototype_reg_weight: float
+    freeze_prototypes_epochs: int
+    freeze_prototypes_iters: int
+    queue_length: int               # global; 0 = no queue
+    queue_start_epoch: int
+
+
 class Trainer:
     """Owns the model, optimiser and state of one pretraining run (one process of it)."""
 
-    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, make_loader: LoaderFactory,
-                 batches_per_epoch: int):
-        self.cfg, self.info, self.run_dir = cfg, info, Path(run_dir)
+    def __init__(self, *, model: GocaModel, objective: GocaObjective, optim: OptimSettings, loop: LoopSettings,
+                 info: DistInfo, run_dir: Path, make_loader: LoaderFactory, batches_per_epoch: int,
+                 amp: Optional[torch.dtype], config: dict):
+        """`model` freshly built (it is moved, converted and wrapped here); `config` is stored in checkpoints."""
+        self.loop, self.info, self.run_dir, self.config = loop, info, Path(run_dir), config
         self.make_loader = make_loader
-        limit = cfg.engine.max_iters_per_epoch
+        limit = loop.max_iters_per_epoch
         self.iters_per_epoch = min(batches_per_epoch, limit) if limit > 0 else batches_per_epoch
         if self.iters_per_epoch < 1:
             raise ValueError("the training split yields no full batch: lower data.batch_size or add videos")
         self.device = info.device
-        self.amp = amp_dtype(cfg.engine.amp, self.device)
+        self.amp = amp
 
-        model = build_model(cfg).to(self.device)
-        if cfg.model.channels_last:
+        model = model.to(self.device)
+        if loop.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
-        if info.enabled and cfg.model.sync_bn:
+        if info.enabled and loop.sync_bn:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif info.is_main:
@@ -118,37 +131,30 @@ class Trainer:
         self.model: GocaModel = model
         self.ddp = (nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device] if self.device.type == "cuda" else None) if info.enabled else None)
-        o = cfg.optim
-        global_batch = cfg.data.batch_size * info.world_size
-        self.lr = lr_schedule(o.base_lr, o.final_lr, o.start_warmup, self.iters_per_epoch * o.warmup_epochs,
-                              self.iters_per_epoch * o.epochs, global_batch, o.lr_scaling, o.fix_lr)
+        self.lr = optim.schedule(self.iters_per_epoch, loop.batch_size * info.world_size)
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, float(self.lr[0]), o.momentum, o.weight_decay, o.larc, o.larc_trust,
-                                         o.larc_clip, o.exclude_bn_bias, o.use_apex)
+        self.optimizer = optim.optimizer(params, float(self.lr[0]))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        g = cfg.goca
-        # decided once for the whole group: ranks on different backends would issue different collectives
-        backend = resolve_backend(g.backend, self.device, info.group, num_prototypes=cfg.model.num_prototypes)
-        self.objective = GocaObjective(g.merge, sum(cfg.data.clips_per_group), g.assign_clips, g.epsilon,
-                                       g.prior_epsilon, g.iterations, g.cycles, g.prior_sign, g.prior_start_epoch,
-                                       g.temperature, g.official_loss_scale, backend, info.group)
+        self.objective = objective
+        self.num_prototypes, self.embed_dim = model.prototypes.weight.shape
         self.queue: Optional[FeatureQueue] = None
         self.state = TrainState()
         self.signals = StopSignals()
         self.writer = None
-        self.timer = ckpt.CheckpointTimer(cfg.engine.checkpoint_minutes or None)
+        self.timer = ckpt.CheckpointTimer(loop.checkpoint_minutes or None)
         self.monitor = None  # optional goca_fast.eval.monitor.KnnMonitor, set by pretrain (rank 0 only)
+        self.current_lr = float(self.lr[0])
 
     # ------------------------------------------------------------------ queue
     def _maybe_create_queue(self) -> None:
-        g = self.cfg.goca
-        if self.queue is not None or g.queue_length <= 0 or self.state.epoch < g.queue_start_epoch:
+        lp = self.loop
+        if self.queue is not None or lp.queue_length <= 0 or self.state.epoch < lp.queue_start_epoch:
             return
-        length = local_queue_length(g.queue_length, self.cfg.data.batch_size, self.info.world_size)
+        length = local_queue_length(lp.queue_length, lp.batch_size, self.info.world_size)
         if length <= 0:
-            raise ValueError(f"goca.queue_length={g.queue_length} is shorter than one global batch")
+            raise ValueError(f"goca.queue_length={lp.queue_length} is shorter than one global batch")
         streams, slots = self.objective.queue_shape(len(self.model.streams))
-        self.queue = FeatureQueue(streams, slots, length, self.cfg.model.embed_dim, self.device)
+        self.queue = FeatureQueue(streams, slots, length, int(self.embed_dim), self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def _gather_rng(self) -> list:
@@ -169,7 +175,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "queue": None if self.queue is None else self.queue.state_dict(),
             "rng": rng, "epoch": s.epoch, "iteration": s.iteration, "step": s.step, "bad_total": s.bad_total,
-            "skipped_videos": s.skipped_videos, "world_size": self.info.world_size, "config": self.cfg.to_dict(),
+            "skipped_videos": s.skipped_videos, "world_size": self.info.world_size, "config": self.config,
         }
         ckpt.save_checkpoint(ckpt.latest_path(self.run_dir), state)
         if snapshot:
@@ -213,19 +219,20 @@ class Trainer:
         return self.state.epoch * self.iters_per_epoch + self.state.iteration
 
     def _freeze_prototypes(self) -> bool:
-        o = self.cfg.optim
-        return (self.model.prototypes.frozen or self.state.epoch < o.freeze_prototypes_epochs
-                or self.global_iteration() < o.freeze_prototypes_iters)
+        lp = self.loop
+        return (self.model.prototypes.frozen or self.state.epoch < lp.freeze_prototypes_epochs
+                or self.global_iteration() < lp.freeze_prototypes_iters)
 
     def train_step(self, batch: ClipBatch) -> tuple[Optional[float], dict[str, float]]:
         """One optimiser step; returns (loss or None when skipped as non-finite, statistics)."""
         model = self.model
         net = self.ddp or model
-        set_lr(self.optimizer, float(self.lr[min(self.global_iteration(), len(self.lr) - 1)]))
+        self.current_lr = float(self.lr[min(self.global_iteration(), len(self.lr) - 1)])
+        set_lr(self.optimizer, self.current_lr)
         model.prototypes.normalize_()
         batch = batch.to(self.device)
         clips = clips_of(batch, model.streams)
-        if self.cfg.model.channels_last:
+        if self.loop.channels_last:
             clips = {s: [c.contiguous(memory_format=torch.channels_last_3d) for c in v] for s, v in clips.items()}
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             outputs = net(clips)
@@ -233,19 +240,19 @@ class Trainer:
         result = self.objective(outputs, model.prototypes.weight, self.state.epoch, self.queue)
         loss = result.loss
         reg = torch.zeros((), device=self.device)
-        if self.cfg.model.prototype_reg_weight > 0 and not model.prototypes.frozen:
+        if self.loop.prototype_reg_weight > 0 and not model.prototypes.frozen:
             reg = prototype_separation(model.prototypes.weight)
-            loss = loss + self.cfg.model.prototype_reg_weight * reg
+            loss = loss + self.loop.prototype_reg_weight * reg
         # every rank must agree to skip, or DDP's gradient all-reduce would hang
         bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device), self.info)
         self.optimizer.zero_grad(set_to_none=True)
-        stats = code_statistics(result, self.cfg.model.num_prototypes)
+        stats = code_statistics(result, int(self.num_prototypes))
         stats["prototype_separation"] = float(reg)
         self.state.step += 1
         if bad.item() > 0:
             self.state.bad_in_row += 1
             self.state.bad_total += 1
-            if self.state.bad_in_row >= self.cfg.engine.max_bad_steps:
+            if self.state.bad_in_row >= self.loop.max_bad_steps:
                 raise TrainingDiverged(
                     f"loss was NaN/inf for {self.state.bad_in_row} steps in a row (epoch {self.state.epoch}, "
                     f"step {self.state.step}); lower optim.base_lr, check the data, or try engine.amp=off")
@@ -269,14 +276,14 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until `optim.epochs`; returns a summary. Raises StopRequested after a signal (checkpoint saved)."""
-        cfg = self.cfg
-        if self.info.is_main and cfg.engine.tensorboard:
+        lp = self.loop
+        if self.info.is_main and lp.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state.step)
         history_path = self.run_dir / "metrics.jsonl"
         summary: dict = {}
         try:
-            while self.state.epoch < cfg.optim.epochs:
+            while self.state.epoch < lp.epochs:
                 whole_epoch = self.state.iteration == 0
                 summary = self._run_epoch()
                 if whole_epoch and summary["optimizer_steps"] == 0:
@@ -294,13 +301,13 @@ class Trainer:
                     with open(history_path, "a") as f:
                         f.write(json.dumps(summary) + "\n")
                     log.info("epoch %d/%d: loss %.4f over %d steps, %.1f clips/s, data wait %.0f %%, %d videos "
-                             "skipped so far", summary["epoch"], cfg.optim.epochs, summary["loss"],
+                             "skipped so far", summary["epoch"], lp.epochs, summary["loss"],
                              summary["optimizer_steps"], summary["clips_per_s"], 100 * summary["data_time_frac"],
                              summary["skipped_videos"])
                 self.state.epoch += 1
                 self.state.iteration = 0
-                every = cfg.engine.snapshot_every_epochs
-                snap = (every > 0 and self.state.epoch % every == 0) or self.state.epoch == cfg.optim.epochs
+                every = lp.snapshot_every_epochs
+                snap = (every > 0 and self.state.epoch % every == 0) or self.state.epoch == lp.epochs
                 self.save(snapshot=snap)
         except StopRequested:
             self.save()
@@ -311,12 +318,12 @@ class Trainer:
         return summary
 
     def _run_epoch(self) -> dict:
-        cfg, s = self.cfg, self.state
+        lp, s = self.loop, self.state
         n = self.iters_per_epoch
         bar = None
-        if self.info.is_main and cfg.engine.progress and sys.stderr.isatty():  # a log file gets the epoch line
+        if self.info.is_main and lp.progress and sys.stderr.isatty():  # a log file gets the epoch line
             from tqdm import tqdm
-            bar = tqdm(total=n, initial=s.iteration, desc=f"epoch {s.epoch + 1}/{cfg.optim.epochs}",
+            bar = tqdm(total=n, initial=s.iteration, desc=f"epoch {s.epoch + 1}/{lp.epochs}",
                        dynamic_ncols=True, leave=True)
         losses: list[float] = []
         data_time = step_time = 0.0
@@ -333,7 +340,7 @@ class Trainer:
                 break
             t_data = time.perf_counter()
             if batch is None:  # every video of this batch was unreadable (each reported by the loader)
-                s.skipped_videos += self.cfg.data.batch_size
+                s.skipped_videos += lp.batch_size
                 s.iteration += 1
                 t_end = time.perf_counter()
                 continue
@@ -351,10 +358,10 @@ class Trainer:
             s.iteration += 1
             if loss is not None:
                 losses.append(loss)
-            scalars = {"loss": loss if loss is not None else float("nan"), "lr": get_lr(self.optimizer),
+            scalars = {"loss": loss if loss is not None else float("nan"), "lr": self.current_lr,
                        "clips_per_s": clips / max(iter_time, 1e-9), "data_time": dt,
                        "skipped_videos": s.skipped_videos, "bad_steps": s.bad_total, **stats}
-            if s.step % max(cfg.engine.log_every, 1) == 0 or s.iteration == n:
+            if s.step % max(lp.log_every, 1) == 0 or s.iteration == n:
                 self._log_scalars(scalars)
             if bar is not None:
                 bar.update(1)
@@ -374,7 +381,7 @@ class Trainer:
         return self.signals.seen_on_any_rank(self.device)
 
     def _checkpoint_due(self) -> bool:
-        every = self.cfg.engine.checkpoint_every_iters
+        every = self.loop.checkpoint_every_iters
         due = (every > 0 and self.state.step % every == 0) or self.timer.due()
         if self.info.enabled:  # decided on rank 0, so that every rank enters the gather in save()
             flag = torch.tensor([1.0 if due else 0.0], device=self.device)

@@ -11,7 +11,7 @@ Merge modes (docs/official_behaviour.md#merge-modes):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -33,17 +33,28 @@ def split_blocks(t: torch.Tensor, num_clips: int) -> list[torch.Tensor]:
     return list(t.chunk(num_clips, dim=0))
 
 
+@dataclass(frozen=True, kw_only=True)
 class GocaObjective:
-    def __init__(self, merge: str, num_clips: int, assign_clips: list[int], epsilon: float, prior_epsilon: float,
-                 iterations: int, cycles: int, prior_sign: str, prior_start_epoch: int, temperature: float,
-                 official_loss_scale: bool = False, backend: str = "auto", group=None):
-        if merge not in ("prior", "mix", "avg"):
-            raise ValueError(f"merge must be prior, mix or avg, got {merge!r}")
-        self.merge, self.num_clips, self.assign_clips = merge, num_clips, list(assign_clips)
-        self.epsilon, self.prior_epsilon, self.iterations = epsilon, prior_epsilon, iterations
-        self.cycles, self.prior_sign, self.prior_start_epoch = cycles, prior_sign, prior_start_epoch
-        self.temperature, self.official_loss_scale = temperature, official_loss_scale
-        self.backend, self.group = backend, group
+    """The objective's settings (config section `goca`, as plain values); call it on a batch's outputs."""
+
+    merge: str                      # prior | mix | avg
+    num_clips: int                  # clips per video
+    assign_clips: tuple[int, ...]   # the clips that get codes
+    epsilon: float
+    prior_epsilon: float
+    iterations: int
+    cycles: int
+    prior_sign: str                 # kl | official
+    prior_start_epoch: int
+    temperature: float
+    official_loss_scale: bool = False
+    backend: str = "auto"           # assignment backend, resolved once for the process group
+    group: Any = None               # process group of the Sinkhorn sums (None: single process)
+
+    def __post_init__(self) -> None:
+        if self.merge not in ("prior", "mix", "avg"):
+            raise ValueError(f"merge must be prior, mix or avg, got {self.merge!r}")
+        object.__setattr__(self, "assign_clips", tuple(self.assign_clips))
 
     def queue_shape(self, streams: int) -> tuple[int, int]:
         """(streams, slots) of the feature queue for this mode."""

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["LARC", "build_optimizer", "lr_schedule", "set_lr", "get_lr", "SCALINGS"]
+__all__ = ["LARC", "OptimSettings", "build_optimizer", "lr_schedule", "set_lr", "SCALINGS"]
 
 SCALINGS = ("sqrt", "linear", "none")
 LINEAR_SCALING_REFERENCE_BATCH = 256  # the usual "lr × batch / 256" rule (Goyal et al.)
@@ -150,7 +151,7 @@ def _is_no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(".bias")
 
 
-def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float,
+def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], *, lr: float,
                     momentum: float = 0.9, weight_decay: float = 1e-4, larc: bool = True,
                     trust_coefficient: float = 0.001, larc_clip: bool = False,
                     exclude_bn_bias_from_wd_and_larc: bool = False, use_apex: bool = False) -> Any:
@@ -262,6 +263,32 @@ def set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr
 
 
-def get_lr(optimizer: Any) -> float:
-    """The first group's lr (for logging; every group gets the same lr from :func:`set_lr`)."""
-    return float(optimizer.param_groups[0]["lr"])
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimiser and its LR schedule as plain values (made by `goca_fast.builders` from `optim.*`)."""
+
+    epochs: int
+    base_lr: float
+    lr_scaling: str
+    final_lr: float
+    start_warmup: float
+    warmup_epochs: int
+    fix_lr: bool
+    momentum: float
+    weight_decay: float
+    larc: bool
+    larc_trust: float
+    larc_clip: bool
+    exclude_bn_bias: bool
+    use_apex: bool
+
+    def schedule(self, iters_per_epoch: int, global_batch: int) -> np.ndarray:
+        """The per-iteration LR array of the whole run (see :func:`lr_schedule`)."""
+        return lr_schedule(self.base_lr, self.final_lr, self.start_warmup, iters_per_epoch * self.warmup_epochs,
+                           iters_per_epoch * self.epochs, global_batch, self.lr_scaling, self.fix_lr)
+
+    def optimizer(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float) -> Any:
+        """SGD (+ LARC) over `named_params` starting at `lr` (see :func:`build_optimizer`)."""
+        return build_optimizer(named_params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               larc=self.larc, trust_coefficient=self.larc_trust, larc_clip=self.larc_clip,
+                               exclude_bn_bias_from_wd_and_larc=self.exclude_bn_bias, use_apex=self.use_apex)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.builders import build_model, dataset_root
+from goca_fast.builders import build_model, build_monitor, build_trainer, dataset_root, knn_recall, train_loader
 from goca_fast.config import Config, ConfigError, config_to_yaml, load_config, resolve_config
 from goca_fast.distributed import DistInfo, barrier, cleanup, init_distributed
 from goca_fast.stop_signals import RunStopped
@@ -49,43 +49,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def choose_loader(cfg: Config, info: DistInfo) -> str:
-    if cfg.data.loader == "cpu":
-        return "cpu"
-    dali_ok = False
-    try:
-        import nvidia.dali  # noqa: F401
-        import dali_pipelines.train  # noqa: F401
-        dali_ok = True
-    except ImportError:
-        pass
-    if cfg.data.loader == "dali":
-        if not dali_ok:
-            raise ConfigError("data.loader=dali but the DALI pipelines are not available here "
-                              "(pip install -e '.[dali]'); use data.loader=cpu")
-        return "dali"
-    return "dali" if dali_ok and info.device.type == "cuda" else "cpu"
-
-
-def build_train_loader(cfg: Config, info: DistInfo, root: Path):
-    """Returns (factory(epoch, start_batch) → iterable of ClipBatch, batches per epoch)."""
-    from goca_fast.data.augment import train_augment
-    from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
-    from goca_fast.data.index import read_index, select_split
-    records, _ = read_index(root)
-    train = select_split(records, cfg.data.train_split)
-    dataset = TrainClipDataset(root, train, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                               train_augment(cfg.data), with_flow=cfg.data.modalities != "rgb", seed=cfg.seed)
-    per_rank = len(dataset) // info.world_size
-    batches = per_rank // cfg.data.batch_size
-
-    def factory(epoch: int, start_batch: int):
-        return make_train_loader(dataset, cfg.data.batch_size, cfg.data.workers, info.rank, info.world_size,
-                                 cfg.seed, epoch, start_batch)
-
-    return factory, batches
-
-
 def prepare_run_dir(cfg: Config, info: DistInfo, run_dir: Path) -> None:
     """Writes the run directory with its config.yaml; called only once every start-up check has passed, so a failed
     start leaves nothing behind."""
@@ -102,11 +65,10 @@ def prepare_run_dir(cfg: Config, info: DistInfo, run_dir: Path) -> None:
 def run(cfg: Config, fresh: bool = False) -> dict:
     """Pretrain (resuming the run directory unless `fresh`), then evaluate. Raises RunStopped after a stop signal or
     Ctrl-C (checkpoint written), NothingTrained when an epoch made no optimiser step."""
-    from goca_fast.data.index import read_index, training_records
-    from goca_fast.engine import StopRequested, Trainer
-    from goca_fast.eval.common import check_disjoint
-    from goca_fast.eval.knn import knn_retrieval
+    from goca_fast.data.index import read_index, select_split, training_records
+    from goca_fast.engine import StopRequested
     from goca_fast.eval.retrieval import DEFAULT_KS, format_table
+    from goca_fast.eval.splits import check_disjoint
 
     info = init_distributed(cfg.engine.device)
     if cfg.engine.torch_threads > 0:
@@ -121,18 +83,15 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     evaluated = ([cfg.data.test_split] if cfg.eval.knn_after_training else []) + (
         [cfg.eval.monitor_val_split or cfg.data.test_split] if cfg.eval.monitor_every > 0 else [])
     for split in evaluated:
-        check_disjoint(cfg.data.train_split, [r.id for r in records if cfg.data.train_split in r.splits],
-                       split, [r.id for r in records if split in r.splits], roles=("data.train_split", "test"))
-    if choose_loader(cfg, info) == "dali":
-        from dali_pipelines.train import build_dali_train_loader
-        factory, batches = build_dali_train_loader(cfg, info, root)
-    else:
-        factory, batches = build_train_loader(cfg, info, root)
+        check_disjoint(cfg.data.train_split, [r.id for r in select_split(records, cfg.data.train_split)],
+                       split, [r.id for r in select_split(records, split, required=False)],
+                       roles=("data.train_split", "test"))
+    factory, batches = train_loader(cfg, info, root)
 
     # the random-init reference is built from the same seed as the trained network's initial weights
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
-    trainer = Trainer(cfg, info, run_dir, factory, batches)
+    trainer = build_trainer(cfg, info, run_dir, factory, batches)
     init_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     seed_everything(cfg.seed + info.rank)
     prepare_run_dir(cfg, info, run_dir)
@@ -140,14 +99,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         trainer.resume()
     trainer.install_signal_handlers()
     if cfg.eval.monitor_every > 0 and info.is_main:
-        from goca_fast.eval.monitor import KnnMonitor
-        e = cfg.eval
-        trainer.monitor = KnnMonitor(
-            root, cfg.data.train_split, e.monitor_val_split or cfg.data.test_split, subset_size=e.monitor_videos,
-            clip_length=e.monitor_clip_length or min(cfg.data.frames_per_group), stride=cfg.data.stride,
-            crop_size=cfg.data.crop_size, short_side=cfg.data.scale_range[0], every=e.monitor_every,
-            streams=trainer.model.streams, flow_mode=cfg.data.flow_mode, workers=cfg.data.workers,
-            device=info.device, amp=trainer.amp, seed=cfg.seed)
+        trainer.monitor = build_monitor(cfg, info, root, trainer.model.streams, trainer.amp)
     t0 = time.time()
     try:
         summary = trainer.fit()
@@ -159,11 +111,11 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     train_seconds = time.time() - t0
     result = {"run_dir": str(run_dir), "train_seconds": round(train_seconds, 1), "last_epoch": summary}
     if cfg.eval.knn_after_training and info.is_main:
-        rows = {"GOCA": knn_retrieval(trainer.model, cfg, root, info.device)}
+        rows = {"GOCA": knn_recall(trainer.model, cfg, root, info.device)}
         if cfg.eval.compare_random_init:
             ref = build_model(cfg).to(info.device)
             ref.load_state_dict(init_state)
-            rows["random init"] = knn_retrieval(ref, cfg, root, info.device)
+            rows["random init"] = knn_recall(ref, cfg, root, info.device)
         ks = DEFAULT_KS
         table = format_table(rows, ks)
         result["knn"] = {m: {s: {str(k): v for k, v in r.items()} for s, r in per.items()} for m, per in rows.items()}

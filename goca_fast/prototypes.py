@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 from goca_fast.atomic import atomic_open, write_atomic
 from goca_fast.cli_help import HelpFormatter
+from goca_fast.config import ConfigError
+from goca_fast.device import resolve_device
+from goca_fast.models.heads import max_cosine
 
 
 def nearest_neighbour_angles(p: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -39,13 +42,6 @@ def random_prototypes(num: int, dim: int, seed: int = 0) -> np.ndarray:
     return F.normalize(torch.randn(num, dim, generator=g, dtype=torch.float64), dim=1).float().numpy()
 
 
-def separation_loss(p: torch.Tensor) -> torch.Tensor:
-    """mean_i max_{j≠i} cos(p_i, p_j) for unit rows p (the Mettes et al. objective, minus its constant 1)."""
-    cos = p @ p.T
-    cos = cos - 3.0 * torch.eye(len(p), device=p.device, dtype=p.dtype)  # the diagonal never wins the max
-    return cos.max(dim=1).values.mean()
-
-
 def hyperspherical_prototypes(num: int, dim: int, steps: int = 3000, lr: float = 0.1, momentum: float = 0.9,
                               seed: int = 300, device: str = "cpu", log_every: int = 0) -> np.ndarray:
     """Optimise `num` unit prototypes in `dim` dimensions; returns float32 num×dim unit rows."""
@@ -57,7 +53,7 @@ def hyperspherical_prototypes(num: int, dim: int, steps: int = 3000, lr: float =
     p = F.normalize(torch.randn(num, dim, generator=g), dim=1).to(device).requires_grad_(True)
     opt = torch.optim.SGD([p], lr=lr, momentum=momentum)
     for step in range(steps):
-        loss = separation_loss(p)
+        loss = max_cosine(p)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -132,9 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"need --num >= 2 and --dim >= 2, got {a.num} and {a.dim}")
     if a.steps < 1 or a.lr <= 0 or not 0 <= a.momentum < 1:  # 0 steps would save random, un-optimised prototypes
         parser.error("need --steps >= 1, --lr > 0 and 0 <= --momentum < 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device")
+    try:
+        device = str(resolve_device(a.device, "--device"))
+    except ConfigError as e:
+        parser.error(str(e))
     out = a.out or f"prototypes-{a.dim}d-{a.num}c.npy"
     if not out.endswith(".npy"):
         parser.error(f"--out must end in .npy, got {out}")

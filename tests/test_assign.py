@@ -13,44 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from goca_fast.assign import goca_codes, resolve_backend, sinkhorn
-
-
-def plain_iterate64(S, eps, iters, P=None, eps2=0.0, sign=1.0):
-    """The official iterate (docs/official_behaviour.md#assignment) in float64 numpy, written independently of
-    goca_fast."""
-    S = np.asarray(S, dtype=np.float64)
-    X = S / eps if P is None else (S + sign * eps2 * np.log(np.asarray(P, np.float64) / S.shape[0])) / (eps + eps2)
-    Q = np.exp(X).T
-    Q /= Q.sum()
-    K, B = Q.shape
-    for _ in range(iters):
-        Q /= Q.sum(axis=1, keepdims=True)
-        Q /= K
-        Q /= Q.sum(axis=0, keepdims=True)
-        Q /= B
-    return (Q * B).T
-
-
-def goca64(Sr, Sf, eps, eps2, iters, cycles, sign):
-    Pf, Pr = plain_iterate64(Sf, eps, iters), plain_iterate64(Sr, eps, iters)
-    for _ in range(cycles):
-        Qr = plain_iterate64(Sr, eps, iters, Pf, eps2, sign)
-        Qf = plain_iterate64(Sf, eps, iters, Pr, eps2, sign)
-        Pr, Pf = Qr, Qf
-    return Pr, Pf
-
-
-def cosine_scores(B, K, D=32, seed=0, noise_of=None, noise=0.5):
-    g = torch.Generator().manual_seed(seed)
-    protos = F.normalize(torch.randn(K, D, generator=g), dim=1)
-    emb = torch.randn(B, D, generator=g) if noise_of is None else noise_of + noise * torch.randn(B, D, generator=g)
-    emb = F.normalize(emb, dim=1)
-    return emb @ protos.t(), emb, protos
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
+from helpers import cosine_scores, free_port, goca64, plain_iterate64, rel_err
 
 
 @pytest.mark.parametrize("sign", ["kl", "official"])
@@ -162,12 +125,6 @@ def test_bad_arguments_are_clear():
     assert ok or why  # unavailable always comes with a reason
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, Sr, Sf, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -184,7 +141,7 @@ def _worker(rank, world, port, Sr, Sf, out_dir):
 def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path):
     Sr, emb, protos = cosine_scores(203, 150, seed=9)  # odd B: ranks hold 102 and 101 rows
     Sf = F.normalize(emb + torch.randn(emb.shape, generator=torch.Generator().manual_seed(10)), dim=1) @ protos.t()
-    mp.spawn(_worker, args=(2, _free_port(), Sr, Sf, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), Sr, Sf, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
     whole = {"q": sinkhorn(Sr, 0.03, 3), "ext": sinkhorn((Sr > 0.2).float() * 2 - 1, 0.005, 3)}
     whole["qr"], whole["qf"] = goca_codes(Sr, Sf, 0.03, 0.02, 3, cycles=2, backend="torch")
@@ -280,7 +237,7 @@ def _backend_worker(rank, world, port, out_dir):
 
 
 def test_backend_is_decided_once_for_the_whole_group(tmp_path):
-    mp.spawn(_backend_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_backend_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"b{r}.pt") for r in range(2))
     for r in (r0, r1):
         assert r["rank1_unusable"] == "torch" and r["all_usable"] == "cuda" and r["torch"] == "torch"

@@ -207,7 +207,7 @@ def test_eval_crops_landscape_portrait_flow():
 
 def test_train_augment_takes_every_field_from_the_data_section():
     from goca_fast.config import load_config
-    from goca_fast.data.augment import train_augment
+    from goca_fast.builders import train_augment
     d = load_config(None, ["data.blur_p=0.5", "data.time_reverse_p=0.3", "data.flow_mode=official",
                            "data.crop_size=96", "data.scale_range=[100,140]", "data.color_jitter_p=0.7",
                            "data.grayscale_p=0.1"]).data

@@ -15,18 +15,17 @@ dali = pytest.importorskip("nvidia.dali", reason="DALI is part of the [dali] ext
 
 from dali_pipelines.eval import DaliEvalLoader  # noqa: E402
 from dali_pipelines.source import P_FLIP, TrainSource, frame_plan, video_metas  # noqa: E402
-from dali_pipelines.train import build_dali_train_loader  # noqa: E402
 from dali_pipelines.validate import validate_for_dali  # noqa: E402
+from goca_fast.builders import build_dali_train_loader, train_augment  # noqa: E402
 from goca_fast.config import load_config  # noqa: E402
 from goca_fast.data.cpu_loader import EvalClipDataset, TrainClipDataset, make_eval_loader, make_train_loader  # noqa: E402
 from goca_fast.data.index import read_index, write_index  # noqa: E402
 from goca_fast.data.sampling import uniform_eval_clips  # noqa: E402
-from goca_fast.data.synthetic import decode_frame_index, frame_index_video, make_frame_index_dataset, \
-    make_synthetic_dataset  # noqa: E402
+from goca_fast.data.synthetic import make_synthetic_dataset  # noqa: E402
 from goca_fast.data.video_io import write_video  # noqa: E402
 from goca_fast.distributed import DistInfo  # noqa: E402
 from goca_fast.flow.codec import read_flow_frames, write_flow_video  # noqa: E402
-from goca_fast.data.augment import train_augment  # noqa: E402
+from helpers import decode_frame_index, frame_index_video, make_frame_index_dataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 10 and 12 frames: the stride shrinks; 6 frames (< the 8-frame clips): the last frame repeats

@@ -5,10 +5,12 @@ import signal
 import pytest
 import torch
 
-from goca_fast.eval.common import EvalError, load_model
-from goca_fast.eval.finetune import Finetuner, FinetuneSettings, run_finetune
+from goca_fast.builders import finetune_start, load_eval_model
+from goca_fast.eval import EvalError
+from goca_fast.eval.finetune import Finetuner
+from goca_fast.eval.finetune_recipe import FinetuneSettings
 from goca_fast.stop_signals import RunStopped
-from test_eval_support import tiny_run, one_torch_thread  # noqa: F401 (autouse fixture)
+from helpers import finetune, one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
 
 
 def settings(epochs: int) -> FinetuneSettings:
@@ -17,11 +19,10 @@ def settings(epochs: int) -> FinetuneSettings:
 
 
 def test_finetune_resume_continues_and_equals_uninterrupted(tmp_path, monkeypatch):
-    full = run_finetune(str(tiny_run()), str(tmp_path / "full"), settings(2), device="cpu", workers=0, quiet=True)
-    part = run_finetune(str(tiny_run()), str(tmp_path / "part"), settings(1), device="cpu", workers=0, quiet=True)
+    full = finetune(tiny_run(), tmp_path / "full", settings(2))
+    part = finetune(tiny_run(), tmp_path / "part", settings(1))
     assert [h["epoch"] for h in part.history] == [1]
-    resumed = run_finetune(str(tiny_run()), str(tmp_path / "part"), settings(2), device="cpu", workers=0,
-                           quiet=True)
+    resumed = finetune(tiny_run(), tmp_path / "part", settings(2))
     assert [h["epoch"] for h in resumed.history] == [1, 2]            # continued from the saved epoch
     a = torch.load(tmp_path / "full" / "checkpoints" / "latest.pth", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoints" / "latest.pth", weights_only=True)
@@ -39,32 +40,33 @@ def test_finetune_resume_continues_and_equals_uninterrupted(tmp_path, monkeypatc
     def step_then_signal(self, net, batch):
         calls.append(1)
         if len(calls) == 3:
-            self.signals.signum = signal.SIGTERM
+            self.run.signals.signum = signal.SIGTERM
         return orig(self, net, batch)
     monkeypatch.setattr(Finetuner, "_train_step", step_then_signal)
     with pytest.raises(RunStopped) as stopped:
-        run_finetune(str(tiny_run()), str(tmp_path / "sig"), settings(2), device="cpu", workers=0, quiet=True)
+        finetune(tiny_run(), tmp_path / "sig", settings(2))
     assert stopped.value.exit_code == 0 and "Run the same command again to resume" in str(stopped.value)
     c = torch.load(tmp_path / "sig" / "checkpoints" / "latest.pth", weights_only=True)
     assert (c["epoch"], c["iteration"]) == (1, 1)
     monkeypatch.undo()
-    run_finetune(str(tiny_run()), str(tmp_path / "sig"), settings(2), device="cpu", workers=0, quiet=True)
+    finetune(tiny_run(), tmp_path / "sig", settings(2))
     c = torch.load(tmp_path / "sig" / "checkpoints" / "latest.pth", weights_only=True)
     assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
     # the fine-tuned checkpoint keeps GocaModel's backbone names: kNN / export work on it
-    loaded = load_model(tmp_path / "part")
+    loaded, _ = load_eval_model(tmp_path / "part")
     assert loaded.kind == "finetune" and not loaded.has_heads
 
 
 def test_finetune_backbone_lr_is_a_tenth(tmp_path):
-    ft = Finetuner(str(tiny_run()), tmp_path / "ft", settings(1), None, None, None, ["rgb"], 0, "cpu")
+    ft = Finetuner.fresh(finetune_start(str(tiny_run()), out_dir=str(tmp_path / "ft"), streams=["rgb"], workers=0,
+                                        device="cpu"), settings(1))
     lrs = [g["base_lr"] for g in ft.optimizer.param_groups]
     assert lrs == [pytest.approx(0.005), pytest.approx(0.05)] and ft.streams == ["rgb"]
 
 
 def test_finetune_refuses_a_pretraining_run_as_output(tmp_path):
     with pytest.raises(EvalError, match="not a fine-tuning one"):
-        run_finetune(str(tiny_run()), str(tiny_run()), settings(1), device="cpu", workers=0, quiet=True)
+        finetune(tiny_run(), tiny_run(), settings(1))
 
 
 def test_finetune_command_line(tmp_path, capsys):

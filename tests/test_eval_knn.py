@@ -1,5 +1,4 @@
 """kNN retrieval end to end on a tiny dataset: CLI, JSON, feature cache, bad inputs reported clearly."""
-import inspect
 import json
 import os
 import subprocess
@@ -8,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from goca_fast.eval import common, knn
+from goca_fast.builders import knn_recall, load_eval_model
+from goca_fast.eval import EvalError, features, knn
 from goca_fast.eval.cli import main as cli_main
-from goca_fast.eval.common import EvalError, load_model
-from test_eval_support import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_eval_support import copy_dataset, make_run, tiny_dataset, tiny_run
+from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from helpers import brute_force_recall, cached_features, copy_dataset, make_run, run_eval, tiny_dataset, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,39 +27,46 @@ def test_knn_module_cli_writes_table_and_json(tmp_path):
     assert "R@1" in r.stdout and "4 of 4 query videos (test) against 12 of 12 gallery videos (train)" in r.stdout
     res = json.loads((tmp_path / "knn.json").read_text())
     assert set(res["recall"]) == {"rgb", "flow", "both"}
-    for rec in res["recall"].values():
-        vals = [rec[k] for k in ("1", "5", "10", "20", "50")]
-        assert vals == sorted(vals) and 0 <= vals[0] <= 100
+    # the table is R@k of the features the command extracted (and cached), recomputed here by hand
+    gm, gallery, _ = cached_features(tmp_path / "features", "train")
+    qm, query, _ = cached_features(tmp_path / "features", "test")
+    ks = (1, 5, 10, 20, 50)
+    for s in ("rgb", "flow"):
+        want = brute_force_recall(query[s].tolist(), qm["labels"], gallery[s].tolist(), gm["labels"], ks)
+        assert res["recall"][s] == {str(k): v for k, v in want.items()}, s
+    both = {k: torch.stack([F.normalize(torch.from_numpy(f[s]), dim=1) for s in ("rgb", "flow")]).mean(0).tolist()
+            for k, f in (("q", query), ("g", gallery))}
+    want = brute_force_recall(both["q"], qm["labels"], both["g"], gm["labels"], ks)
+    assert res["recall"]["both"] == {str(k): v for k, v in want.items()}
     assert res["query"]["evaluated"] == 4 and res["gallery"]["evaluated"] == 12
     assert res["protocol"]["clips"] == 2 and res["protocol"]["crops"] == 1 and res["protocol"]["feature_dim"] == 128
 
 
 def test_cache_is_reused_and_gives_identical_numbers(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run")
-    first = knn.run_knn(str(run), quiet=True, device="cpu")
+    first = run_eval(knn.run_knn, run)
     assert len(list((run / "eval" / "features").iterdir())) == 2
 
     def boom(*a, **k):
         raise AssertionError("features recomputed despite the cache")
-    monkeypatch.setattr(common, "compute_split_features", boom)
-    second = knn.run_knn(str(run / "checkpoints" / "latest.pth"), quiet=True, device="cpu")
+    monkeypatch.setattr(features, "compute_split_features", boom)
+    second = run_eval(knn.run_knn, run / "checkpoints" / "latest.pth")
     assert second.recall == first.recall
     # a different protocol is a different cache entry (and so recomputes)
     with pytest.raises(AssertionError, match="recomputed"):
-        knn.run_knn(str(run), clips=1, quiet=True, device="cpu")
+        run_eval(knn.run_knn, run, clips=1)
 
 
 def test_in_memory_evaluation_equals_cli_numbers(tmp_path):
     run = make_run(tmp_path / "run", seed=1)
-    cli = knn.run_knn(str(run), quiet=True, device="cpu", use_cache=False)
-    loaded = load_model(run)
-    mem = knn.knn_retrieval(loaded.model, loaded.config, tiny_dataset(), torch.device("cpu"))
+    cli = run_eval(knn.run_knn, run, use_cache=False)
+    loaded, cfg = load_eval_model(run)
+    mem = knn_recall(loaded.model, cfg, tiny_dataset(), torch.device("cpu"))
     assert mem == cli.recall
 
 
 def test_head_features_and_stream_selection(tmp_path):
-    res = knn.run_knn(str(tiny_run()), feature="head", streams=["flow"], out_dir=str(tmp_path), quiet=True,
-                      device="cpu")
+    res = run_eval(knn.run_knn, tiny_run(), feature="head", streams=["flow"], out_dir=str(tmp_path))
     assert set(res.recall) == {"flow"} and res.protocol["feature_dim"] == 16
 
 
@@ -84,12 +91,12 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     cfg["model"]["arch"] = "r3d_18"    # the config now describes a different network than the weights
     torch.save({**state, "config": cfg}, run / "checkpoints" / "latest.pth")
     with pytest.raises(EvalError, match="missing keys .*another architecture than model.arch=r3d_18"):
-        load_model(run)
+        load_eval_model(run)
     cfg["model"]["arch"], cfg["data"]["flow_mode"] = "tiny", "official"   # 3-channel flow stem: shapes differ
     torch.save({**state, "config": cfg}, run / "checkpoints" / "latest.pth")
     with pytest.raises(EvalError, match="1 shape mismatches \\(e.g. backbones.flow"):
-        load_model(run)
-    load_model(run, streams=["rgb"])   # the RGB stream alone still fits
+        load_eval_model(run)
+    load_eval_model(run, streams=["rgb"])   # the RGB stream alone still fits
 
 
 def test_missing_unreadable_short_and_mismatched_videos_are_counted(tmp_path):
@@ -98,8 +105,7 @@ def test_missing_unreadable_short_and_mismatched_videos_are_counted(tmp_path):
     train = [r for r in index if r["splits"] == ["train"]]
     os.remove(root / train[0]["rgb"])                        # missing file
     (root / train[1]["flow"]).write_bytes(b"not a video")    # unreadable
-    res = knn.run_knn(str(tiny_run()), data_root=str(root), clip_length=20, out_dir=str(tmp_path / "o"),
-                      quiet=True, device="cpu")
+    res = run_eval(knn.run_knn, tiny_run(), data_root=str(root), clip_length=20, out_dir=str(tmp_path / "o"))
     g = res.gallery
     assert g == {"videos": 12, "evaluated": 10, "missing_files": 1, "unreadable": 1, "padded_short": 10}
     assert res.query["padded_short"] == 4          # 16-frame videos, 20-frame clips: padded and counted
@@ -111,15 +117,8 @@ def test_missing_unreadable_short_and_mismatched_videos_are_counted(tmp_path):
         if r["label"] == 0 and r["splits"] == ["train"]:
             r["splits"] = ["other"]
     (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-    res = knn.run_knn(str(tiny_run()), data_root=str(root), out_dir=str(tmp_path / "o2"), quiet=True, device="cpu")
+    res = run_eval(knn.run_knn, tiny_run(), data_root=str(root), out_dir=str(tmp_path / "o2"))
     assert any("never occur in 'train'" in w for w in res.warnings)
-
-
-def test_demo_retrieval_comes_from_this_module():
-    import goca_fast.pretrain as pretrain
-    fn = getattr(pretrain, "knn_retrieval", None)
-    assert fn is None or fn is knn.knn_retrieval, "pretrain.py must use goca_fast.eval.knn, not a copy"
-    assert "extract_video_features" not in inspect.getsource(pretrain)
 
 
 def test_every_option_has_a_help_text_and_shows_its_default_once():

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from goca_fast.eval.linear import ProbeSettings, RegLog, predict_views, run_linear, topk_accuracy, train_probe
-from test_eval_support import tiny_run, one_torch_thread  # noqa: F401 (autouse fixture)
+from goca_fast.eval.linear import (ProbeSettings, RegLog, fuse_probabilities, predict_views, run_linear, topk_accuracy,
+                                   train_probe)
+from helpers import cached_features, one_torch_thread, run_eval, tiny_run  # noqa: F401 (autouse fixture)
 
 
 def test_reglog_matches_the_official_layout():
@@ -39,12 +40,20 @@ def test_probe_reaches_100_percent_on_separable_features():
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_linear_cli_paths(tmp_path, augment):
-    res = run_linear(str(tiny_run()), settings=ProbeSettings(epochs=3, milestones=(2,)), augment=augment,
-                     train_clips=2, train_crops=1, test_clips=2, test_crops=3, out_dir=str(tmp_path), quiet=True,
-                     device="cpu", workers=0)
+    res = run_eval(run_linear, tiny_run(), settings=ProbeSettings(epochs=3, milestones=(2,)), augment=augment,
+                   train_clips=2, train_crops=1, test_clips=2, test_crops=3, out_dir=str(tmp_path), workers=0)
     out = json.loads((tmp_path / "linear.json").read_text())
     assert set(out["accuracy"]) == {"rgb", "flow", "both"}
-    assert all(0 <= a["top1"] <= a["top5"] <= 100 for a in out["accuracy"].values())
+    # the reported accuracy is what the saved probes give on the cached test views, recomputed here
+    meta, _, views = cached_features(tmp_path / "features", "test")
+    labels, probes, probs = torch.tensor(meta["labels"]), torch.load(tmp_path / "linear_probe.pth"), {}
+    for s in ("rgb", "flow"):
+        probe = RegLog(views[s].shape[-1], 4)
+        probe.load_state_dict(probes[s])
+        probs[s] = predict_views(probe, torch.from_numpy(views[s]))
+    want = {s: topk_accuracy(p, labels) for s, p in probs.items()}
+    want["both"] = topk_accuracy(fuse_probabilities(probs), labels)
+    assert out["accuracy"] == {s: {f"top{k}": v for k, v in a.items()} for s, a in want.items()}
     assert out["test"]["evaluated"] == 4 and out["train"]["evaluated"] == 12
     assert "2 clips × 3 crops" in out["protocol"]["test"] and out["protocol"]["augment"] is augment
     assert (tmp_path / "linear_probe.pth").is_file()
@@ -80,6 +89,6 @@ def test_short_run_warns_once_about_unreached_milestones_and_counts_are_singular
 
 
 def test_plural():
-    from goca_fast.eval.common import plural
+    from goca_fast.eval import plural
     assert [plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
     assert plural(1, "query video") == "1 query video" and plural(3, "query video") == "3 query videos"

@@ -9,7 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 from goca_fast.eval.cli import main as cli_main
 from goca_fast.eval.plots import (draw_curves, draw_embedding, draw_retrieval_grid, grid_size_px, png_size,
                                   read_scalars, run_plots)
-from test_eval_support import make_run, one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
+from helpers import make_run, one_torch_thread, run_eval, tiny_run  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("matplotlib")
 
@@ -45,7 +45,7 @@ def test_plots_command_on_a_run(tmp_path):
         w.add_scalar("monitor/knn_r1_both", 10.0 * step, step)
     w.close()
     assert [v for _, v in read_scalars(run)["monitor/knn_r1_both"]] == [10, 20, 30, 40, 50]
-    out = run_plots(str(run), num_queries=3, device="cpu", workers=0, quiet=True)
+    out = run_eval(run_plots, run, num_queries=3, workers=0)
     assert set(out) == {"retrieval_grid", "embedding_pca", "training_curves"}
     _valid_png(out["retrieval_grid"], grid_size_px(3, 6))   # 3 queries × (query + top-5)
     _valid_png(out["embedding_pca"], (900, 700))

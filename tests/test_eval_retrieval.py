@@ -1,35 +1,19 @@
 """Pure evaluation math: R@k against a brute-force hand computation (ties included), clip/crop averaging, top-k
 accuracy, class-balanced subsets, class-list checks, LR schedules."""
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from goca_fast.eval.common import EvalError, class_check
-from goca_fast.eval.features import extract_features, extract_video_features
-from goca_fast.eval.finetune import finetune_lr
+from goca_fast.eval import EvalError
+from goca_fast.eval.features import extract_features
+from goca_fast.eval.finetune_recipe import finetune_lr
 from goca_fast.eval.linear import multistep_lr, topk_accuracy
 from goca_fast.eval.monitor import stratified_subset
-from goca_fast.eval.retrieval import combine_streams, nearest_neighbours, per_query_hits, recall_at_k
-from test_eval_support import one_torch_thread  # noqa: F401 (autouse fixture)
-
-
-def brute_force_recall(q, qy, g, gy, ks):
-    """R@k by hand: python floats, full sort by (-cosine, gallery position)."""
-    hits = {k: 0 for k in ks}
-    for i in range(len(q)):
-        qn = math.sqrt(sum(v * v for v in q[i]))
-        sims = []
-        for j in range(len(g)):
-            gn = math.sqrt(sum(v * v for v in g[j]))
-            sims.append((-sum(a * b for a, b in zip(q[i], g[j])) / (qn * gn), j))
-        order = [j for _, j in sorted(sims)]
-        for k in ks:
-            if any(gy[j] == qy[i] for j in order[:k]):
-                hits[k] += 1
-    return {k: 100.0 * hits[k] / len(q) for k in ks}
+from goca_fast.eval.retrieval import combine_streams, nearest_neighbours, recall_at_k
+from goca_fast.eval.splits import class_check
+from helpers import brute_force_recall, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def test_recall_matches_brute_force_on_random_features():
@@ -59,7 +43,8 @@ def test_recall_ties_are_broken_by_gallery_order():
     idx, sims = nearest_neighbours(query, gallery, 3)
     assert idx[0].tolist() == [0, 1, 2] and idx[1].tolist() == [3, 4, 0]
     assert sims[0].tolist() == [1.0, 1.0, 1.0]
-    assert per_query_hits(query, qy, gallery, gy, 1).tolist() == [False, False, True, True]
+    nearest, _ = nearest_neighbours(query, gallery, 1)   # the R@1 indicator per query
+    assert (gy[nearest[:, 0]] == qy).tolist() == [False, False, True, True]
 
 
 def test_recall_k_larger_than_gallery_and_errors():
@@ -100,8 +85,7 @@ def test_clip_crop_averaging():
         assert torch.allclose(out.features[s], want, atol=1e-6)
         assert torch.allclose(out.views[s], per_view, atol=1e-6)
     assert out.padded.tolist() == [False, True, False] and out.skipped == 1
-    feats, labels = extract_video_features(_Echo(), [batch], torch.device("cpu"))  # the old signature still works
-    assert torch.equal(labels, torch.tensor([0, 1, 2])) and torch.allclose(feats["rgb"], out.features["rgb"])
+    assert torch.equal(out.labels, torch.tensor([0, 1, 2])) and out.index.tolist() == [0, 1, 2]
 
 
 def test_topk_accuracy_and_ties():

@@ -9,6 +9,10 @@ from goca_fast.models.goca_model import StreamOutput
 from goca_fast.objective import GocaObjective
 from goca_fast.queue import FeatureQueue, local_queue_length
 
+# the objective of the mode tests: 3 clips, codes for the first two, the official Sinkhorn settings
+MIX = dict(merge="mix", num_clips=3, assign_clips=[0, 1], epsilon=0.05, prior_epsilon=0.03, iterations=3, cycles=1,
+           prior_sign="kl", prior_start_epoch=0, temperature=0.1)
+
 
 def loss_by_hand(scores, codes, tau):
     """The official loss (docs/official_behaviour.md#loss) as plain loops:
@@ -84,7 +88,7 @@ def _outputs(num_clips, bs, K, D, seed):
 def test_prior_mode_loss_is_the_mean_of_per_stream_losses_with_goca_codes():
     from goca_fast.assign import goca_codes
     out, protos = _outputs(4, 6, 10, 8, 1)
-    obj = GocaObjective("prior", 4, [0, 1], 0.05, 0.03, 3, 1, "kl", prior_start_epoch=0, temperature=0.1)
+    obj = GocaObjective(**{**MIX, "merge": "prior", "num_clips": 4})
     res = obj(out, protos, epoch=0)
     assert res.prior_on
     blocks = {s: list(out[s].scores.chunk(4)) for s in out}
@@ -102,18 +106,18 @@ def test_prior_mode_loss_is_the_mean_of_per_stream_losses_with_goca_codes():
 def test_mix_mode_predicts_across_modalities_and_official_scale_divides_again():
     from goca_fast.assign import sinkhorn
     out, protos = _outputs(3, 4, 6, 5, 2)
-    obj = GocaObjective("mix", 3, [0, 1], 0.05, 0.03, 3, 1, "kl", 0, 0.1)
+    obj = GocaObjective(**MIX)
     res = obj(out, protos, epoch=0)
     blocks = list(out["rgb"].scores.chunk(3)) + list(out["flow"].scores.chunk(3))
     codes = {j: sinkhorn(blocks[j], 0.05, 3) for j in (0, 1, 3, 4)}
     assert abs(res.loss.item() - loss_by_hand([b.detach() for b in blocks], codes, 0.1)) < 1e-4
-    off = GocaObjective("mix", 3, [0, 1], 0.05, 0.03, 3, 1, "kl", 0, 0.1, official_loss_scale=True)
+    off = GocaObjective(**{**MIX, "official_loss_scale": True})
     assert abs(off(out, protos, 0).loss.item() - res.loss.item() / 2) < 1e-6
 
 
 def test_objective_with_queue_prepends_and_returns_the_update():
     out, protos = _outputs(2, 4, 6, 5, 3)
-    obj = GocaObjective("prior", 2, [0], 0.05, 0.03, 3, 1, "kl", 0, 0.1)
+    obj = GocaObjective(**{**MIX, "merge": "prior", "num_clips": 2, "assign_clips": [0]})
     q = FeatureQueue(2, 1, 8, 5)
     q.push(F.normalize(torch.randn(2, 1, 8, 5), dim=-1))
     res = obj(out, protos, 0, q)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from goca_fast.assign import sinkhorn
 from goca_fast.models import GocaModel, build_backbone, prototype_separation, run_grouped
 from goca_fast.models.heads import Prototypes
-from test_assign import plain_iterate64, rel_err
+from helpers import plain_iterate64, rel_err
 
 
 @pytest.mark.parametrize("arch,pool,dim", [("r2plus1d_18", "1x2x2", 2048), ("r3d_18", "global", 512),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from goca_fast.optim import LARC, build_optimizer, get_lr, lr_schedule, set_lr
+from goca_fast.optim import LARC, build_optimizer, lr_schedule, set_lr
 
 
 # --- an independent re-derivation of apex LARC + torch SGD(momentum, dampening 0), in numpy float64 -----------
@@ -215,7 +215,7 @@ def test_build_optimizer_official_single_group():
     (g,) = opt.param_groups
     assert len(g["params"]) == len(list(net.parameters()))
     assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.3, 0.9, 1e-4, False)
-    assert get_lr(opt) == 0.3
+    assert opt.param_groups[0]["lr"] == 0.3
     assert isinstance(build_optimizer(net.named_parameters(), lr=0.3, larc=False), torch.optim.SGD)
 
 

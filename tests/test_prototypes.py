@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 
-from goca_fast.models.heads import load_prototypes
-from goca_fast.prototypes import (hyperspherical_prototypes, main, nearest_neighbour_angles, random_prototypes,
-                                  separation_loss)
+from goca_fast.models.heads import load_prototypes, max_cosine
+from goca_fast.prototypes import hyperspherical_prototypes, main, nearest_neighbour_angles, random_prototypes
 
 
 def test_separation_beats_random_by_a_margin():
@@ -20,7 +19,7 @@ def test_nearest_neighbour_angles_and_loss_known_cases():
     sq = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.float32)  # a square: all 90 degrees
     assert np.allclose(nearest_neighbour_angles(sq), 90)
     import torch
-    assert separation_loss(torch.tensor(sq)).item() == pytest.approx(0.0, abs=1e-6)
+    assert max_cosine(torch.tensor(sq)).item() == pytest.approx(0.0, abs=1e-6)
     simplex = hyperspherical_prototypes(3, 2, steps=300, seed=0)  # 3 points on a circle: 120 degrees apart
     assert np.allclose(nearest_neighbour_angles(simplex), 120, atol=2.0)
 

@@ -15,10 +15,12 @@ import torch
 from goca_fast.config import load_config
 from goca_fast.data.synthetic import make_synthetic_dataset
 from goca_fast.distributed import DistInfo
-from goca_fast.engine import NothingTrained, Trainer
+from goca_fast.builders import build_trainer
+from goca_fast.engine import NothingTrained
 from goca_fast.eval.cli import main as eval_main
-from goca_fast.eval.common import EvalError, check_disjoint
-from test_eval_support import one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
+from goca_fast.eval import EvalError
+from goca_fast.eval.splits import check_disjoint
+from helpers import one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
@@ -68,7 +70,7 @@ def test_split_without_flow_is_refused_before_anything_is_written_then_trains_on
 def test_an_epoch_without_an_optimiser_step_is_an_error_and_saves_nothing(tmp_path):
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["engine.tensorboard=false", "engine.progress=false",
                                                        "data.batch_size=4", "engine.checkpoint_minutes=0"])
-    trainer = Trainer(cfg, DistInfo(), tmp_path, lambda epoch, start: [None, None, None], 3)
+    trainer = build_trainer(cfg, DistInfo(), tmp_path, lambda epoch, start: [None, None, None], 3)
     with pytest.raises(NothingTrained, match="epoch 1 made no optimiser step"):
         trainer.fit()
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -245,7 +247,7 @@ def test_exported_backbone_loads_into_torchvision_with_only_the_classifier_missi
 
 
 def test_export_weights_command_end_to_end(tmp_path, capsys):
-    from test_eval_support import make_run
+    from helpers import make_run
     run_dir = make_run(tmp_path / "r3d", "model.arch=r3d_18", "data.modalities=rgb", "model.pool=global")
     out = tmp_path / "rgb.pth"
     assert eval_main(["export", str(run_dir), "--weights", str(out), "--device", "cpu"]) == 0
@@ -278,7 +280,7 @@ def test_every_option_of_every_tool_has_help_with_its_default_shown_at_most_once
 
 
 def test_prepare_to_an_unwritable_place_is_one_line(tmp_path):
-    from test_eval_support import tiny_dataset
+    from helpers import tiny_dataset
     src = tmp_path / "src" / "walk"
     src.mkdir(parents=True)
     first = sorted((tiny_dataset() / "rgb").rglob("*.mp4"))[0]

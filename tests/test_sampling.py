@@ -5,7 +5,6 @@ import pytest
 
 from goca_fast.data.sampling import (
     adapted_stride,
-    min_frames_needed,
     sample_train_clips,
     uniform_eval_clips,
 )
@@ -120,11 +119,6 @@ def test_bad_arguments():
         sample_train_clips(10, [8], 0, 0, rng)
     with pytest.raises(ValueError):
         uniform_eval_clips(10, 8, 2, 0)
-
-
-def test_min_frames_needed():
-    assert min_frames_needed([16, 16, 8], 2) == 31
-    assert min_frames_needed([32], 1) == 32
 
 
 def test_uniform_eval_clips():

@@ -18,8 +18,6 @@ from goca_fast.data.synthetic import (
     MOTION_CLASSES,
     camera_shake,
     class_motion,
-    decode_frame_index,
-    frame_index_video,
     make_synthetic_dataset,
     random_object_scene,
     random_texture,
@@ -28,6 +26,7 @@ from goca_fast.data.synthetic import (
     render_object_video,
 )
 from goca_fast.data.video_io import read_all_frames, write_video
+from helpers import decode_frame_index, frame_index_video
 from goca_fast.flow.codec import dequantise_flow, read_flow_frames
 
 H, W = 48, 64
@@ -219,7 +218,8 @@ def test_scene_choice():
     with pytest.raises(ValueError, match="scene"):
         render_dataset_video("rotate_cw", 3, 16, 16, rng, "bogus")
     with pytest.raises(ValueError, match="scene"):
-        make_synthetic_dataset("/nonexistent-never-written", 1, 1, 4, 16, 16, scene="bogus")
+        make_synthetic_dataset("/nonexistent-never-written", num_classes=1, videos_per_class=1, frames=4,
+                               height=16, width=16, scene="bogus")
 
 
 def test_deterministic_render():

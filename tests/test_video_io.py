@@ -5,7 +5,9 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
 
+from goca_fast.data.augment import flow_to_unit
 from goca_fast.data.video_io import (
     VideoReadError,
     VideoWriter,
@@ -17,7 +19,6 @@ from goca_fast.data.video_io import (
 from goca_fast.flow.codec import (
     FLOW_CRF,
     dequantise_flow,
-    flow_u8_to_unit,
     pad_flow_to_frames,
     quantise_flow,
     read_flow_frames,
@@ -175,7 +176,7 @@ def test_quantise_hand_values():
     assert quantise_flow(np.array([1 / 6.375, -1 / 6.375], np.float64)).tolist() == [128, 126]
     u = np.array([0, 128, 255], np.uint8)
     np.testing.assert_allclose(dequantise_flow(u), [-20.0, 0.0784314, 20.0], atol=1e-5)
-    np.testing.assert_allclose(flow_u8_to_unit(u), [-1.0, 0.0039216, 1.0], atol=1e-6)
+    np.testing.assert_allclose(flow_to_unit(torch.from_numpy(u)).numpy(), [-1.0, 0.0039216, 1.0], atol=1e-6)
     x = np.linspace(-20, 20, 1001)
     assert np.abs(dequantise_flow(quantise_flow(x)) - x).max() <= 20 / 255 + 1e-5
 

@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from goca_fast.flow.codec import FLOW_BOUND, U8_LEVELS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FLOW_MODES = ("shared", "official")
@@ -79,7 +81,7 @@ def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 def flow_to_unit(flow: torch.Tensor) -> torch.Tensor:
     """T×2×H×W quantised uint8 -> float32 px/20 in [-1, 1] (float input is taken as already unit)."""
     if flow.dtype == torch.uint8:
-        return flow.float() * (40.0 / 255.0 / 20.0) - 1.0
+        return flow.float() * (2 * FLOW_BOUND / U8_LEVELS / FLOW_BOUND) - 1.0
     return flow.float()
 
 
@@ -193,13 +195,6 @@ class ClipAugment:
 
 
 # ---------------------------------------------------------------------- eval
-
-
-def train_augment(data) -> ClipAugment:
-    """The training augmentation a config's `data` section asks for (one builder for both loaders)."""
-    return ClipAugment(crop_size=data.crop_size, scale_range=tuple(data.scale_range), jitter_prob=data.color_jitter_p,
-                       grayscale_prob=data.grayscale_p, blur_prob=data.blur_p, time_reverse_prob=data.time_reverse_p,
-                       flow_mode=data.flow_mode)
 
 
 def _eval_offsets(h: int, w: int, crop: int, position: int) -> tuple[int, int]:

@@ -215,6 +215,12 @@ class EpochSampler(Sampler[int]):
         return max(0, per_rank - self.start)
 
 
+def batches_per_rank(num_videos: int, world_size: int, batch_size: int) -> int:
+    """Full batches each rank gets per epoch from `EpochSampler(drop_last=True)`: every rank takes
+    floor(N / W) videos, and the last incomplete batch is dropped."""
+    return num_videos // world_size // batch_size
+
+
 def _worker_init(_: int) -> None:
     # Workers already parallelise across items; intra-op torch threads and per-video decoder
     # threads would oversubscribe the cores (measured equal speed on 2 cores, and it bounds the

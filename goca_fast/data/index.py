@@ -112,10 +112,11 @@ def split_names(records: Sequence[VideoRecord]) -> list[str]:
     return sorted({s for r in records for s in r.splits})
 
 
-def select_split(records: Sequence[VideoRecord], split: str) -> list[VideoRecord]:
-    """Records belonging to `split` (order preserved); unknown split -> error naming the known ones."""
+def select_split(records: Sequence[VideoRecord], split: str, required: bool = True) -> list[VideoRecord]:
+    """Records belonging to `split` (order preserved); an unknown or empty split is an error naming the known ones,
+    unless not `required`."""
     out = [r for r in records if split in r.splits]
-    if not out:
+    if required and not out:
         raise DatasetIndexError(f"unknown or empty split {split!r}; available: {split_names(records)}")
     return out
 

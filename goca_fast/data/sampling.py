@@ -31,11 +31,6 @@ def adapted_stride(num_frames: int, first_clip_length: int, stride: int) -> int:
     return max(1, num_frames // first_clip_length)
 
 
-def min_frames_needed(clip_lengths: Sequence[int], stride: int) -> int:
-    """Frames a video needs so that every clip fits at full stride, without clamping."""
-    return max((int(L) - 1) * stride + 1 for L in clip_lengths)
-
-
 def _check_common(num_frames: int, stride: int) -> None:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")

@@ -1,4 +1,4 @@
-"""Procedural datasets: a motion-classification set for the CPU demo, and frame-index videos for tests.
+"""The procedural motion-classification dataset of the CPU demo.
 
 Motion dataset, scene "object" (the default, what the demo trains on): a textured disc (the actor) carries the
 class motion — it crosses the frame (translate ×4), spins about its centre (rotate ×2) or grows/shrinks where it
@@ -19,11 +19,6 @@ frame and is moved by the class motion plus an optional turning camera pan (`cam
 
 The textures are analytic random-Fourier fields, so every frame is rendered exactly (no borders, no resampling of
 a finite image), and the forward flow t -> t+1 is exact per layer: x' = A_{t+1} A_t^{-1} x.
-
-Frame-index videos: every frame writes its own index as a binary code in full-width horizontal
-bands (two reference bands + one band per bit), in RGB and in both flow channels. The code
-survives H.264, resizing, horizontal crops and flips, brightness/contrast, greyscale and
-normalisation, so a loader test can decode the index back and prove frame alignment.
 """
 from __future__ import annotations
 
@@ -34,7 +29,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -296,7 +291,7 @@ def _make_one(job: dict) -> dict:
     return job
 
 
-def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos_per_class: int = 24,
+def make_synthetic_dataset(root: str | os.PathLike, *, num_classes: int = 8, videos_per_class: int = 24,
                            frames: int = 48, height: int = 64, width: int = 80, fps: float = 25,
                            seed: int = 0, test_fraction: float = 0.25, with_flow: bool = True,
                            gop: int = 16, workers: Optional[int] = None, pan_speed: float = 0.0,
@@ -362,96 +357,4 @@ def make_synthetic_dataset(root: str | os.PathLike, num_classes: int = 8, videos
     write_index(root, records, classes)
     write_atomic(marker, json.dumps({"params": params, "complete": True, "seconds": round(time.time() - t0, 2)}))
     log.info("synthetic dataset: %d videos in %.1fs at %s", len(records), time.time() - t0, root)
-    return root
-
-
-# ----------------------------------------------------------------------- frame-index videos
-
-INDEX_BITS = 10
-_LEVELS = (40, 215)
-
-
-def _bands(height: int, nbits: int) -> list[tuple[int, int]]:
-    """Row range (middle half) of each band: 2 references then nbits bits, top to bottom."""
-    nb = nbits + 2
-    out = []
-    for k in range(nb):
-        a, b = k * height / nb, (k + 1) * height / nb
-        q = (b - a) / 4
-        out.append((int(np.floor(a + q)), max(int(np.floor(a + q)) + 1, int(np.ceil(b - q)))))
-    return out
-
-
-def _code_column(index: int, height: int, nbits: int, invert: bool = False) -> np.ndarray:
-    """H values: band k gets dark/bright according to reference pattern and the bits of index."""
-    lo, hi = (_LEVELS[1], _LEVELS[0]) if invert else _LEVELS
-    bits = [0, 1] + [(index >> b) & 1 for b in range(nbits)]
-    nb = len(bits)
-    col = np.empty(height, np.uint8)
-    for k, bit in enumerate(bits):
-        col[int(round(k * height / nb)):int(round((k + 1) * height / nb))] = hi if bit else lo
-    return col
-
-
-def frame_index_video(num_frames: int, height: int, width: int,
-                      nbits: int = INDEX_BITS) -> tuple[np.ndarray, np.ndarray]:
-    """RGB T×H×W×3 and flow T×H×W×2 uint8 frames whose pixels encode their own index.
-
-    RGB is grey; flow u carries the code, flow v the code with dark/bright swapped (both decode
-    to the same index). Needs height >= 3*(nbits+2) so bands survive H.264.
-    """
-    if num_frames > 2 ** nbits:
-        raise ValueError(f"{num_frames} frames need more than {nbits} bits")
-    if height < 3 * (nbits + 2):
-        raise ValueError(f"height {height} too small for {nbits + 2} bands")
-    rgb = np.empty((num_frames, height, width, 3), np.uint8)
-    flow = np.empty((num_frames, height, width, 2), np.uint8)
-    for i in range(num_frames):
-        rgb[i] = _code_column(i, height, nbits)[:, None, None]
-        flow[i, ..., 0] = _code_column(i, height, nbits)[:, None]
-        flow[i, ..., 1] = _code_column(i, height, nbits, invert=True)[:, None]
-    return rgb, flow
-
-
-def decode_frame_index(frame, nbits: int = INDEX_BITS) -> int:
-    """Index written by frame_index_video, from an H×W or H×W×C frame of any affine scaling.
-
-    Each bit band is read as closer to the bright or to the dark reference band, so any
-    monotone or sign-flipping affine map of the values (normalisation, /20, negation) keeps it.
-    """
-    f = np.asarray(frame, dtype=np.float64)
-    if f.ndim == 3:
-        f = f.mean(axis=2)
-    if f.ndim != 2:
-        raise ValueError(f"expected H×W or H×W×C, got shape {f.shape}")
-    means = [f[a:b].mean() for a, b in _bands(f.shape[0], nbits)]
-    dark, bright = means[0], means[1]
-    idx = 0
-    for b, m in enumerate(means[2:]):
-        if abs(m - bright) < abs(m - dark):
-            idx |= 1 << b
-    return idx
-
-
-def make_frame_index_dataset(root: str | os.PathLike, frame_counts: Sequence[int], height: int = 64,
-                             width: int = 80, fps: float = 25, gop: int = 16, with_flow: bool = True,
-                             num_classes: int = 2) -> str:
-    """Small dataset of frame-index videos in the on-disk format (loader alignment tests)."""
-    root = os.fspath(root)
-    classes = [f"class{c}" for c in range(num_classes)]
-    records = []
-    for i, n in enumerate(frame_counts):
-        label = i % num_classes
-        vid = f"idx_{i:04d}"
-        rgb, flow = frame_index_video(n, height, width)
-        rel_rgb = f"rgb/{classes[label]}/{vid}.mp4"
-        write_video(os.path.join(root, rel_rgb), rgb, fps, gop=gop)
-        rel_flow = None
-        if with_flow:
-            rel_flow = f"flow/{classes[label]}/{vid}.mp4"
-            write_flow_video(os.path.join(root, rel_flow), flow, fps, gop=gop)
-        records.append(VideoRecord(id=vid, rgb=rel_rgb, flow=rel_flow, label=label, cls=classes[label],
-                                   frames=n, fps=float(fps), width=width, height=height,
-                                   splits=["train", "test"]))
-    write_index(root, records, classes)
     return root

@@ -48,18 +48,22 @@ def _positive(text: str) -> int:
     return v
 
 
-def _common(p: argparse.ArgumentParser, protocol: bool = True, views: bool = True,
-            out: str = "<run_dir>/eval") -> None:
+def _common(p: argparse.ArgumentParser, protocol: bool = True, views: bool = True, splits: bool = True,
+            streams: bool = True, arch: bool = True, out: str = "<run_dir>/eval") -> None:
+    """The options subcommands share; each subcommand takes only those it uses."""
     p.add_argument("source", help="checkpoint file or pretraining run directory (its latest intact checkpoint)")
     p.add_argument("--data-root", help="prepared dataset to evaluate on (default: the pretraining dataset)")
-    p.add_argument("--train-split", help="gallery / training split (default: the config's data.train_split)")
-    p.add_argument("--test-split", help="query / test split (default: the config's data.test_split)")
-    p.add_argument("--streams", type=_streams, help="rgb, flow or rgb,flow (default: every stream of the model)")
+    if splits:
+        p.add_argument("--train-split", help="gallery / training split (default: the config's data.train_split)")
+        p.add_argument("--test-split", help="query / test split (default: the config's data.test_split)")
+    if streams:
+        p.add_argument("--streams", type=_streams, help="rgb, flow or rgb,flow (default: every stream of the model)")
     p.add_argument("--workers", type=int, help="loader processes (default: the config's data.workers)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda[:N]")
     p.add_argument("--out", help=f"output directory (default: {out})")
     p.add_argument("--config", help="pretraining YAML, for checkpoints that carry no config")
-    p.add_argument("--arch", help="fail unless the checkpoint is of this architecture (e.g. r2plus1d_18)")
+    if arch:
+        p.add_argument("--arch", help="fail unless the checkpoint is of this architecture (e.g. r2plus1d_18)")
     if protocol and views:
         p.add_argument("--clips", type=_positive, help="uniform clips per video (default: eval.clips, official 5)")
         p.add_argument("--crops", type=int, choices=(1, 3), help="spatial crops per clip (default: eval.crops, 3)")
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "the same command resumes it)")
 
     ex = sub.add_parser("export", formatter_class=HelpFormatter, help="write features of any split to .npy or .pt")
-    _common(ex, out="<run_dir>/eval/export")
+    _common(ex, splits=False, arch=False, out="<run_dir>/eval/export")
     ex.add_argument("--split", action="append", default=[], help="split to export (repeatable; default train+test)")
     ex.add_argument("--format", default="npy", choices=("npy", "pt"),
                     help="one .npy per split and stream + <split>_meta.json, or one <split>.pt dict")
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plots", formatter_class=HelpFormatter,
                         help="retrieval grid, PCA/t-SNE map, training curves (PNG + TensorBoard)")
-    _common(pl, protocol=False, out="<run_dir>/eval/plots")
+    _common(pl, protocol=False, splits=False, streams=False, arch=False, out="<run_dir>/eval/plots")
     pl.add_argument("--what", default="retrieval,embedding,curves",
                     help="comma-separated subset of retrieval, embedding, curves (default: all three)")
     pl.add_argument("--stream", choices=("rgb", "flow", "both"), help="features to plot (default: both if two)")
@@ -161,45 +165,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _setup(a: argparse.Namespace, need_heads: bool = False):
+    """The evaluation setup of the checkpoint the command names, with its overrides (`goca_fast.builders`)."""
+    from goca_fast.builders import eval_setup
+    return eval_setup(a.source, device=a.device, streams=getattr(a, "streams", None), need_heads=need_heads,
+                      expect_arch=getattr(a, "arch", None), config_path=a.config, data_root=a.data_root,
+                      train_split=getattr(a, "train_split", None), test_split=getattr(a, "test_split", None),
+                      batch_size=getattr(a, "batch_size", None), workers=a.workers)
+
+
 def dispatch(a: argparse.Namespace) -> None:
-    """Map parsed arguments onto the plain-parameter entry points (namespaces stop here)."""
+    """Map parsed arguments onto the runners' keyword arguments (namespaces stop here)."""
     if a.command == "knn":
         from goca_fast.eval.knn import run_knn
-        run_knn(a.source, a.data_root, a.train_split, a.test_split, a.clips, a.crops, a.clip_length, a.stride,
-                a.feature, a.streams, a.ks, a.batch_size, a.workers, a.device, a.amp, a.out, not a.no_cache,
-                a.arch, a.config, a.plots)
+        run_knn(_setup(a, need_heads=a.feature == "head"), clips=a.clips, crops=a.crops, clip_length=a.clip_length,
+                stride=a.stride, feature=a.feature, ks=a.ks, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache,
+                plots=a.plots)
     elif a.command == "linear":
         from goca_fast.eval.linear import ProbeSettings, run_linear
         settings = ProbeSettings(epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.wd,
                                  milestones=tuple(a.milestones), gamma=a.gamma, batch_size=a.probe_batch_size,
                                  l2norm=a.l2norm, use_bn=not a.no_bn, dropout=a.dropout, seed=a.seed)
-        run_linear(a.source, a.data_root, a.train_split, a.test_split, settings, a.augment,
-                   a.train_clips, a.train_crops, a.test_clips, a.test_crops, a.clip_length,
-                   a.stride, a.streams, a.batch_size, a.workers, a.device, a.amp, a.out, not a.no_cache, a.arch,
-                   a.config)
+        run_linear(_setup(a), settings=settings, augment=a.augment, train_clips=a.train_clips,
+                   train_crops=a.train_crops, test_clips=a.test_clips, test_crops=a.test_crops,
+                   clip_length=a.clip_length, stride=a.stride, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache)
     elif a.command == "finetune":
-        from goca_fast.eval.finetune import FinetuneSettings, run_finetune
+        from goca_fast.builders import finetune_start
+        from goca_fast.eval.finetune import run_finetune
+        from goca_fast.eval.finetune_recipe import FinetuneSettings
         settings = FinetuneSettings(epochs=a.epochs, lr=a.lr, backbone_lr_ratio=a.backbone_lr_ratio,
                                     momentum=a.momentum, weight_decay=a.wd, batch_size=a.batch_size,
                                     warmup_epochs=a.warmup_epochs, schedule=a.schedule,
                                     milestones=tuple(a.milestones), gamma=a.gamma, dropout=a.dropout,
                                     test_clips=a.test_clips, test_crops=a.test_crops, eval_every=a.eval_every,
                                     amp=a.amp, seed=a.seed, max_iters_per_epoch=a.max_iters_per_epoch)
-        run_finetune(a.source, a.out, settings, a.data_root, a.train_split, a.test_split, a.streams, a.workers,
-                     a.device, a.fresh, a.config, a.arch)
+        start = finetune_start(a.source, out_dir=a.out, fresh=a.fresh, device=a.device, streams=a.streams,
+                               expect_arch=a.arch, config_path=a.config, data_root=a.data_root,
+                               train_split=a.train_split, test_split=a.test_split, workers=a.workers)
+        run_finetune(start, settings)
     elif a.command == "export" and a.weights:
+        from goca_fast.builders import load_eval_model
+        from goca_fast.device import resolve_device
         from goca_fast.eval.export import run_export_weights
-        run_export_weights(a.source, a.weights, a.stream, a.device, a.config)
+        loaded, cfg = load_eval_model(a.source, device=resolve_device(a.device, "--device"), config_path=a.config)
+        run_export_weights(loaded, cfg.model.arch, out_path=a.weights, stream=a.stream)
     elif a.command == "export":
         from goca_fast.eval.export import run_export
-        run_export(a.source, a.split, a.format, a.out, a.data_root, a.views, a.feature, a.clips, a.crops,
-                   a.clip_length, a.stride, a.streams, a.batch_size, a.workers, a.device, a.amp, not a.no_cache,
-                   a.config)
+        run_export(_setup(a, need_heads=a.feature == "head"), splits=a.split, fmt=a.format, out_dir=a.out,
+                   views=a.views, feature=a.feature, clips=a.clips, crops=a.crops, clip_length=a.clip_length,
+                   stride=a.stride, amp=a.amp, use_cache=not a.no_cache)
     elif a.command == "plots":
         from goca_fast.eval.plots import run_plots
         what = [w.strip() for w in a.what.split(",") if w.strip()]
-        run_plots(a.source, what, a.data_root, a.out, a.stream, a.method, a.queries, "backbone", a.batch_size,
-                  a.workers, a.device, not a.no_cache, a.config, not a.no_tensorboard)
+        run_plots(_setup(a), what=what, out_dir=a.out, stream=a.stream, method=a.method, num_queries=a.queries,
+                  use_cache=not a.no_cache, tensorboard=not a.no_tensorboard)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

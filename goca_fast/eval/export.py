@@ -23,9 +23,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewSpec, dataset_root_for,
-                                   default_output_dir, load_model, resolve_amp, resolve_device, split_features,
-                                   plural, split_records, view_spec_from_config)
+from goca_fast.device import resolve_amp
+from goca_fast.eval import EvalError, plural
+from goca_fast.eval.cache import FeatureCache, split_features
+from goca_fast.eval.features import SplitFeatures
+from goca_fast.eval.loading import EvalSetup, LoadedModel, default_output_dir
+from goca_fast.eval.splits import split_records
 
 FORMATS = ("npy", "pt")
 # where our backbone trunk's children sit in the torchvision model (goca_fast.models.backbones builds them so)
@@ -53,13 +56,11 @@ def torchvision_state_dict(backbone: dict[str, torch.Tensor], arch: str) -> dict
     return out
 
 
-def run_export_weights(source: str, out_path: str, stream: str = "rgb", device: str = "cpu",
-                       config_path: Optional[str] = None, quiet: bool = False) -> Path:
+def run_export_weights(loaded: LoadedModel, arch: str, *, out_path: str, stream: str = "rgb",
+                       quiet: bool = False) -> Path:
     """`goca-eval export RUN --weights OUT.pth [--stream rgb|flow]`: one backbone as a torchvision state_dict."""
-    loaded = load_model(source, resolve_device(device), config_path=config_path)
     if stream not in loaded.streams:
         raise EvalError(f"the checkpoint has no {stream} stream (it has {', '.join(loaded.streams)})")
-    arch = loaded.config.model.arch
     weights = torchvision_state_dict(loaded.model.backbones[stream].state_dict(), arch)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,33 +100,26 @@ def write_features(f: SplitFeatures, out: Path, fmt: str, protocol: dict) -> lis
     return written
 
 
-def run_export(source: str, splits: Sequence[str] = (), fmt: str = "npy", out_dir: Optional[str] = None,
-               data_root: Optional[str] = None, views: bool = False, feature: str = "backbone",
-               clips: Optional[int] = None, crops: Optional[int] = None, clip_length: Optional[int] = None,
-               stride: Optional[int] = None, streams: Optional[Sequence[str]] = None,
-               batch_size: Optional[int] = None, workers: Optional[int] = None, device: str = "auto",
-               amp: str = "off", use_cache: bool = True, config_path: Optional[str] = None,
-               quiet: bool = False) -> list[Path]:
+def run_export(setup: EvalSetup, *, splits: Sequence[str] = (), fmt: str = "npy", out_dir: Optional[str] = None,
+               views: bool = False, feature: str = "backbone", clips: Optional[int] = None,
+               crops: Optional[int] = None, clip_length: Optional[int] = None, stride: Optional[int] = None,
+               amp: str = "off", use_cache: bool = True, quiet: bool = False) -> list[Path]:
     """Export the features of `splits` (default: the config's train and test splits)."""
     t0 = time.time()
-    dev = resolve_device(device)
-    loaded = load_model(source, dev, streams, need_heads=feature == "head", config_path=config_path)
-    cfg = loaded.config
-    root = dataset_root_for(cfg, data_root)
-    spec: ViewSpec = view_spec_from_config(cfg, clips, crops, clip_length, stride)
+    loaded, dev, root = setup.loaded, setup.device, setup.root
+    spec = setup.views.with_overrides(clips, crops, clip_length, stride)
     base = default_output_dir(loaded.run_dir)
     out = Path(out_dir) if out_dir else base / "export"
     cache = FeatureCache(base / "features") if use_cache else None
-    bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
     written = []
-    names = list(dict.fromkeys(splits or [cfg.data.train_split, cfg.data.test_split]))  # a split named twice: once
+    names = list(dict.fromkeys(splits or [setup.train_split, setup.test_split]))  # a split named twice: once
     all_recs = [split_records(root, split, loaded.streams) for split in names]  # every split checked before extracting
     for recs in all_recs:
         split = recs.name
-        f = split_features(loaded, root, recs, spec, dev, bs, nw, feature, keep_views=views,
-                           amp=resolve_amp(amp, dev), cache=cache)
+        f = split_features(loaded, root, recs, spec, dev, batch_size=setup.batch_size, workers=setup.workers,
+                           source=feature, keep_views=views, amp=resolve_amp(amp, dev, "--amp"), cache=cache)
         protocol = {**asdict(spec), "feature": feature, "checkpoint": str(loaded.checkpoint),
-                    "epoch": loaded.epoch, "arch": cfg.model.arch, "dataset": str(root),
+                    "epoch": loaded.epoch, "arch": setup.arch, "dataset": str(root),
                     "averaging": "mean over views of L2-normalised view features"}
         written += write_features(f, out, fmt, protocol)
         if not quiet:

@@ -6,13 +6,20 @@ that mean again. Averaging unit vectors keeps one loud view from dominating the 
 """
 from __future__ import annotations
 
+import importlib
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
+from goca_fast.eval import EvalError, plural
+from goca_fast.eval.splits import SplitRecords, ViewSpec
 from goca_fast.models.goca_model import GocaModel
+
+log = logging.getLogger("goca_fast.eval")
 
 FeatureSource = Literal["backbone", "head"]
 
@@ -97,13 +104,84 @@ def extract_features(model: GocaModel, batches: Iterable, device: torch.device, 
                          torch.cat(labels).long(), torch.cat(index).long(), torch.cat(padded).bool(), skipped)
 
 
-@torch.no_grad()
-def extract_video_features(model: GocaModel, batches: Iterable, device: torch.device,
-                           amp: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """batches: EvalBatch-like objects with .rgb (and .flow) of shape N×V×C×T×H×W (V views per video), .label.
+@dataclass
+class SplitFeatures:
+    """Video features of one split plus the bookkeeping every reported number needs.
 
-    Returns (stream → N_total×F features: per-view backbone features, L2-normalised, averaged over the V views),
-    labels. Batches that are None (every video unreadable, already reported by the loader) are skipped.
+    features: stream → N×F float32 (mean of L2-normalised views). views: stream → N×V×F raw view features (fp16)
+    or None.
+    ids/labels/padded: per evaluated video. missing: ids whose files do not exist; unreadable: ids the decoder
+    rejected. total = evaluated + missing + unreadable.
     """
-    out = extract_features(model, batches, device, amp)
-    return out.features, out.labels
+
+    split: str
+    ids: list[str]
+    labels: torch.Tensor
+    padded: torch.Tensor
+    features: dict[str, torch.Tensor]
+    views: Optional[dict[str, torch.Tensor]]
+    total: int
+    missing: list[str]
+    unreadable: list[str]
+    classes: list[str]
+
+    @property
+    def evaluated(self) -> int:
+        return len(self.ids)
+
+    def counts(self) -> dict[str, int]:
+        return {"videos": self.total, "evaluated": self.evaluated, "missing_files": len(self.missing),
+                "unreadable": len(self.unreadable), "padded_short": int(self.padded.sum())}
+
+
+def _dali_importable() -> bool:
+    try:
+        importlib.import_module("dali_pipelines.eval")
+    except ImportError:
+        return False
+    return True
+
+
+def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool, batch_size: int, workers: int,
+                device: torch.device, loader: str = "auto"):
+    """Iterable of EvalBatch over a split, from the CPU loader or the DALI pipeline (same views, same batches)."""
+    if loader not in ("auto", "cpu", "dali"):
+        raise EvalError(f"loader must be auto, cpu or dali, got {loader!r}")
+    use_dali = loader == "dali" or (loader == "auto" and device.type == "cuda" and _dali_importable())
+    if use_dali:
+        if not _dali_importable():
+            raise EvalError("loader=dali but the DALI pipelines are not available (pip install -e '.[dali]')")
+        from dali_pipelines.eval import DaliEvalLoader
+        return DaliEvalLoader(root, split.records, spec.clip_length, spec.stride, spec.num_clips, spec.crop_size,
+                              spec.short_side, with_flow, spec.crops, spec.flow_mode, batch_size, workers, device)
+    from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
+    ds = EvalClipDataset(root, split.records, spec.clip_length, spec.stride, spec.num_clips, spec.crop_size,
+                         spec.short_side, with_flow, crops=spec.crops, flow_mode=spec.flow_mode)
+    return make_eval_loader(ds, batch_size, workers)
+
+
+def compute_split_features(model: GocaModel, root: Path, split: SplitRecords, spec: ViewSpec,
+                           device: torch.device, *, batch_size: int = 8, workers: int = 0, source: str = "backbone",
+                           keep_views: bool = False, amp: Optional[torch.dtype] = None,
+                           loader: str = "auto") -> SplitFeatures:
+    """Extract the features of one split under the view protocol `spec` (no cache).
+
+    loader: "cpu" (PyAV), "dali", or "auto" (DALI on a CUDA device when the pipelines import)."""
+    streams = list(model.streams)
+    out = extract_features(model, eval_loader(root, split, spec, "flow" in streams, batch_size, workers, device, loader),
+                           device, amp, source, keep_views)
+    order = torch.argsort(out.index)  # loader order is already record order; sorting makes it a guarantee
+    got = set(out.index.tolist())
+    unreadable = [r.id for i, r in enumerate(split.records) if i not in got]
+    if not got:
+        raise EvalError(f"split {split.name!r}: none of its {plural(len(split.records), 'video')} could be decoded")
+    if unreadable:
+        log.warning("split %r: %s could not be decoded and %s left out (e.g. %s)", split.name,
+                    plural(len(unreadable), "video"), "is" if len(unreadable) == 1 else "are",
+                    ", ".join(unreadable[:3]))
+    ids = [split.records[i].id for i in out.index[order].tolist()]
+    # view features are kept (and cached) at fp16: half the memory, and a cache hit gives the very same numbers
+    return SplitFeatures(split.name, ids, out.labels[order], out.padded[order],
+                         {s: f[order] for s, f in out.features.items()},
+                         {s: v[order].half() for s, v in out.views.items()} if out.views is not None else None,
+                         split.total, list(split.missing), unreadable, split.classes)

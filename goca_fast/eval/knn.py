@@ -9,7 +9,8 @@ as the official code does.
     goca-eval knn RUN_DIR_OR_CHECKPOINT [--data-root DIR] [--clips 5 --crops 3] [--feature backbone|head] ...
     python -m goca_fast.eval knn ...        (same arguments)
 
-In-process users (the pretraining demo) call :func:`knn_retrieval` or :func:`evaluate_knn` with a live model.
+In-process users (the pretraining demo, through `goca_fast.builders.knn_recall`) call :func:`evaluate_knn` with a
+live model.
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from goca_fast.config import Config
-from goca_fast.eval.common import (FeatureCache, SplitFeatures, ViewSpec, check_disjoint_records, class_check,
-                                   compute_split_features, dataset_root_for, default_output_dir, load_model,
-                                   plural, resolve_amp, resolve_device, split_features, split_records,
-                                   view_spec_from_config)
+from goca_fast.device import resolve_amp
+from goca_fast.eval import plural
+from goca_fast.eval.cache import FeatureCache, split_features
+from goca_fast.eval.features import SplitFeatures, compute_split_features
+from goca_fast.eval.loading import EvalSetup, default_output_dir
 from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
+from goca_fast.eval.splits import ViewSpec, check_disjoint_records, class_check, split_records
 from goca_fast.models.goca_model import GocaModel
 
 log = logging.getLogger("goca_fast.eval")
@@ -96,59 +98,41 @@ def knn_from_features(gallery: SplitFeatures, query: SplitFeatures, streams: Seq
     return KnnResult(recall, gallery.counts(), query.counts(), protocol, warnings)
 
 
-def evaluate_knn(model: GocaModel, cfg: Config, root: Path, device: torch.device,
-                 spec: Optional[ViewSpec] = None, train_split: Optional[str] = None,
-                 test_split: Optional[str] = None, source: str = "backbone", ks: Sequence[int] = DEFAULT_KS,
-                 amp: Optional[torch.dtype] = None) -> KnnResult:
-    """kNN retrieval of a live model on the dataset at `root` with a pretraining config's protocol (no cache)."""
+def evaluate_knn(model: GocaModel, root: Path, views: ViewSpec, device: torch.device, *, train_split: str,
+                 test_split: str, batch_size: int, workers: int, loader: str = "auto", source: str = "backbone",
+                 ks: Sequence[int] = DEFAULT_KS, amp: Optional[torch.dtype] = None) -> KnnResult:
+    """kNN retrieval of a live model on the dataset at `root`: `test_split` queries against the `train_split`
+    gallery under the protocol `views` (no cache)."""
     t0 = time.time()
-    spec = spec or view_spec_from_config(cfg)
     streams = list(model.streams)
-    recs = [split_records(Path(root), split, streams)
-            for split in (train_split or cfg.data.train_split, test_split or cfg.data.test_split)]
+    recs = [split_records(Path(root), split, streams) for split in (train_split, test_split)]
     check_disjoint_records(recs[0], recs[1])
-    feats = [compute_split_features(model, Path(root), r, spec, device, cfg.eval.batch_size, cfg.data.workers,
-                                    source, amp=amp, loader=cfg.data.loader) for r in recs]
-    res = knn_from_features(feats[0], feats[1], streams, spec, source, ks)
+    feats = [compute_split_features(model, Path(root), r, views, device, batch_size=batch_size, workers=workers,
+                                    source=source, amp=amp, loader=loader) for r in recs]
+    res = knn_from_features(feats[0], feats[1], streams, views, source, ks)
     res.seconds = time.time() - t0
     return res
 
 
-def knn_retrieval(model: GocaModel, cfg: Config, root: Path, device: torch.device) -> dict[str, dict[int, float]]:
-    """R@k of test-split queries against the train split, per stream and for both streams averaged ("both").
-
-    Drop-in for the pretraining demo: same arguments and result as its former local function."""
-    return evaluate_knn(model, cfg, root, device).recall
-
-
-def run_knn(source: str, data_root: Optional[str] = None, train_split: Optional[str] = None,
-            test_split: Optional[str] = None, clips: Optional[int] = None, crops: Optional[int] = None,
+def run_knn(setup: EvalSetup, *, clips: Optional[int] = None, crops: Optional[int] = None,
             clip_length: Optional[int] = None, stride: Optional[int] = None, feature: str = "backbone",
-            streams: Optional[Sequence[str]] = None, ks: Sequence[int] = DEFAULT_KS,
-            batch_size: Optional[int] = None, workers: Optional[int] = None, device: str = "auto",
-            amp: str = "off", out_dir: Optional[str] = None, use_cache: bool = True,
-            expect_arch: Optional[str] = None, config_path: Optional[str] = None, plots: bool = False,
-            quiet: bool = False) -> KnnResult:
-    """`goca-eval knn`: load, extract (or reuse cached) features, score, print the table, write knn.json."""
+            ks: Sequence[int] = DEFAULT_KS, amp: str = "off", out_dir: Optional[str] = None, use_cache: bool = True,
+            plots: bool = False, quiet: bool = False) -> KnnResult:
+    """`goca-eval knn`: extract (or reuse cached) features, score, print the table, write knn.json."""
     t0 = time.time()
-    dev = resolve_device(device)
-    loaded = load_model(source, dev, streams, need_heads=feature == "head", expect_arch=expect_arch,
-                        config_path=config_path)
-    cfg = loaded.config
-    root = dataset_root_for(cfg, data_root)
-    spec = view_spec_from_config(cfg, clips, crops, clip_length, stride)
+    loaded, dev, root = setup.loaded, setup.device, setup.root
+    spec = setup.views.with_overrides(clips, crops, clip_length, stride)
     out = Path(out_dir) if out_dir else default_output_dir(loaded.run_dir)
     cache = FeatureCache(out / "features") if use_cache else None
-    bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
     recs = {role: split_records(root, split, loaded.streams)  # both checked before any extraction
-            for role, split in (("gallery", train_split or cfg.data.train_split),
-                                ("query", test_split or cfg.data.test_split))}
+            for role, split in (("gallery", setup.train_split), ("query", setup.test_split))}
     check_disjoint_records(recs["gallery"], recs["query"])
-    feats = {role: split_features(loaded, root, r, spec, dev, bs, nw, feature, amp=resolve_amp(amp, dev),
-                                  cache=cache) for role, r in recs.items()}
+    feats = {role: split_features(loaded, root, r, spec, dev, batch_size=setup.batch_size, workers=setup.workers,
+                                  source=feature, amp=resolve_amp(amp, dev, "--amp"), cache=cache)
+             for role, r in recs.items()}
     res = knn_from_features(feats["gallery"], feats["query"], loaded.streams, spec, feature, ks)
     res.seconds = time.time() - t0
-    res.protocol.update({"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "arch": cfg.model.arch,
+    res.protocol.update({"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "arch": setup.arch,
                          "dataset": str(root)})
     out.mkdir(parents=True, exist_ok=True)
     (out / "knn.json").write_text(json.dumps(res.to_json(), indent=2))
@@ -159,5 +143,5 @@ def run_knn(source: str, data_root: Optional[str] = None, train_split: Optional[
         embedding_plot(feats["query"], out / "plots" / "embedding_pca.png", stream=s)
     if not quiet:
         print(f"kNN retrieval, {spec.describe()}, {feature} features "
-              f"({res.protocol['feature_dim']}-d), cosine:\n{res.table(cfg.name)}\nwritten: {out / 'knn.json'}")
+              f"({res.protocol['feature_dim']}-d), cosine:\n{res.table(setup.name)}\nwritten: {out / 'knn.json'}")
     return res

@@ -26,10 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from goca_fast.eval.common import (EvalError, FeatureCache, SplitFeatures, ViewSpec, check_disjoint_records,
-                                   class_check, dataset_root_for,
-                                   default_output_dir, load_model, resolve_amp, resolve_device, split_features,
-                                   plural, split_records, view_spec_from_config)
+from goca_fast.device import resolve_amp
+from goca_fast.eval import EvalError, plural
+from goca_fast.eval.cache import FeatureCache, split_features
+from goca_fast.eval.features import SplitFeatures
+from goca_fast.eval.loading import EvalSetup, default_output_dir
+from goca_fast.eval.splits import SplitRecords, ViewSpec, check_disjoint_records, class_check, split_records
 
 log = logging.getLogger("goca_fast.eval")
 
@@ -239,10 +241,10 @@ def linear_probe_features(train: SplitFeatures, test: SplitFeatures, streams: Se
     return acc, probes
 
 
-def linear_probe_clips(model, root: Path, train_recs, test: SplitFeatures, num_classes: int, spec: ViewSpec,
-                       crop_size: int, scale_range: Sequence[int], settings: ProbeSettings, device: torch.device,
-                       batch_size: int, workers: int, seed: int, amp: Optional[torch.dtype] = None
-                       ) -> tuple[dict[str, dict[int, float]], dict[str, RegLog]]:
+def linear_probe_clips(model, root: Path, train_recs: SplitRecords, test: SplitFeatures, num_classes: int,
+                       spec: ViewSpec, *, crop_size: int, scale_range: Sequence[int], settings: ProbeSettings,
+                       device: torch.device, batch_size: int, workers: int, seed: int,
+                       amp: Optional[torch.dtype] = None) -> tuple[dict[str, dict[int, float]], dict[str, RegLog]]:
     """The augmented path: random clip + resized crop + flip per train video every epoch, frozen backbone."""
     from goca_fast.data.augment import ClipAugment
     from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
@@ -290,14 +292,10 @@ def linear_probe_clips(model, root: Path, train_recs, test: SplitFeatures, num_c
     return acc, probes
 
 
-def run_linear(source: str, data_root: Optional[str] = None, train_split: Optional[str] = None,
-               test_split: Optional[str] = None, settings: Optional[ProbeSettings] = None, augment: bool = False,
+def run_linear(setup: EvalSetup, *, settings: Optional[ProbeSettings] = None, augment: bool = False,
                train_clips: int = 5, train_crops: int = 3, test_clips: int = 10, test_crops: int = 3,
-               clip_length: Optional[int] = None, stride: Optional[int] = None, streams: Optional[Sequence[str]] = None,
-               batch_size: Optional[int] = None, workers: Optional[int] = None, device: str = "auto",
-               amp: str = "off", out_dir: Optional[str] = None, use_cache: bool = True,
-               expect_arch: Optional[str] = None, config_path: Optional[str] = None, quiet: bool = False
-               ) -> LinearResult:
+               clip_length: Optional[int] = None, stride: Optional[int] = None, amp: str = "off",
+               out_dir: Optional[str] = None, use_cache: bool = True, quiet: bool = False) -> LinearResult:
     """`goca-eval linear`: frozen-backbone linear probe; prints a table, writes linear.json and the probe weights."""
     t0 = time.time()
     settings = (settings or ProbeSettings()).check()
@@ -305,27 +303,26 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
     if unreached:
         log.warning("linear probe: --milestones %s not below --epochs %d: the LR never drops there "
                     "(pass smaller --milestones for a short run)", ",".join(map(str, unreached)), settings.epochs)
-    dev = resolve_device(device)
-    amp_dt = resolve_amp(amp, dev)
-    loaded = load_model(source, dev, streams, expect_arch=expect_arch, config_path=config_path)
-    cfg = loaded.config
-    root = dataset_root_for(cfg, data_root)
+    loaded, dev, root = setup.loaded, setup.device, setup.root
+    amp_dt = resolve_amp(amp, dev, "--amp")
     out = Path(out_dir) if out_dir else default_output_dir(loaded.run_dir)
     cache = FeatureCache(out / "features") if use_cache else None
-    bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
-    train_name, test_name = train_split or cfg.data.train_split, test_split or cfg.data.test_split
-    test_spec = view_spec_from_config(cfg, test_clips, test_crops, clip_length, stride)
+    bs, nw = setup.batch_size, setup.workers
+    train_name, test_name = setup.train_split, setup.test_split
+    test_spec = setup.views.with_overrides(test_clips, test_crops, clip_length, stride)
     train_recs = split_records(root, train_name, loaded.streams)
     test_recs = split_records(root, test_name, loaded.streams)
     check_disjoint_records(train_recs, test_recs, roles=("train", "test"))
     num_classes = len(test_recs.classes)
-    test = split_features(loaded, root, test_recs, test_spec, dev, bs, nw, keep_views=True, amp=amp_dt, cache=cache)
+    test = split_features(loaded, root, test_recs, test_spec, dev, batch_size=bs, workers=nw, keep_views=True,
+                          amp=amp_dt, cache=cache)
     if augment:
         warnings = class_check([r.label for r in train_recs.records], test.labels.tolist(), test.classes,
                                train_name, test_name)
         acc, probes = linear_probe_clips(loaded.model, root, train_recs, test, num_classes, test_spec,
-                                         cfg.data.crop_size, cfg.data.scale_range, settings, dev,
-                                         max(bs, 2), nw, cfg.seed, amp_dt)
+                                         crop_size=setup.crop_size, scale_range=setup.scale_range,
+                                         settings=settings, device=dev, batch_size=max(bs, 2), workers=nw,
+                                         seed=setup.seed, amp=amp_dt)
         n_train = len(train_recs.records)
         train_counts = {"videos": train_recs.total, "evaluated": n_train, "missing_files": len(train_recs.missing),
                         "unreadable": 0, "padded_short": sum(r.frames < test_spec.clip_length
@@ -333,9 +330,9 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
         train_desc = (f"1 random clip of {plural(test_spec.clip_length, 'frame')} per video per epoch, "
                       f"resized crop + flip")
     else:
-        train_spec = view_spec_from_config(cfg, train_clips, train_crops, clip_length, stride)
-        train = split_features(loaded, root, train_recs, train_spec, dev, bs, nw, keep_views=True, amp=amp_dt,
-                               cache=cache)
+        train_spec = setup.views.with_overrides(train_clips, train_crops, clip_length, stride)
+        train = split_features(loaded, root, train_recs, train_spec, dev, batch_size=bs, workers=nw,
+                               keep_views=True, amp=amp_dt, cache=cache)
         warnings = class_check(train.labels.tolist(), test.labels.tolist(), test.classes, train_name, test_name)
         acc, probes = linear_probe_features(train, test, loaded.streams, num_classes, settings, dev)
         train_counts = train.counts()
@@ -343,7 +340,7 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
     protocol = {"train_split": train_name, "test_split": test_name, "train": train_desc,
                 "test": f"{test_spec.describe()}, softmax averaged over views", "augment": augment,
                 "settings": asdict(settings), "checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch,
-                "arch": cfg.model.arch, "dataset": str(root), "num_classes": num_classes}
+                "arch": setup.arch, "dataset": str(root), "num_classes": num_classes}
     res = LinearResult(acc, train_counts, test.counts(), protocol, warnings, time.time() - t0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear.json").write_text(json.dumps(res.to_json(), indent=2))
@@ -351,6 +348,6 @@ def run_linear(source: str, data_root: Optional[str] = None, train_split: Option
     if not quiet:
         print(f"Linear probe ({'augmented clips' if augment else 'cached features'}, "
               f"{plural(settings.epochs, 'epoch')}, "
-              f"lr {settings.lr}, milestones {list(settings.milestones)}):\n{res.table(cfg.name)}\n"
+              f"lr {settings.lr}, milestones {list(settings.milestones)}):\n{res.table(setup.name)}\n"
               f"written: {out / 'linear.json'}")
     return res

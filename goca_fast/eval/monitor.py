@@ -18,9 +18,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.data.index import read_index
-from goca_fast.eval.common import EvalError, check_disjoint, plural, preserve_rng
+from goca_fast.checkpoint import preserve_rng
+from goca_fast.data.index import read_index, select_split
+from goca_fast.eval import EvalError, plural
 from goca_fast.eval.features import extract_features
+from goca_fast.eval.splits import check_disjoint
 from goca_fast.eval.retrieval import combine_streams, recall_at_k
 
 log = logging.getLogger("goca_fast.eval")
@@ -85,11 +87,12 @@ class KnnMonitor:
         from goca_fast.data.cpu_loader import EvalClipDataset
         records, _ = read_index(self.root)
         gallery, query = self.splits
-        check_disjoint(gallery, [r.id for r in records if gallery in r.splits],
-                       query, [r.id for r in records if query in r.splits], roles=("monitor gallery", "monitor query"))
+        check_disjoint(gallery, [r.id for r in select_split(records, gallery, required=False)],
+                       query, [r.id for r in select_split(records, query, required=False)],
+                       roles=("monitor gallery", "monitor query"))
         out = {}
         for split in self.splits:
-            recs = [r for r in records if split in r.splits]
+            recs = select_split(records, split, required=False)
             if "flow" in self.streams:
                 recs = [r for r in recs if r.flow is not None]
             if not recs:

@@ -20,8 +20,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.eval.common import EvalError, SplitFeatures, plural
+from goca_fast.eval import EvalError, plural
+from goca_fast.eval.cache import FeatureCache, split_features
+from goca_fast.eval.features import SplitFeatures
+from goca_fast.eval.loading import EvalSetup, default_output_dir
 from goca_fast.eval.retrieval import combine_streams, nearest_neighbours
+from goca_fast.eval.splits import check_disjoint_records, split_records
 
 log = logging.getLogger("goca_fast.eval")
 
@@ -262,31 +266,24 @@ def log_images(log_dir: Path, images: dict[str, Path], step: int = 0) -> None:
         w.close()
 
 
-def run_plots(source: str, what: Sequence[str] = ("retrieval", "embedding", "curves"), data_root: Optional[str] = None,
+def run_plots(setup: EvalSetup, *, what: Sequence[str] = ("retrieval", "embedding", "curves"),
               out_dir: Optional[str] = None, stream: Optional[str] = None, method: str = "pca",
-              num_queries: int = 8, feature: str = "backbone", batch_size: Optional[int] = None,
-              workers: Optional[int] = None, device: str = "auto", use_cache: bool = True,
-              config_path: Optional[str] = None, tensorboard: bool = True, quiet: bool = False) -> dict[str, Path]:
+              num_queries: int = 8, feature: str = "backbone", use_cache: bool = True, tensorboard: bool = True,
+              quiet: bool = False) -> dict[str, Path]:
     """`goca-eval plots`: the retrieval grid and embedding use the kNN protocol's (cached) features."""
-    from goca_fast.eval.common import (FeatureCache, check_disjoint_records, dataset_root_for, default_output_dir,
-                                       load_model, resolve_device, split_features, split_records,
-                                       view_spec_from_config)
     unknown = set(what) - {"retrieval", "embedding", "curves"}
     if unknown:
         raise EvalError(f"unknown plot(s) {', '.join(sorted(unknown))}; choose from retrieval, embedding, curves")
-    dev = resolve_device(device)
-    loaded = load_model(source, dev, need_heads=feature == "head", config_path=config_path)
-    cfg = loaded.config
+    loaded = setup.loaded
     out = Path(out_dir) if out_dir else default_output_dir(loaded.run_dir) / "plots"
     written: dict[str, Path] = {}
     if {"retrieval", "embedding"} & set(what):
-        root = dataset_root_for(cfg, data_root)
-        spec = view_spec_from_config(cfg)
+        root = setup.root
         cache = FeatureCache(default_output_dir(loaded.run_dir) / "features") if use_cache else None
-        bs, nw = batch_size or cfg.eval.batch_size, cfg.data.workers if workers is None else workers
-        recs = [split_records(root, split, loaded.streams) for split in (cfg.data.train_split, cfg.data.test_split)]
+        recs = [split_records(root, split, loaded.streams) for split in (setup.train_split, setup.test_split)]
         check_disjoint_records(recs[0], recs[1])
-        feats = [split_features(loaded, root, r, spec, dev, bs, nw, feature, cache=cache) for r in recs]
+        feats = [split_features(loaded, root, r, setup.views, setup.device, batch_size=setup.batch_size,
+                                workers=setup.workers, source=feature, cache=cache) for r in recs]
         s = stream or ("both" if len(loaded.streams) == 2 else loaded.streams[0])
         if "retrieval" in what:
             written["retrieval_grid"] = retrieval_grid(feats[0], feats[1], root, out / "retrieval_grid.png", s,

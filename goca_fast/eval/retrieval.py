@@ -43,13 +43,6 @@ def nearest_neighbours(query: torch.Tensor, gallery: torch.Tensor, k: int,
     return torch.cat(idx), torch.cat(sims)
 
 
-def per_query_hits(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
-                   gallery_labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Q bool: does any of the k nearest gallery videos share the query's class (the R@k indicator per query)."""
-    order, _ = nearest_neighbours(query, gallery, k)
-    return (gallery_labels[order] == query_labels[:, None]).any(dim=1)
-
-
 def combine_streams(features: dict[str, torch.Tensor]) -> torch.Tensor:
     """RGB+flow retrieval feature: the mean of the L2-normalised per-stream features (official: averaged)."""
     return torch.stack([F.normalize(f.float(), dim=1) for f in features.values()]).mean(0)

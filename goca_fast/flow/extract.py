@@ -261,11 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             device = a.device
             if a.backend == "torch":
-                import torch
-                if device == "auto":
-                    device = "cuda" if torch.cuda.is_available() else "cpu"
-                if device.startswith("cuda") and not torch.cuda.is_available():
-                    raise ValueError("--device cuda but torch sees no CUDA device")
+                from goca_fast.device import resolve_device
+                device = str(resolve_device(device, "--device"))  # a ConfigError is a ValueError
             report = extract_flow(a.root, a.backend, a.workers, device, a.batch, a.compile, params, shard,
                                   a.gop, a.crf, a.limit, progress=not a.no_progress)
     except (ValueError, DatasetIndexError) as e:
