@@ -196,25 +196,24 @@ def endless(factory):
         epoch += 1
 
 
-def dali_decode_only(cfg, root: Path):
-    """Endless DALI CPU batches of the training source and its two decoders only (same files, frames, threads)."""
+def dali_decode_only(spec):
+    """Endless DALI CPU batches of the training source and its two decoders only (same files, frames, threads as
+    the training pipeline `spec` builds)."""
     from nvidia.dali import fn, pipeline_def, types
     from dali_pipelines import graph
-    from dali_pipelines.source import TrainSource, video_metas
-    from goca_fast.data.index import read_index
-    from goca_fast.data.augment import train_augment
-    recs, _ = read_index(root)
-    d = cfg.data
-    n = len(recs) // d.batch_size
-    src = TrainSource(video_metas(root, recs), cfg.clip_lengths, d.stride, d.min_distance, train_augment(cfg.data),
-                      True, cfg.seed, 0, 1, d.batch_size, n, 0, 0)
-    per_clip = [types.INT32, types.FLOAT] * 2
-    dtypes = [types.UINT8, types.UINT8, types.INT32, types.INT64] + per_clip * len(cfg.clip_lengths)
+    from dali_pipelines.source import TrainSource
+    from dali_pipelines.train import source_dtypes
+    src = TrainSource(metas=spec.metas, clip_lengths=spec.clip_lengths, stride=spec.stride,
+                      min_distance=spec.min_distance, augment=spec.augment, with_flow=True, seed=spec.seed,
+                      rank=spec.rank, world_size=spec.world_size, batch_size=spec.batch_size,
+                      batches_per_epoch=spec.batches_per_epoch, start_epoch=0, start_batch=0)
+    dtypes = source_dtypes(len(spec.clip_lengths), True, [types.INT32, types.FLOAT] * 2)
 
-    @pipeline_def(batch_size=d.batch_size, num_threads=max(1, d.workers), device_id=None, prefetch_queue_depth=2)
+    @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.threads), device_id=None,
+                  prefetch_queue_depth=2)
     def pipe():
-        outs = fn.external_source(source=src, num_outputs=len(dtypes), batch=False, dtype=dtypes)
-        return graph.decode(outs[0], outs[2], False), graph.decode(outs[1], outs[2], False)
+        outs = list(fn.external_source(source=src, num_outputs=len(dtypes), batch=False, dtype=dtypes))
+        return graph.decode_streams(outs, True, False)
     return graph_only(pipe())
 
 
@@ -228,26 +227,21 @@ def graph_only(pipe):
 def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress: int = 0) -> dict:
     from goca_fast.data.index import read_index
     from goca_fast.distributed import DistInfo
-    from goca_fast.data.augment import train_augment
-    from goca_fast.pretrain import build_train_loader
+    from goca_fast.builders import build_dali_train_loader, build_train_loader, train_augment
     clips = len(cfg.clip_lengths)
     bs = cfg.data.batch_size
     every = max(1, n_batches // 500)
     if kind in ("dali_cpu", "dali_gpu"):
-        from dali_pipelines.train import build_dali_train_loader
         dev = torch.device("cuda", 0) if kind == "dali_gpu" else torch.device("cpu")
         factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root, train_augment(cfg.data))
         res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda", rss_every=every,
                       progress=progress)
         factory.close()
         return res
-    if kind == "dali_graph":
-        from dali_pipelines.train import build_dali_train_loader
+    if kind in ("dali_graph", "dali_decode"):
         factory, _ = build_dali_train_loader(cfg, DistInfo(), root, train_augment(cfg.data))
-        return measure(kind, graph_only(factory.spec.pipeline(0, 0)), n_batches, warmup, clips, bs, False,
-                       rss_every=every)
-    if kind == "dali_decode":
-        return measure(kind, dali_decode_only(cfg, root), n_batches, warmup, clips, bs, False, rss_every=every)
+        batches = graph_only(factory.spec.pipeline(0, 0)) if kind == "dali_graph" else dali_decode_only(factory.spec)
+        return measure(kind, batches, n_batches, warmup, clips, bs, False, rss_every=every)
     if kind == "cpu":
         factory, _ = build_train_loader(cfg, DistInfo(), root)
         return measure(kind, endless(factory), n_batches, warmup, clips, bs, False, rss_every=every)
