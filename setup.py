@@ -75,7 +75,7 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120==1.53.0"],
-        "dev": ["pytest", "pytest-timeout", "POT"],
+        "dev": ["pytest", "pytest-timeout", "POT", "scikit-image"],  # scikit-image: the guidance benchmark's photographs
     },
     entry_points={
         "console_scripts": [
