@@ -77,8 +77,9 @@ class DaliEvalLoader:
         self.with_flow, self.batch_size, self.workers = with_flow, int(batch_size), int(workers)
         self.official_flow = flow_mode == "official"
         self.batches = math.ceil(len(self.indices) / self.batch_size)
-        self.cpu = EvalClipDataset(root, records, clip_length, stride, num_clips, crop_size, short_side, with_flow,
-                                   crops=crops, flow_mode=flow_mode)
+        self.cpu = EvalClipDataset(root, records, clip_length=clip_length, stride=stride, num_clips=num_clips,
+                                   crop_size=crop_size, short_side=short_side, with_flow=with_flow, crops=crops,
+                                   flow_mode=flow_mode)
         self._used = False
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines import graph
-from dali_pipelines.source import TrainSource, video_metas
+from dali_pipelines.source import TrainSource
 from goca_fast.data.augment import ClipAugment
 from goca_fast.data.batch import ClipBatch
 from goca_fast.data.cpu_loader import EpochSampler, TrainClipDataset, collate_clips
@@ -113,9 +113,10 @@ class TrainPipelineSpec:
     threads: int
 
     def pipeline(self, epoch: int, start_batch: int):
-        src = TrainSource(self.metas, self.clip_lengths, self.stride, self.min_distance, self.augment,
-                          self.with_flow, self.seed, self.rank, self.world_size, self.batch_size,
-                          self.batches_per_epoch, start_epoch=epoch, start_batch=start_batch)
+        src = TrainSource(self.metas, self.clip_lengths, stride=self.stride, min_distance=self.min_distance,
+                          augment=self.augment, with_flow=self.with_flow, seed=self.seed, rank=self.rank,
+                          world_size=self.world_size, batch_size=self.batch_size,
+                          batches_per_epoch=self.batches_per_epoch, start_epoch=epoch, start_batch=start_batch)
         return train_pipeline(src, len(self.clip_lengths), self.with_flow, self.augment.crop, self.official_flow,
                               self.blur_window, types.FLOAT16 if self.half_output else types.FLOAT,
                               self.device.type == "cuda", batch_size=self.batch_size,

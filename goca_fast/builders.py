@@ -46,8 +46,9 @@ def build_model(cfg: Config) -> GocaModel:
             raise ConfigError(f"model.prototypes_path={m.prototypes_path} holds {init.shape[0]}×{init.shape[1]} "
                               f"prototypes; this model needs model.num_prototypes × model.embed_dim = "
                               f"{m.num_prototypes}×{m.embed_dim}")
-    return GocaModel(m.arch, cfg.data.modalities, m.pool, m.hidden_dim, m.embed_dim, m.num_prototypes,
-                     m.shared_head, flow_channels=3 if cfg.data.flow_mode == "official" else 2, merge=cfg.goca.merge,
+    return GocaModel(m.arch, modalities=cfg.data.modalities, pool=m.pool, hidden_dim=m.hidden_dim,
+                     embed_dim=m.embed_dim, num_prototypes=m.num_prototypes, shared_head=m.shared_head,
+                     flow_channels=3 if cfg.data.flow_mode == "official" else 2, merge=cfg.goca.merge,
                      prototypes_init=init)
 
 
@@ -96,7 +97,8 @@ def dataset_root(cfg: Config, info: Optional[DistInfo] = None) -> Path:
 
 def _train_dataset(cfg: Config, root: Path, records, augment: ClipAugment):
     from goca_fast.data.cpu_loader import TrainClipDataset
-    return TrainClipDataset(root, records, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance, augment,
+    return TrainClipDataset(root, records, clip_lengths=cfg.clip_lengths, stride=cfg.data.stride,
+                            min_distance=cfg.data.min_distance, augment=augment,
                             with_flow=cfg.data.modalities != "rgb", seed=cfg.seed)
 
 
@@ -108,8 +110,8 @@ def build_train_loader(cfg: Config, info: DistInfo, root: Path) -> tuple[LoaderF
     dataset = _train_dataset(cfg, root, train, train_augment(cfg.data))
 
     def factory(epoch: int, start_batch: int):
-        return make_train_loader(dataset, cfg.data.batch_size, cfg.data.workers, info.rank, info.world_size,
-                                 cfg.seed, epoch, start_batch)
+        return make_train_loader(dataset, cfg.data.batch_size, cfg.data.workers, rank=info.rank,
+                                 world_size=info.world_size, seed=cfg.seed, epoch=epoch, start_batch=start_batch)
 
     return factory, batches_per_rank(len(dataset), info.world_size, cfg.data.batch_size)
 

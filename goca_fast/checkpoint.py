@@ -61,7 +61,8 @@ def save_checkpoint(path: PathLike, state: dict) -> Path:
 
     torch.save into a temp file beside ``path`` (`goca_fast.atomic`), fsynced, renamed onto ``path``, the
     directory fsynced. On an exception the temp file is removed; after a hard crash (SIGKILL, power loss) a
-    ``.tmp_<name>.*.tmp`` file may remain, which :func:`find_latest` ignores and :func:`goca_fast.atomic.remove_stale_temps` cleans up.
+    ``.tmp_<name>.*.tmp`` file may remain, which :func:`find_latest` ignores and
+    :func:`goca_fast.atomic.remove_stale_temps` cleans up.
     """
     path = Path(path)
     with atomic_open(path, "wb", durable=True, suffix=_TEMP_SUFFIX) as f:

@@ -1,27 +1,25 @@
 """Typed run configuration: dataclasses, YAML loading, dotted `key.sub=value` overrides.
 
 Every mistake a user can make in a config (unknown key, wrong type, value out of range) is reported as one
-`ConfigError` line naming the key, with a close-match suggestion for typos; `pretrain` turns it into exit code 2.
+`ConfigError` line naming the key, with a close-match suggestion for typos (the typed conversion:
+`goca_fast.typed_yaml`); `pretrain` turns it into exit code 2.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, get_args, get_origin
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from goca_fast.typed_yaml import ConfigError, build, check_key, merge, parse_override
+
 log = logging.getLogger("goca_fast")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as a single line."""
 
 
 @dataclass
@@ -163,155 +161,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Generic typed conversion
-# ----------------------------------------------------------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Raw(str):
-    """An override's text, typed only once the target field is known (so `amp=off` stays the string 'off')."""
-
-
-def _is_text_type(tp: Any) -> bool:
-    if tp is str:
-        return True
-    return get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert one YAML value to the annotated type; raise a one-line ConfigError otherwise."""
-    if isinstance(value, _Raw):
-        if _is_text_type(tp):
-            value = str(value)
-        else:
-            try:
-                value = yaml.safe_load(value) if value.strip() else ""
-            except yaml.YAMLError:
-                value = str(value)
-    if isinstance(value, bool) and get_origin(tp) is Literal and "off" in get_args(tp):
-        value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as false
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            # YAML reads `1` as int: accept "1" too for int literals and vice versa for str literals.
-            for c in choices:
-                if str(c) == str(value):
-                    return c
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
-        return value
-    if origin is typing.Union:
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _convert(value, inner, key)
-    if origin is list:
-        (item_tp,) = get_args(tp)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and item_tp in (int, float):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _suggest(name: str, options: Sequence[str], prefix: str = "") -> str:
-    """A close match, named by its full dotted key (a bare 'batch_size' does not say where it goes)."""
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in values.items():
-        if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(str(k), names, prefix)}")
-        kwargs[k] = _convert(v, hints[k], prefix + k)
-    return cls(**kwargs)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _parse_override(text: str) -> dict[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
-    key, raw = text.split("=", 1)
-    key = key.strip().lstrip("-")
-    if not key:
-        raise ConfigError(f"override '{text}' has an empty key")
-    value = _Raw(raw)
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node[p] = {}
-        node = node[p]
-    node[parts[-1]] = value
-    return out
-
-
-def _check_override_path(key: str) -> None:
-    """Catch `data.batchsize=4`-style typos with the full dotted path in the message."""
-    cls: Any = Config
-    prefix = ""
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"config key '{prefix.rstrip('.')}' has no sub-key '{part}'")
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            raise ConfigError(f"unknown config key '{prefix}{part}'{_suggest(part, names, prefix)}")
-        cls = typing.get_type_hints(cls)[part]
-        prefix += part + "."
-
-
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
     d, m, g, o = cfg.data, cfg.model, cfg.goca, cfg.optim
@@ -377,7 +226,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
     if not isinstance(values, dict):
         raise ConfigError(f"checkpoint config is a {type(values).__name__}, expected a mapping")
-    return validate(_build(Config, known(Config, values, "")))
+    return validate(build(Config, known(Config, values, "")))
 
 
 def shipped_config_dirs() -> list[Path]:
@@ -409,10 +258,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     if path is not None:
         values = _read_yaml(Path(path))
     for text in overrides:
-        upd = _parse_override(text)
-        _check_override_path(text.split("=", 1)[0].strip().lstrip("-"))
-        values = _merge(values, upd)
-    return validate(_build(Config, values))
+        upd = parse_override(text)
+        check_key(Config, text.split("=", 1)[0].strip().lstrip("-"))
+        values = merge(values, upd)
+    return validate(build(Config, values))
 
 
 def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
@@ -430,7 +279,7 @@ def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
     if base is not None:
         if depth > 8:
             raise ConfigError(f"{path}: include chain too deep")
-        values = _merge(_read_yaml((path.parent / base).resolve(), depth + 1), values)
+        values = merge(_read_yaml((path.parent / base).resolve(), depth + 1), values)
     return values
 
 

@@ -284,8 +284,9 @@ class OptimSettings:
 
     def schedule(self, iters_per_epoch: int, global_batch: int) -> np.ndarray:
         """The per-iteration LR array of the whole run (see :func:`lr_schedule`)."""
-        return lr_schedule(self.base_lr, self.final_lr, self.start_warmup, iters_per_epoch * self.warmup_epochs,
-                           iters_per_epoch * self.epochs, global_batch, self.lr_scaling, self.fix_lr)
+        return lr_schedule(self.base_lr, self.final_lr, self.start_warmup,
+                           warmup_iters=iters_per_epoch * self.warmup_epochs, total_iters=iters_per_epoch * self.epochs,
+                           world_batch=global_batch, scaling=self.lr_scaling, fix_lr=self.fix_lr)
 
     def optimizer(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float) -> Any:
         """SGD (+ LARC) over `named_params` starting at `lr` (see :func:`build_optimizer`)."""

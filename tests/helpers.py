@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -130,6 +131,17 @@ def cached_features(cache_dir: Path, split: str) -> tuple[dict, dict, dict]:
     meta = json.loads((folder / "index.json").read_text())
     views = {s: np.load(folder / f"{s}_views.npy") for s in meta["streams"]} if meta["has_views"] else {}
     return meta, {s: np.load(folder / f"{s}.npy") for s in meta["streams"]}, views
+
+
+def encode_rgb(container, stream, frames) -> None:
+    """Encode H×W×3 uint8 RGB frames into `stream` of an open PyAV output `container`, then flush the stream."""
+    for i, f in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+        vf.pts = i
+        for p in stream.encode(vf):
+            container.mux(p)
+    for p in stream.encode(None):
+        container.mux(p)
 
 
 # ------------------------------------------------------------------------------------------------ assignment

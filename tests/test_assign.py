@@ -2,7 +2,6 @@
 host synchronisations per call; the backend decided once per process group."""
 import logging
 import os
-import socket
 
 import numpy as np
 import ot

@@ -14,7 +14,8 @@ import pytest
 
 from goca_fast.data.datasets import scan_dataset
 from goca_fast.data.index import read_index
-from goca_fast.data.prepare import PrepareOptions, prepare_dataset
+from goca_fast.data.prepare import prepare_dataset
+from goca_fast.data.transcode import PrepareOptions
 from goca_fast.data.synthetic import class_motion, random_texture, render_motion_video
 from goca_fast.data.video_io import probe_video, read_all_frames, write_video
 from goca_fast.flow.codec import dequantise_flow, quantise_flow, read_flow_frames, write_flow_video

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from goca_fast.data.datasets import (
-    SplitFileError,
     k400_file_stem,
     parse_hmdb_split,
     parse_k400_csv,
@@ -22,8 +21,9 @@ from goca_fast.data.datasets import (
     scan_dataset,
 )
 from goca_fast.data.index import read_index, select_split
-from goca_fast.data.prepare import (ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, prepare_dataset,
-                                    target_size)
+from goca_fast.data.sources import SplitFileError
+from goca_fast.data.prepare import prepare_dataset
+from goca_fast.data.transcode import ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, target_size
 from goca_fast.data.video_io import probe_video, read_all_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -513,7 +513,8 @@ def test_nominal_fps():
 
 _RSS_CHILD = """
 import json, sys
-from goca_fast.data.prepare import Job, PrepareOptions, process_one
+from goca_fast.data.prepare import Job, process_one
+from goca_fast.data.transcode import PrepareOptions
 def mb(key):
     return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith(key))
 base = mb("VmRSS")

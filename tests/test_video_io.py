@@ -24,6 +24,7 @@ from goca_fast.flow.codec import (
     read_flow_frames,
     write_flow_video,
 )
+from helpers import encode_rgb
 
 
 def _blocky_video(t=40, h=64, w=80, seed=0):
@@ -98,13 +99,7 @@ def _write_bframe_video(path, frames, open_gop):
         s = c.add_stream("libx264", rate=25)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         s.options = {"x264-params": f"keyint=12:min-keyint=4:bframes=3:open-gop={int(open_gop)}"}
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-            vf.pts = i
-            for p in s.encode(vf):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
+        encode_rgb(c, s, frames)
 
 
 @pytest.mark.parametrize("open_gop", [False, True])

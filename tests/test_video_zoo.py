@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 from goca_fast.data.datasets import scan_dataset
-from goca_fast.data.prepare import PrepareOptions, prepare_dataset
+from goca_fast.data.prepare import prepare_dataset
+from goca_fast.data.transcode import PrepareOptions
 from goca_fast.data.video_io import read_all_frames
+from helpers import encode_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = PrepareOptions(short_side=48, min_frames=8)
@@ -193,13 +195,7 @@ def write_two_video_streams(path, a_frames, b_frames, fps):
             s.width, s.height, s.pix_fmt = fr[0].shape[1], fr[0].shape[0], "yuv420p"
             ss.append((s, fr))
         for s, fr in ss:
-            for i, f in enumerate(fr):
-                vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-                vf.pts = i
-                for p in s.encode(vf):
-                    c.mux(p)
-            for p in s.encode(None):
-                c.mux(p)
+            encode_rgb(c, s, fr)
 
 
 # ----------------------------------------------------------------------------- the zoo

@@ -16,87 +16,11 @@ import io
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                    ".3gp", ".ogv", ".ts")
-SPLIT_DIR_NAMES = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
-
-
-class SplitFileError(ValueError):
-    """A split/annotation file that cannot be used at all (missing, or no parsable line)."""
-
-
-@dataclass
-class SourceVideo:
-    """One raw input video and where it belongs."""
-    id: str
-    path: str                    # absolute path of the source file
-    cls: str
-    splits: list[str] = field(default_factory=list)
-
-
-@dataclass
-class SourceDataset:
-    videos: list[SourceVideo]
-    classes: list[str]
-    problems: list[dict]         # {"id", "path", "reason"}: inputs that cannot be used
-
-
-def _lines(text: str) -> list[str]:
-    """Non-empty stripped lines; handles CRLF (the UCF101 lists have it) and a UTF-8 BOM."""
-    return [ln.strip() for ln in text.lstrip("\ufeff").splitlines() if ln.strip()]
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError as e:
-        raise SplitFileError(f"cannot read {path}: {e.strerror}") from None
-
-
-def is_video_file(name: str) -> bool:
-    return name.lower().endswith(VIDEO_EXTENSIONS) and not os.path.basename(name).startswith(".")
-
-
-def walk_videos(root: str) -> list[str]:
-    """All video files under root (absolute paths, sorted, hidden/temp files skipped)."""
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        out.extend(os.path.join(d, f) for f in sorted(files) if is_video_file(f))
-    return out
-
-
-class _FileFinder:
-    """Resolve relative names against a tree: exact path first, then case-insensitive, then by file name."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self._lower: Optional[dict[str, str]] = None
-        self._by_name: Optional[dict[str, list[str]]] = None
-
-    def _build(self) -> None:
-        self._lower, self._by_name = {}, defaultdict(list)
-        for p in walk_videos(self.root):
-            rel = os.path.relpath(p, self.root).replace(os.sep, "/")
-            self._lower[rel.lower()] = p
-            self._by_name[os.path.basename(p).lower()].append(p)
-
-    def find(self, rel: str) -> Optional[str]:
-        exact = os.path.join(self.root, rel)
-        if os.path.isfile(exact):
-            return exact
-        if self._lower is None:
-            self._build()
-        hit = self._lower.get(rel.replace("\\", "/").lower())
-        if hit:
-            return hit
-        cands = self._by_name.get(os.path.basename(rel).lower(), [])
-        return cands[0] if len(cands) == 1 else None
-
+from goca_fast.data.sources import (SPLIT_DIR_NAMES, FileFinder, SourceDataset, SourceVideo, SplitFileError,
+                                    find_dir_matching, find_dir_with, lines, read_text, safe_name, unique_ids,
+                                    walk_videos)
 
 # ----------------------------------------------------------------------------- UCF101
 
@@ -104,7 +28,7 @@ class _FileFinder:
 def parse_ucf_class_ind(text: str) -> list[str]:
     """classInd.txt ("1 ApplyEyeMakeup" per line) -> class names in label order (label = index)."""
     entries = []
-    for ln in _lines(text):
+    for ln in lines(text):
         parts = ln.split()
         if len(parts) != 2 or not parts[0].isdigit():
             raise SplitFileError(f"classInd.txt: bad line {ln!r} (expected '<index> <ClassName>')")
@@ -120,7 +44,7 @@ def parse_ucf_class_ind(text: str) -> list[str]:
 def parse_ucf_list(text: str) -> list[tuple[str, Optional[int]]]:
     """trainlist0N.txt ("Class/v_Class_g08_c01.avi 1") or testlist0N.txt (no label) -> (rel path, 1-based label)."""
     out = []
-    for ln in _lines(text):
+    for ln in lines(text):
         parts = ln.split()
         label = int(parts[1]) if len(parts) > 1 and parts[1].lstrip("-").isdigit() else None
         out.append((parts[0].replace("\\", "/"), label))
@@ -129,10 +53,10 @@ def parse_ucf_list(text: str) -> list[tuple[str, Optional[int]]]:
 
 def scan_ucf101(root: str, split_dir: Optional[str] = None, splits: Iterable[int] = (1, 2, 3)) -> SourceDataset:
     """UCF101: `root/<Class>/v_*.avi` plus ucfTrainTestlist (classInd.txt, trainlist0N, testlist0N)."""
-    split_dir = split_dir or _find_dir_with(root, "classInd.txt")
-    classes = parse_ucf_class_ind(_read_text(os.path.join(split_dir, "classInd.txt")))
+    split_dir = split_dir or find_dir_with(root, "classInd.txt")
+    classes = parse_ucf_class_ind(read_text(os.path.join(split_dir, "classInd.txt")))
     cls_index = {c.lower(): i for i, c in enumerate(classes)}
-    finder = _FileFinder(root)
+    finder = FileFinder(root)
     videos: dict[str, SourceVideo] = {}
     problems: list[dict] = []
     found_any = False
@@ -144,7 +68,7 @@ def scan_ucf101(root: str, split_dir: Optional[str] = None, splits: Iterable[int
                 problems.append({"id": None, "path": path, "reason": f"missing split file: {fname}"})
                 continue
             found_any = True
-            for rel, label in parse_ucf_list(_read_text(path)):
+            for rel, label in parse_ucf_list(read_text(path)):
                 vid = os.path.splitext(os.path.basename(rel))[0]
                 cls_name = rel.split("/")[0] if "/" in rel else None
                 ci = cls_index.get(cls_name.lower()) if cls_name else None
@@ -177,7 +101,7 @@ _HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<k>\d+)\.txt$")
 def parse_hmdb_split(text: str) -> list[tuple[str, int]]:
     """`<class>_test_splitN.txt` lines "<video>.avi <tag>" (1 train, 2 test, 0 unused) -> (name, tag)."""
     out = []
-    for ln in _lines(text):
+    for ln in lines(text):
         parts = ln.split()
         if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
             raise SplitFileError(f"bad HMDB split line {ln!r} (expected '<video>.avi <0|1|2>')")
@@ -187,7 +111,7 @@ def parse_hmdb_split(text: str) -> list[tuple[str, int]]:
 
 def scan_hmdb51(root: str, split_dir: Optional[str] = None, splits: Iterable[int] = (1, 2, 3)) -> SourceDataset:
     """HMDB51: `root/<class>/<video>.avi` plus testTrainMulti_7030_splits/<class>_test_split<k>.txt."""
-    split_dir = split_dir or _find_dir_matching(root, _HMDB_SPLIT)
+    split_dir = split_dir or find_dir_matching(root, _HMDB_SPLIT)
     wanted = set(splits)
     files: dict[str, dict[int, str]] = defaultdict(dict)
     for name in sorted(os.listdir(split_dir)):
@@ -197,7 +121,7 @@ def scan_hmdb51(root: str, split_dir: Optional[str] = None, splits: Iterable[int
     if not files:
         raise SplitFileError(f"no <class>_test_split<k>.txt files in {split_dir}")
     classes = sorted(files)
-    finder = _FileFinder(root)
+    finder = FileFinder(root)
     videos: dict[tuple[str, str], SourceVideo] = {}
     problems: list[dict] = []
     for cls in classes:
@@ -207,7 +131,7 @@ def scan_hmdb51(root: str, split_dir: Optional[str] = None, splits: Iterable[int
                 problems.append({"id": None, "path": os.path.join(split_dir, f"{cls}_test_split{k}.txt"),
                                  "reason": f"missing split file: class {cls!r} split {k}"})
                 continue
-            for name, tag in parse_hmdb_split(_read_text(path)):
+            for name, tag in parse_hmdb_split(read_text(path)):
                 key = (cls, name)
                 v = videos.get(key)
                 if v is None:
@@ -232,9 +156,6 @@ def scan_hmdb51(root: str, split_dir: Optional[str] = None, splits: Iterable[int
 
 # ----------------------------------------------------------------------------- Kinetics-400
 
-K400_SPLITS = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
-
-
 def k400_file_stem(youtube_id: str, start: float, end: float) -> str:
     """The public tarballs name clips <youtube_id>_<start:06d>_<end:06d>.mp4."""
     return f"{youtube_id}_{int(round(float(start))):06d}_{int(round(float(end))):06d}"
@@ -253,7 +174,7 @@ def parse_k400_csv(text: str, default_split: Optional[str] = None) -> list[tuple
     out = []
     for row in reader:
         split = (row.get("split") or default_split or "").strip().lower()
-        split = K400_SPLITS.get(split, split)
+        split = SPLIT_DIR_NAMES.get(split, split)
         label = (row.get("label") or "").strip() or None
         out.append((k400_file_stem(row["youtube_id"].strip(), row["time_start"], row["time_end"]), label, split))
     return out
@@ -265,12 +186,12 @@ def scan_kinetics(root: str, annotation_dir: Optional[str] = None) -> SourceData
     Clips are found by file name, so both the flat tarball layout and class folders (made by
     scripts/download_k400.sh) work. Classes are the sorted labels of all labelled rows.
     """
-    annotation_dir = annotation_dir or _find_dir_with(root, "train.csv", "val.csv", "validate.csv", "test.csv")
+    annotation_dir = annotation_dir or find_dir_with(root, "train.csv", "val.csv", "validate.csv", "test.csv")
     csvs = []
     for name in ("train.csv", "val.csv", "validate.csv", "test.csv"):
         p = os.path.join(annotation_dir, name)
         if os.path.isfile(p):
-            csvs.append((p, K400_SPLITS[name[:-4]]))
+            csvs.append((p, SPLIT_DIR_NAMES[name[:-4]]))
     if not csvs:
         raise SplitFileError(f"no train.csv/val.csv/test.csv in {annotation_dir}")
     by_stem: dict[str, list[str]] = defaultdict(list)
@@ -278,7 +199,7 @@ def scan_kinetics(root: str, annotation_dir: Optional[str] = None) -> SourceData
         by_stem[os.path.splitext(os.path.basename(p))[0]].append(p)
     rows = []
     for path, split in csvs:
-        for stem, label, sp in parse_k400_csv(_read_text(path), default_split=split):
+        for stem, label, sp in parse_k400_csv(read_text(path), default_split=split):
             rows.append((stem, label, sp or split, os.path.basename(path)))
     classes = sorted({label for _, label, _, _ in rows if label is not None})
     videos: dict[str, SourceVideo] = {}
@@ -372,50 +293,6 @@ def _scan_split_folders(root: str) -> SourceDataset:
     return SourceDataset(videos, sorted(classes), problems)
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _find_dir_with(root: str, *names: str) -> str:
-    """The shallowest directory under root (root first) holding one of `names`."""
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        if any(n in files for n in names):
-            return d
-    raise SplitFileError(f"none of {', '.join(names)} found under {root}; pass the split/annotation directory")
-
-
-def _find_dir_matching(root: str, pattern: "re.Pattern[str]") -> str:
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        if any(pattern.match(f) for f in files):
-            return d
-    raise SplitFileError(f"no file matching {pattern.pattern} under {root}; pass the split directory")
-
-
-def unique_ids(videos: list[SourceVideo]) -> None:
-    """Make ids unique in place: a clash gets the class folder prefixed (`<class>__<stem>`)."""
-    counts: dict[str, int] = defaultdict(int)
-    for v in videos:
-        counts[v.id] += 1
-    for v in videos:
-        if counts[v.id] > 1:
-            v.id = f"{safe_name(v.cls)}__{v.id}"
-    seen: dict[str, int] = defaultdict(int)
-    for v in videos:  # still clashing (same class, same stem, different folders): number them
-        seen[v.id] += 1
-        if seen[v.id] > 1:
-            v.id = f"{v.id}__{seen[v.id]}"
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
-
-
-def safe_name(name: str) -> str:
-    """A file-system-friendly folder name for a class label ("playing cards" -> "playing_cards")."""
-    s = _UNSAFE.sub("_", name).strip("._")
-    return s or "_"
-
-
 SCANNERS = {"ucf101": scan_ucf101, "hmdb51": scan_hmdb51, "kinetics400": scan_kinetics, "folders": scan_folders}
 
 
@@ -441,7 +318,7 @@ def arrange_kinetics(flat_dir: str, csv_path: str, out_dir: str) -> tuple[int, i
     Returns (moved, not found). Idempotent: clips already in place are left alone. (The official
     buildclassfolder.py does the same from validate.json with hard-coded paths.)
     """
-    rows = parse_k400_csv(_read_text(csv_path))
+    rows = parse_k400_csv(read_text(csv_path))
     moved = missing = 0
     for stem, label, _ in rows:
         if label is None:

@@ -152,11 +152,14 @@ def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool
         if not _dali_importable():
             raise EvalError("loader=dali but the DALI pipelines are not available (pip install -e '.[dali]')")
         from dali_pipelines.eval import DaliEvalLoader
-        return DaliEvalLoader(root, split.records, spec.clip_length, spec.stride, spec.num_clips, spec.crop_size,
-                              spec.short_side, with_flow, spec.crops, spec.flow_mode, batch_size, workers, device)
+        return DaliEvalLoader(root, split.records, clip_length=spec.clip_length, stride=spec.stride,
+                              num_clips=spec.num_clips, crop_size=spec.crop_size, short_side=spec.short_side,
+                              with_flow=with_flow, crops=spec.crops, flow_mode=spec.flow_mode, batch_size=batch_size,
+                              workers=workers, device=device)
     from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
-    ds = EvalClipDataset(root, split.records, spec.clip_length, spec.stride, spec.num_clips, spec.crop_size,
-                         spec.short_side, with_flow, crops=spec.crops, flow_mode=spec.flow_mode)
+    ds = EvalClipDataset(root, split.records, clip_length=spec.clip_length, stride=spec.stride,
+                         num_clips=spec.num_clips, crop_size=spec.crop_size, short_side=spec.short_side,
+                         with_flow=with_flow, crops=spec.crops, flow_mode=spec.flow_mode)
     return make_eval_loader(ds, batch_size, workers)
 
 

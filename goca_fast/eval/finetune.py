@@ -158,8 +158,9 @@ class Finetuner:
         s, setup = self.settings, self.setup
         aug = ClipAugment(crop_size=setup.crop_size, scale_range=setup.scale_range, jitter_prob=s.color_jitter_p,
                           grayscale_prob=s.grayscale_p, flow_mode=setup.views.flow_mode)
-        return TrainClipDataset(setup.root, self.train_recs.records, [setup.views.clip_length], setup.views.stride,
-                                0, aug, "flow" in self.streams, s.seed, min_frames=1)
+        return TrainClipDataset(setup.root, self.train_recs.records, clip_lengths=[setup.views.clip_length],
+                                stride=setup.views.stride, min_distance=0, augment=aug,
+                                with_flow="flow" in self.streams, seed=s.seed, min_frames=1)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -218,8 +219,9 @@ class Finetuner:
         s, net = self.settings, self.ddp or self.model
         self.model.train()
         losses, seen = [], 0
-        loader = make_train_loader(self.dataset, s.batch_size, self.setup.workers, self.info.rank,
-                                   self.info.world_size, s.seed, self.epoch, self.iteration)
+        loader = make_train_loader(self.dataset, s.batch_size, self.setup.workers, rank=self.info.rank,
+                                   world_size=self.info.world_size, seed=s.seed, epoch=self.epoch,
+                                   start_batch=self.iteration)
         with preserve_rng():  # an iterator draws a seed from torch's RNG: keep resume exact mid-epoch
             it = iter(loader)
         while self.iteration < self.iters:
@@ -266,10 +268,11 @@ class Finetuner:
     def evaluate(self, clips: int, crops: int) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
         """Top-1/5 per stream and late-fused over `clips` × `crops` views per test video (sharded over ranks)."""
         sp = self.setup.views
-        ds = EvalClipDataset(self.setup.root, self.test_recs.records, sp.clip_length, sp.stride, clips, sp.crop_size,
-                             sp.short_side, "flow" in self.streams, crops=crops, flow_mode=sp.flow_mode)
+        ds = EvalClipDataset(self.setup.root, self.test_recs.records, clip_length=sp.clip_length, stride=sp.stride,
+                             num_clips=clips, crop_size=sp.crop_size, short_side=sp.short_side,
+                             with_flow="flow" in self.streams, crops=crops, flow_mode=sp.flow_mode)
         loader = make_eval_loader(ds, max(1, self.settings.batch_size // max(1, clips * crops)), self.setup.workers,
-                                  self.info.rank, self.info.world_size)
+                                  rank=self.info.rank, world_size=self.info.world_size)
         self.model.eval()
         probs: dict[str, list[torch.Tensor]] = {st: [] for st in self.streams}
         index, labels, padded = [], [], []

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from goca_fast.eval import EvalError, plural
-from goca_fast.eval.linear import RegLog, accuracy_table
+from goca_fast.eval.linear import RegLog, accuracy_json, accuracy_table
 
 
 @dataclass
@@ -104,6 +104,5 @@ class FinetuneResult:
             f"({self.protocol['test_split']}), {self.protocol['test']}")
 
     def to_json(self) -> dict:
-        return {"accuracy": {s: {f"top{k}": v for k, v in a.items()} for s, a in self.accuracy.items()},
-                "test": self.test, "protocol": self.protocol, "history": self.history, "warnings": self.warnings,
-                "seconds": round(self.seconds, 2)}
+        return {"accuracy": accuracy_json(self.accuracy), "test": self.test, "protocol": self.protocol,
+                "history": self.history, "warnings": self.warnings, "seconds": round(self.seconds, 2)}

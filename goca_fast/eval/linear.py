@@ -194,6 +194,11 @@ def accuracy_table(accuracy: dict[str, dict[int, float]], name: str = "model") -
     return "\n".join(lines)
 
 
+def accuracy_json(accuracy: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    """{stream: {1: top-1, 5: top-5}} as written to linear.json / finetune.json: {stream: {"top1": .., "top5": ..}}."""
+    return {s: {f"top{k}": v for k, v in a.items()} for s, a in accuracy.items()}
+
+
 @dataclass
 class LinearResult:
     accuracy: dict[str, dict[int, float]]   # stream / "both" → {1: top-1, 5: top-5}
@@ -210,9 +215,8 @@ class LinearResult:
             f"{plural(self.train['videos'], 'video')} ({self.protocol['train_split']})")
 
     def to_json(self) -> dict:
-        return {"accuracy": {s: {f"top{k}": v for k, v in a.items()} for s, a in self.accuracy.items()},
-                "train": self.train, "test": self.test, "protocol": self.protocol, "warnings": self.warnings,
-                "seconds": round(self.seconds, 2)}
+        return {"accuracy": accuracy_json(self.accuracy), "train": self.train, "test": self.test,
+                "protocol": self.protocol, "warnings": self.warnings, "seconds": round(self.seconds, 2)}
 
 
 def _log_progress(stream: str, every: int = 10) -> Callable[[int, float, float], None]:
@@ -252,8 +256,9 @@ def linear_probe_clips(model, root: Path, train_recs: SplitRecords, test: SplitF
     streams = list(model.streams)
     aug = ClipAugment(crop_size=crop_size, scale_range=tuple(scale_range), jitter_prob=0.0, grayscale_prob=0.0,
                       flow_mode=spec.flow_mode)
-    ds = TrainClipDataset(root, train_recs.records, [spec.clip_length], spec.stride, 0, aug, "flow" in streams,
-                          seed, min_frames=1)  # short videos are padded (last frame repeated), as at test time
+    ds = TrainClipDataset(root, train_recs.records, clip_lengths=[spec.clip_length], stride=spec.stride,
+                          min_distance=0, augment=aug, with_flow="flow" in streams, seed=seed,
+                          min_frames=1)  # short videos are padded (last frame repeated), as at test time
     if len(ds) < 2:
         raise EvalError("linear probe: the train split needs at least 2 videos")
     bs = min(batch_size, len(ds))
@@ -268,7 +273,7 @@ def linear_probe_clips(model, root: Path, train_recs: SplitRecords, test: SplitF
             probes[st].train()
             for g in opts[st].param_groups:
                 g["lr"] = lr
-        for batch in make_train_loader(ds, bs, workers, 0, 1, seed, epoch):
+        for batch in make_train_loader(ds, bs, workers, rank=0, world_size=1, seed=seed, epoch=epoch):
             if batch is None or batch.batch_size < 2:
                 continue
             with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -99,8 +99,9 @@ class KnnMonitor:
                 raise EvalError(f"monitor: split {split!r} of {self.root} is empty (or has no flow)")
             keep = stratified_subset([r.label for r in recs], self.subset_size, self.seed)
             recs = [recs[i] for i in keep]
-            out[split] = EvalClipDataset(self.root, recs, self.clip_length, self.stride, 1, self.crop_size,
-                                         self.short_side, "flow" in self.streams, crops=1, flow_mode=self.flow_mode)
+            out[split] = EvalClipDataset(self.root, recs, clip_length=self.clip_length, stride=self.stride,
+                                         num_clips=1, crop_size=self.crop_size, short_side=self.short_side,
+                                         with_flow="flow" in self.streams, crops=1, flow_mode=self.flow_mode)
             self.counts[split] = len(recs)
         return out
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from goca_fast.atomic import remove_stale_temps, write_atomic
-from goca_fast.data.datasets import SPLIT_DIR_NAMES
+from goca_fast.data.sources import SPLIT_DIR_NAMES
 from goca_fast.data.index import VideoRecord
 from goca_fast.flow.codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
 from goca_fast.flow.dataset import REPORT_FILE, finalise_index, flow_rel_path, load_master, pending_jobs
