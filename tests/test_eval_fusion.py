@@ -50,3 +50,20 @@ def test_weighted_concat_cosine_is_the_weighted_sum_of_stream_cosines():
     fused = weighted_concat(a, w) @ weighted_concat(b, w).t()
     assert torch.allclose(fused, 0.3 * cos(a["rgb"], b["rgb"]) + 0.7 * cos(a["flow"], b["flow"]), atol=1e-6)
     assert torch.allclose(weighted_concat(a, w).norm(dim=1), torch.ones(5), atol=1e-6)
+
+
+def test_knn_scores_reports_the_fused_row_beside_the_official_average():
+    from goca_fast.eval.features import SplitFeatures
+    from goca_fast.eval.knn import knn_scores
+
+    def split(name, feats, labels):
+        return SplitFeatures(name, [f"{name}{i}" for i in range(len(labels))], labels, torch.zeros(len(labels)),
+                             feats, None, len(labels), [], [], ["a", "b"])
+
+    weights = {}
+    out = knn_scores(split("train", GALLERY, GALLERY_LABELS), split("test", QUERY, QUERY_LABELS), ["rgb", "flow"],
+                     ks=(1,), fusion="weighted", weights_out=weights)
+    assert {s: r[1] for s, r in out.items()} == {"rgb": 50.0, "flow": 100.0, "both": 50.0, "fused": 100.0}
+    assert weights == {"rgb": 0.45, "flow": 0.55}
+    assert "fused" not in knn_scores(split("train", GALLERY, GALLERY_LABELS), split("test", QUERY, QUERY_LABELS),
+                                     ["rgb", "flow"], ks=(1,))

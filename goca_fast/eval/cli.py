@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pooled backbone features (default, official) or projection-head embeddings")
     k.add_argument("--ks", type=_ints, default=[1, 5, 10, 20, 50], help="comma-separated k (default 1,5,10,20,50)")
     k.add_argument("--plots", action="store_true", help="also draw the retrieval grid and PCA map")
+    k.add_argument("--fusion", default=None, choices=("concat", "weighted"),
+                   help="add a 'fused' RGB+flow row beside the official average: concatenated normalised features "
+                        "(concat), or weighted by the best leave-one-out R@1 on the train split (weighted)")
 
     lin = sub.add_parser("linear", formatter_class=HelpFormatter, help="linear probe on the frozen backbone")
     _common(lin, views=False)
@@ -180,7 +183,7 @@ def dispatch(a: argparse.Namespace) -> None:
         from goca_fast.eval.knn import run_knn
         run_knn(_setup(a, need_heads=a.feature == "head"), clips=a.clips, crops=a.crops, clip_length=a.clip_length,
                 stride=a.stride, feature=a.feature, ks=a.ks, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache,
-                plots=a.plots)
+                plots=a.plots, fusion=a.fusion)
     elif a.command == "linear":
         from goca_fast.eval.linear import ProbeSettings, run_linear
         settings = ProbeSettings(epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.wd,

@@ -4,7 +4,8 @@ Gallery = the train split, queries = the test split. Each video's feature is the
 × 3 crops of the L2-normalised view features (official default 5 × 3 of the pretraining clip length), from the
 pooled backbone (2048-d for R(2+1)D-18) or the projection head; cosine similarity; R@k = % of queries with a video
 of their class among the k nearest (k = 1, 5, 10, 20, 50). RGB+flow ("both") averages the per-stream features,
-as the official code does.
+as the official code does; `fusion` adds a "fused" row: the weighted concatenation of the normalised stream
+features, weights equal (concat) or chosen on the gallery alone (weighted), goca_fast.eval.fusion.
 
     goca-eval knn RUN_DIR_OR_CHECKPOINT [--data-root DIR] [--clips 5 --crops 3] [--feature backbone|head] ...
     python -m goca_fast.eval knn ...        (same arguments)
@@ -27,6 +28,7 @@ from goca_fast.device import resolve_amp
 from goca_fast.eval import plural
 from goca_fast.eval.cache import FeatureCache, split_features
 from goca_fast.eval.features import SplitFeatures, compute_split_features
+from goca_fast.eval.fusion import fusion_weights, weighted_concat
 from goca_fast.eval.loading import EvalSetup, default_output_dir
 from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
 from goca_fast.eval.splits import ViewSpec, check_disjoint_records, class_check, split_records
@@ -35,17 +37,26 @@ from goca_fast.models.goca_model import GocaModel
 log = logging.getLogger("goca_fast.eval")
 
 BOTH = "both"
+FUSED = "fused"
 
 
 def knn_scores(gallery: SplitFeatures, query: SplitFeatures, streams: Sequence[str],
-               ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[int, float]]:
-    """R@k per stream and, with two streams, for the averaged features ("both")."""
+               ks: Sequence[int] = DEFAULT_KS, fusion: Optional[str] = None,
+               weights_out: Optional[dict] = None) -> dict[str, dict[int, float]]:
+    """R@k per stream and, with two streams, for the averaged features ("both") and, with `fusion` (concat |
+    weighted), for the fused features ("fused"; its stream weights are put into `weights_out`)."""
     out = {s: recall_at_k(query.features[s], query.labels, gallery.features[s], gallery.labels, ks)
            for s in streams}
     if len(streams) == 2:
-        both_q = combine_streams({s: query.features[s] for s in streams})
-        both_g = combine_streams({s: gallery.features[s] for s in streams})
-        out[BOTH] = recall_at_k(both_q, query.labels, both_g, gallery.labels, ks)
+        g = {s: gallery.features[s] for s in streams}
+        q = {s: query.features[s] for s in streams}
+        out[BOTH] = recall_at_k(combine_streams(q), query.labels, combine_streams(g), gallery.labels, ks)
+        if fusion:
+            weights = fusion_weights(fusion, g, gallery.labels)
+            out[FUSED] = recall_at_k(weighted_concat(q, weights), query.labels, weighted_concat(g, weights),
+                                     gallery.labels, ks)
+            if weights_out is not None:
+                weights_out.update(weights)
     return out
 
 
@@ -86,30 +97,35 @@ class KnnResult:
 
 
 def knn_from_features(gallery: SplitFeatures, query: SplitFeatures, streams: Sequence[str], spec: ViewSpec,
-                      source: str = "backbone", ks: Sequence[int] = DEFAULT_KS) -> KnnResult:
+                      source: str = "backbone", ks: Sequence[int] = DEFAULT_KS,
+                      fusion: Optional[str] = None) -> KnnResult:
     """Score extracted features and attach the bookkeeping."""
     warnings = class_check(gallery.labels.tolist(), query.labels.tolist(), query.classes, gallery.split, query.split)
-    recall = knn_scores(gallery, query, streams, ks)
+    weights: dict = {}
+    recall = knn_scores(gallery, query, streams, ks, fusion, weights)
     protocol = {"gallery_split": gallery.split, "query_split": query.split, "clips": spec.num_clips,
                 "crops": spec.crops, "clip_length": spec.clip_length, "stride": spec.stride,
                 "crop_size": spec.crop_size, "short_side": spec.short_side, "feature": source,
                 "feature_dim": int(next(iter(query.features.values())).shape[1]), "similarity": "cosine",
                 "ks": list(ks)}
+    if weights:
+        protocol["fusion"] = {"mode": fusion, "weights": weights}
     return KnnResult(recall, gallery.counts(), query.counts(), protocol, warnings)
 
 
 def evaluate_knn(model: GocaModel, root: Path, views: ViewSpec, device: torch.device, *, train_split: str,
                  test_split: str, batch_size: int, workers: int, loader: str = "auto", source: str = "backbone",
-                 ks: Sequence[int] = DEFAULT_KS, amp: Optional[torch.dtype] = None) -> KnnResult:
+                 ks: Sequence[int] = DEFAULT_KS, amp: Optional[torch.dtype] = None,
+                 fusion: Optional[str] = None) -> KnnResult:
     """kNN retrieval of a live model on the dataset at `root`: `test_split` queries against the `train_split`
-    gallery under the protocol `views` (no cache)."""
+    gallery under the protocol `views` (no cache); `fusion` adds the "fused" RGB+flow row."""
     t0 = time.time()
     streams = list(model.streams)
     recs = [split_records(Path(root), split, streams) for split in (train_split, test_split)]
     check_disjoint_records(recs[0], recs[1])
     feats = [compute_split_features(model, Path(root), r, views, device, batch_size=batch_size, workers=workers,
                                     source=source, amp=amp, loader=loader) for r in recs]
-    res = knn_from_features(feats[0], feats[1], streams, views, source, ks)
+    res = knn_from_features(feats[0], feats[1], streams, views, source, ks, fusion)
     res.seconds = time.time() - t0
     return res
 
@@ -117,7 +133,7 @@ def evaluate_knn(model: GocaModel, root: Path, views: ViewSpec, device: torch.de
 def run_knn(setup: EvalSetup, *, clips: Optional[int] = None, crops: Optional[int] = None,
             clip_length: Optional[int] = None, stride: Optional[int] = None, feature: str = "backbone",
             ks: Sequence[int] = DEFAULT_KS, amp: str = "off", out_dir: Optional[str] = None, use_cache: bool = True,
-            plots: bool = False, quiet: bool = False) -> KnnResult:
+            plots: bool = False, quiet: bool = False, fusion: Optional[str] = None) -> KnnResult:
     """`goca-eval knn`: extract (or reuse cached) features, score, print the table, write knn.json."""
     t0 = time.time()
     loaded, dev, root = setup.loaded, setup.device, setup.root
@@ -130,7 +146,7 @@ def run_knn(setup: EvalSetup, *, clips: Optional[int] = None, crops: Optional[in
     feats = {role: split_features(loaded, root, r, spec, dev, batch_size=setup.batch_size, workers=setup.workers,
                                   source=feature, amp=resolve_amp(amp, dev, "--amp"), cache=cache)
              for role, r in recs.items()}
-    res = knn_from_features(feats["gallery"], feats["query"], loaded.streams, spec, feature, ks)
+    res = knn_from_features(feats["gallery"], feats["query"], loaded.streams, spec, feature, ks, fusion)
     res.seconds = time.time() - t0
     res.protocol.update({"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "arch": setup.arch,
                          "dataset": str(root)})
