@@ -109,3 +109,11 @@ def test_plots_output_has_no_tensorboard_info_lines(tmp_path, capsys, caplog):
     assert capsys.readouterr().out.startswith("plots written:")
     import logging
     assert logging.getLogger("tensorboard").level == logging.NOTSET   # the level is restored afterwards
+
+
+def test_export_and_plots_refuse_the_options_they_do_not_use(capsys):
+    for argv in (["export", "--arch", "tiny"], ["export", "--train-split", "train"], ["export", "--test-split", "test"],
+                 ["plots", "--arch", "tiny"], ["plots", "--streams", "rgb"], ["plots", "--train-split", "train"]):
+        with pytest.raises(SystemExit) as e:
+            cli_main([argv[0], str(tiny_run()), *argv[1:]])
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err, argv
