@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from goca_fast import checkpoint as ckpt
 from goca_fast.data.batch import ClipBatch
-from goca_fast.distributed import DistInfo, all_reduce_sum
+from goca_fast.distributed import DistInfo, all_reduce_sum, barrier
 from goca_fast.models import GocaModel, prototype_separation
 from goca_fast.objective import GocaObjective, ObjectiveResult
 from goca_fast.optim import OptimSettings, set_lr
@@ -157,8 +157,10 @@ class Trainer:
         self.queue = FeatureQueue(streams, slots, length, int(self.embed_dim), self.device)
 
     # ------------------------------------------------------------------ checkpoints
-    def _gather_rng(self) -> list:
-        state = ckpt.rng_state()
+    def _gather_rank_states(self) -> list[dict]:
+        """What differs between ranks, from every rank: its RNG states and its feature queue (each rank queues the
+        embeddings of its own share of the past global batches)."""
+        state = {"rng": ckpt.rng_state(), "queue": None if self.queue is None else self.queue.state_dict()}
         if not self.info.enabled:
             return [state]
         out: list = [None] * self.info.world_size
@@ -166,16 +168,17 @@ class Trainer:
         return out
 
     def save(self, snapshot: bool = False) -> None:
-        """Write `latest` (and a numbered snapshot) atomically; called on every rank (RNG states are gathered)."""
-        rng = self._gather_rng()
+        """Write `latest` (and a numbered snapshot) atomically; called on every rank (per-rank states are gathered)."""
+        per_rank = self._gather_rank_states()
         if not self.info.is_main:
             return
         s = self.state
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "queue": None if self.queue is None else self.queue.state_dict(),
-            "rng": rng, "epoch": s.epoch, "iteration": s.iteration, "step": s.step, "bad_total": s.bad_total,
-            "skipped_videos": s.skipped_videos, "world_size": self.info.world_size, "config": self.config,
+            "scaler": self.scaler.state_dict(), "queue": None if self.queue is None else [r["queue"] for r in per_rank],
+            "rng": [r["rng"] for r in per_rank], "epoch": s.epoch, "iteration": s.iteration, "step": s.step,
+            "bad_total": s.bad_total, "skipped_videos": s.skipped_videos, "world_size": self.info.world_size,
+            "config": self.config,
         }
         ckpt.save_checkpoint(ckpt.latest_path(self.run_dir), state)
         if snapshot:
@@ -198,7 +201,12 @@ class Trainer:
             self._maybe_create_queue()
             if self.queue is None:
                 raise ValueError(f"{path} holds a feature queue but this config has none (goca.queue_length)")
-            self.queue.load_state_dict(state["queue"])
+            queues = state["queue"] if isinstance(state["queue"], list) else [state["queue"]]  # older: rank 0's only
+            if len(queues) == self.info.world_size:
+                self.queue.load_state_dict(queues[self.info.rank])
+            elif self.info.is_main:
+                log.warning("%s holds the feature queues of %d rank(s), this run has %d: the queue starts empty and "
+                            "is used again once refilled", path, len(queues), self.info.world_size)
         rng = state["rng"]
         ckpt.set_rng_state(rng[self.info.rank] if len(rng) == self.info.world_size else rng[0])
         if self.info.is_main:
@@ -243,8 +251,11 @@ class Trainer:
         if self.loop.prototype_reg_weight > 0 and not model.prototypes.frozen:
             reg = prototype_separation(model.prototypes.weight)
             loss = loss + self.loop.prototype_reg_weight * reg
-        # every rank must agree to skip, or DDP's gradient all-reduce would hang
-        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device), self.info)
+        # one all-reduce for two things: every rank must agree to skip, or DDP's gradient all-reduce would hang; and
+        # the loss reported is the global batch's (the mean of the ranks' equal-sized batch means), as one process
+        # with the whole batch would report it, not rank 0's share
+        bad, loss_sum = all_reduce_sum(torch.stack([(~torch.isfinite(loss)).float(), loss.detach().float()]),
+                                       self.info)
         self.optimizer.zero_grad(set_to_none=True)
         stats = code_statistics(result, int(self.num_prototypes))
         stats["prototype_separation"] = float(reg)
@@ -265,7 +276,7 @@ class Trainer:
             model.prototypes.weight.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach()), stats
+        return float(loss_sum) / self.info.world_size, stats
 
     # ------------------------------------------------------------------ loop
     def _log_scalars(self, values: dict[str, float]) -> None:
@@ -311,6 +322,7 @@ class Trainer:
                 self.save(snapshot=snap)
         except StopRequested:
             self.save()
+            barrier(self.info)  # no rank exits (so no launcher tears the job down) before the checkpoint is written
             raise
         finally:
             if self.writer is not None:

@@ -58,6 +58,8 @@ class StopSignals:
         return 130 if self.signum == signal.SIGINT else 0
 
     def describe(self) -> str:
+        if self.signum is None:  # seen_on_any_rank: another rank was signalled
+            return "stopped because another rank was asked to stop"
         return "interrupted (Ctrl-C)" if self.signum == signal.SIGINT else f"stopped by signal {self.signum}"
 
 

@@ -74,7 +74,7 @@ def _assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a["step"] == b["step"] == TOTAL_STEPS and a["epoch"] == b["epoch"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert torch.equal(a["queue"]["embeddings"], b["queue"]["embeddings"])
+    assert torch.equal(a["queue"][0]["embeddings"], b["queue"][0]["embeddings"])
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
@@ -219,6 +219,6 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     state = _final(tmp_path / "out" / "ddp")
     assert state["world_size"] == 2 and state["step"] == 2 and len(state["rng"]) == 2
-    # the local queue holds 16 / 2 ranks = 8 rows per stream and slot
-    assert state["queue"]["embeddings"].shape[2] == 8
+    # each rank's queue is saved, 16 / 2 ranks = 8 rows per stream and slot
+    assert [q["embeddings"].shape[2] for q in state["queue"]] == [8, 8]
     assert "R@1" in r.stdout
