@@ -124,6 +124,7 @@ class EngineConfig:
     progress: bool = True               # tqdm bar on a terminal; without one (a log file) one line per epoch
     max_iters_per_epoch: int = 0        # 0 = full epoch (smoke tests cut epochs short)
     torch_threads: int = 0              # 0 = leave torch's default
+    dist_timeout_s: float = 300.0       # multi-rank: a collective waiting longer (a dead or hung rank) ends the job
 
 
 @dataclass
@@ -203,6 +204,7 @@ def validate(cfg: Config) -> Config:
     need(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs must lie in [0, optim.epochs]")
     need(o.base_lr > 0 and o.final_lr >= 0 and o.start_warmup >= 0, "optim: learning rates must be positive")
     need(cfg.engine.max_bad_steps >= 1, "engine.max_bad_steps must be >= 1")
+    need(cfg.engine.dist_timeout_s > 0, f"engine.dist_timeout_s must be > 0 seconds, got {cfg.engine.dist_timeout_s}")
     need(cfg.eval.clips >= 1 and cfg.eval.crops in (1, 3), "eval.clips must be >= 1 and eval.crops 1 or 3")
     need(cfg.eval.monitor_every >= 0 and cfg.eval.monitor_videos >= 0 and cfg.eval.monitor_clip_length >= 0,
          "eval.monitor_every, eval.monitor_videos and eval.monitor_clip_length must be >= 0")

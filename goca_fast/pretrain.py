@@ -22,7 +22,8 @@ import torch
 
 from goca_fast.builders import build_model, build_monitor, build_trainer, dataset_root, knn_recall, train_loader
 from goca_fast.config import Config, ConfigError, config_to_yaml, load_config, resolve_config
-from goca_fast.distributed import DistInfo, barrier, cleanup, init_distributed
+from goca_fast.distributed import (DistInfo, barrier, cleanup, env_rank_info, init_distributed,
+                                   is_collective_failure, is_elastic_restart)
 from goca_fast.stop_signals import RunStopped
 
 log = logging.getLogger("goca_fast")
@@ -70,7 +71,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     from goca_fast.eval.retrieval import DEFAULT_KS, format_table
     from goca_fast.eval.splits import check_disjoint
 
-    info = init_distributed(cfg.engine.device)
+    info = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s)
     if cfg.engine.torch_threads > 0:
         torch.set_num_threads(cfg.engine.torch_threads)
     seed_everything(cfg.seed + info.rank)
@@ -95,7 +96,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     init_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     seed_everything(cfg.seed + info.rank)
     prepare_run_dir(cfg, info, run_dir)
-    if not fresh:
+    if not fresh or is_elastic_restart():  # --fresh is for the job's first attempt, not for torchrun's restarts
         trainer.resume()
     trainer.install_signal_handlers()
     if cfg.eval.monitor_every > 0 and info.is_main:
@@ -109,6 +110,10 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     finally:
         trainer.signals.restore()
     train_seconds = time.time() - t0
+    # every rank is done: leave the process group before rank 0 evaluates alone, or the others would wait on a
+    # collective for the whole evaluation and give up after engine.dist_timeout_s
+    barrier(info)
+    cleanup(info)
     result = {"run_dir": str(run_dir), "train_seconds": round(train_seconds, 1), "last_epoch": summary}
     if cfg.eval.knn_after_training and info.is_main:
         rows = {"GOCA": knn_recall(trainer.model, cfg, root, info.device)}
@@ -125,14 +130,13 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         print(f"run directory: {run_dir}\n  checkpoints: {run_dir / 'checkpoints'}\n"
               f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}\n"
               f"  per-epoch metrics: {run_dir / 'metrics.jsonl'}", flush=True)
-    barrier(info)
-    cleanup(info)
     return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 trained (or stopped by SIGTERM/SIGUSR1 with a checkpoint, to be resumed), 130 stopped by Ctrl-C
-    with a checkpoint, 2 a config or data problem found before training (one line), 1 nothing trained."""
+    with a checkpoint, 2 a config or data problem found before training (one line), 1 nothing trained or another
+    rank lost (it died, or a collective waited longer than engine.dist_timeout_s)."""
     from goca_fast.data.index import DatasetIndexError
     from goca_fast.engine import NothingTrained
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -153,6 +157,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except NothingTrained as e:
         print(f"goca-pretrain: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not is_collective_failure(e):
+            raise
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"goca-pretrain: error: rank {env_rank_info()[0]} lost another rank (it died, or did not answer within "
+              f"engine.dist_timeout_s={cfg.engine.dist_timeout_s:g}); the last checkpoint is kept, run the same "
+              f"command again to resume ({detail})", file=sys.stderr)
         return 1
     return 0
 
