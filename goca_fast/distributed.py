@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from goca_fast.config import ConfigError
+from goca_fast.device import resolve_device
 
 # How long a collective may wait for the other ranks before the job ends (engine.dist_timeout_s). It must cover the
 # longest stretch one rank works alone while the others wait: a checkpoint write, the kNN monitor on rank 0.
@@ -138,9 +139,7 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_DIST_TIMEO
     `timeout_s` bounds every collective: a rank that dies or hangs ends the others after at most that long (gloo
     raises, NCCL's watchdog aborts the process) instead of leaving the job idle on its allocation."""
     rank, world, local = env_rank_info()
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("engine.device=cuda but torch sees no CUDA device (engine.device=auto or cpu runs here)")
+    use_cuda = resolve_device(device, "engine.device").type == "cuda"  # each rank takes the GPU of its local rank
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -161,14 +160,6 @@ def is_collective_failure(error: BaseException) -> bool:
     """Whether `error` means another rank died or stopped responding (as opposed to a bug in this rank)."""
     return isinstance(error, dist.DistError) or (
         isinstance(error, RuntimeError) and dist.is_initialized() and bool(_COLLECTIVE_FAILURE.search(str(error))))
-
-
-def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= info.world_size
-    return values
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
