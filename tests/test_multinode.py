@@ -7,6 +7,7 @@ bit for bit with one uninterrupted torchrun launch (the `reference` fixture).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,10 +69,14 @@ def torchrun_standalone(*args: str, restarts: int = 0) -> list[str]:
 ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def torchrun_node(port: int, run_id: str, *args: str) -> list[str]:
+def torchrun_node(port: int, run_id: str, *args: str, launcher: tuple[str, ...] = ()) -> list[str]:
     """One of two "nodes": a torchrun launcher with one process, meeting the other at a c10d rendezvous."""
     return ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, WORKER, *args]
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, *launcher, WORKER, *args]
+
+
+# what scripts/slurm_pretrain.sh gives torchrun for pre-emption: SIGUSR1 forwarded, time for the workers to checkpoint
+SLURM_SIGNAL_FLAGS = ("--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "100")
 
 
 def srun_env(rank: int, port: int, **extra: str) -> dict:
@@ -112,9 +117,13 @@ class Launches:
         return self.finish(self.start(name, cmd, env))
 
     def kill_all(self) -> None:
+        """SIGKILL (which ends a stopped process too) for every launch still running and everything it started:
+        torchrun starts its workers in sessions of their own, so they are found by parent, not by session."""
         for proc in self.logs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # a stopped process too
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 proc.wait()
 
     def wait_for_event(self, folder: Path, rank: int, kind: str, timeout: float = 240) -> dict:
@@ -130,6 +139,21 @@ class Launches:
                                 f"{self.output(proc)[-3000:]}")
             time.sleep(0.05)
         pytest.fail(f"rank {rank} did not report {kind!r} within {timeout} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` in the process tree (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 @pytest.fixture
@@ -256,40 +280,66 @@ def test_two_ranks_of_b_compute_what_one_rank_of_2b_computes(tmp_path, cache, la
 
 # ------------------------------------------------------------------------------------------------ 2. pre-emption
 
-def test_sigterm_to_one_node_stops_every_rank_at_one_boundary_and_resumes_bitwise(tmp_path, cache, reference,
-                                                                                 launches):
-    """Two torchrun "nodes" (c10d rendezvous on loopback). SIGTERM reaches only node B's training process, while it
-    waits before step 5: both ranks stop after step 5, rank 0 writes one checkpoint, every process exits 0; the same
-    two commands again finish the run with the uninterrupted run's weights, bit for bit."""
-    ev = tmp_path / "events"
-    args = run_args(tmp_path, "preempted", cache)
+def preempt(launches: Launches, run: Path, cache: Path, slurm_step: bool) -> list[int]:
+    """Two torchrun "nodes" (c10d rendezvous on loopback); while node B's trainer (rank 1) waits before step 5, it
+    alone gets SIGTERM, or (`slurm_step`) every process of both nodes gets SIGUSR1, torchruns included, as SLURM
+    signals a job step before its time limit. Checks that both ranks stop after step 5 and exit 0, and that rank 0
+    writes exactly one checkpoint for the stop; returns the launchers' exit codes."""
+    ev = run.parent / "events"
     port = free_port()
     env = launch_env(GOCA_TEST_EVENTS=str(ev), GOCA_TEST_PAUSE_RANK="1", GOCA_TEST_PAUSE_AFTER_STEPS="4")
-    nodes = [launches.start(f"node{n}", torchrun_node(port, "preempt", *args), env) for n in "AB"]
-    paused = launches.wait_for_event(ev, 1, "paused")
-    os.kill(paused["pid"], signal.SIGTERM)  # that node's training process only
-    results = [launches.finish(p) for p in nodes]
-    assert [code for code, _ in results] == [0, 0], results
+    args = run_args(run.parent, run.name, cache)
+    launcher = SLURM_SIGNAL_FLAGS if slurm_step else ()
+    nodes = [launches.start(f"node{n}", torchrun_node(port, "preempt", *args, launcher=launcher), env) for n in "AB"]
+    trainer = launches.wait_for_event(ev, 1, "paused")["pid"]
+    if slurm_step:
+        for pid in [p for n in nodes for p in (n.pid, *descendants(n.pid))]:
+            os.kill(pid, signal.SIGUSR1)
+    else:
+        os.kill(trainer, signal.SIGTERM)
+    results = [launches.finish(n) for n in nodes]
     for rank in (0, 1):
         log = events(ev, rank)
-        assert [e["code"] for e in log if e["event"] == "exit"] == [0], rank
+        assert [e["code"] for e in log if e["event"] == "exit"] == [0], (rank, results)
         # the stop's save (the last one) at the same boundary on every rank: epoch 2, batch 2 done, 5 steps
         last = [e for e in log if e["event"] == "save"][-1]
         assert (last["epoch"], last["iteration"], last["step"]) == (1, 2, 5), rank
     written = [e for r in (0, 1) for e in events(ev, r) if e["event"] == "checkpoint_written"]
     assert [(e["rank"], Path(e["path"]).name, e["step"]) for e in written] == [(0, "latest.pth", 3),
                                                                               (0, "latest.pth", 5)]
-    assert final_checkpoint(tmp_path / "preempted")["step"] == 5
+    assert final_checkpoint(run)["step"] == 5
     said = "".join(out for _, out in results)
-    assert said.count("stopped by signal 15; checkpoint written") == 1  # the signalled rank
-    assert said.count("stopped because another rank was asked to stop; checkpoint written") == 1
+    if slurm_step:
+        assert said.count(f"stopped by signal {int(signal.SIGUSR1)}; checkpoint written") == 2
+    else:
+        assert said.count("stopped by signal 15; checkpoint written") == 1  # the signalled rank
+        assert said.count("stopped because another rank was asked to stop; checkpoint written") == 1
+    return [code for code, _ in results]
 
+
+def test_sigterm_to_one_nodes_trainer_stops_every_rank_at_one_boundary_and_resumes_bitwise(tmp_path, cache,
+                                                                                         reference, launches):
+    """SIGTERM to one node's training process: every rank stops at the same batch boundary, one checkpoint, every
+    process (both trainers, both torchruns) exits 0; the same two commands again finish the run with the
+    uninterrupted run's weights, bit for bit."""
+    run = tmp_path / "preempted"
+    assert preempt(launches, run, cache, slurm_step=False) == [0, 0]
     port = free_port()
-    nodes = [launches.start(f"resumed-node{n}", torchrun_node(port, "resume", *args), launch_env()) for n in "AB"]
+    nodes = [launches.start(f"resumed-node{n}", torchrun_node(port, "resume", *run_args(tmp_path, run.name, cache)),
+                            launch_env()) for n in "AB"]
     results = [launches.finish(p) for p in nodes]
     assert [code for code, _ in results] == [0, 0], results
     assert "resumed from" in results[0][1] + results[1][1]
-    assert_bitwise_equal(final_checkpoint(tmp_path / "preempted"), reference)
+    assert_bitwise_equal(final_checkpoint(run), reference)
+
+
+def test_sigusr1_to_every_process_of_the_step_stops_cleanly_and_torchrun_exits_1(tmp_path, cache, launches):
+    """SIGUSR1 to both nodes' torchruns and trainers, with the SLURM script's torchrun flags: the same clean stop,
+    trainers exit 0; each torchrun forwards the signal, waits for its trainer and then exits 1, torchrun's own answer
+    to a signal it handles (so after a pre-emption the SLURM step reports a failure: the checkpoint, not the exit
+    code, is what the requeued job goes by). A torchrun on another node that gets no signal would instead wait in
+    torchrun's exit barrier (300 s) for the signalled one, which is why this case signals both nodes."""
+    assert preempt(launches, tmp_path / "preempted", cache, slurm_step=True) == [1, 1]
 
 
 def test_checkpoints_keep_every_ranks_queue_and_read_older_ones(tmp_path, caplog):
