@@ -17,8 +17,8 @@
 # Crashes: --max-restarts=MAX_RESTARTS (default 3) restarts every worker of the job after one fails; the restarted
 # trainers resume from the run directory's latest checkpoint (even under --fresh). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # keeps torchrun's rendezvous store out of the workers' process-group set-up: a restarted worker can otherwise read
-# the previous attempt's addresses from it and fail to connect (pytorch/pytorch#135712; seen with gloo in 2 of 3
-# restarts on torch 2.14).
+# the previous attempt's addresses from it and fail to connect (pytorch/pytorch#135712; with gloo on torch 2.14, 3
+# of 4 restarts failed so).
 #
 # Hangs: a rank that stops answering ends the job after engine.dist_timeout_s (default 300 s): NCCL's watchdog
 # aborts the communicator and ends each waiting process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1); torchrun then restarts

@@ -64,8 +64,8 @@ def torchrun_standalone(*args: str, restarts: int = 0) -> list[str]:
 
 
 # torchrun's agent shares its rendezvous store with the workers by default, and a restarted worker can then read the
-# previous attempt's gloo/NCCL addresses from it and fail to connect (pytorch/pytorch#135712; seen here in 2 of 3
-# restarts): with restarts the agent must keep its store to itself
+# previous attempt's gloo/NCCL addresses from it and fail to connect (pytorch/pytorch#135712; here 3 of 4
+# restarts failed so): with restarts the agent must keep its store to itself
 ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
