@@ -7,7 +7,6 @@ epoch + iteration), and nothing else in a step is random.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -22,12 +21,12 @@ import torch.nn as nn
 
 from goca_fast import checkpoint as ckpt
 from goca_fast.data.batch import ClipBatch
-from goca_fast.distributed import DistInfo, all_reduce_sum, barrier
+from goca_fast.distributed import DistInfo, all_reduce_sum
 from goca_fast.models import GocaModel, prototype_separation
 from goca_fast.objective import GocaObjective, ObjectiveResult
 from goca_fast.optim import OptimSettings, set_lr
 from goca_fast.queue import FeatureQueue, local_queue_length
-from goca_fast.stop_signals import StopSignals
+from goca_fast.run_dir import RunDirectory
 
 log = logging.getLogger("goca_fast")
 
@@ -71,10 +70,6 @@ class TrainState:
     bad_in_row: int = 0
     bad_total: int = 0
     skipped_videos: int = 0
-
-
-class StopRequested(Exception):
-    pass
 
 
 class NothingTrained(RuntimeError):
@@ -139,7 +134,7 @@ class Trainer:
         self.num_prototypes, self.embed_dim = model.prototypes.weight.shape
         self.queue: Optional[FeatureQueue] = None
         self.state = TrainState()
-        self.signals = StopSignals()
+        self.run = RunDirectory(self.run_dir, info)
         self.writer = None
         self.timer = ckpt.CheckpointTimer(loop.checkpoint_minutes or None)
         self.monitor = None  # optional goca_fast.eval.monitor.KnnMonitor, set by pretrain (rank 0 only)
@@ -156,38 +151,27 @@ class Trainer:
         streams, slots = self.objective.queue_shape(len(self.model.streams))
         self.queue = FeatureQueue(streams, slots, length, int(self.embed_dim), self.device)
 
-    # ------------------------------------------------------------------ checkpoints
-    def _gather_rank_states(self) -> list[dict]:
-        """What differs between ranks, from every rank: its RNG states and its feature queue (each rank queues the
-        embeddings of its own share of the past global batches)."""
-        state = {"rng": ckpt.rng_state(), "queue": None if self.queue is None else self.queue.state_dict()}
-        if not self.info.enabled:
-            return [state]
-        out: list = [None] * self.info.world_size
-        dist.all_gather_object(out, state)
-        return out
+    @property
+    def signals(self):
+        """The run's stop flag (`goca_fast.stop_signals.StopSignals`)."""
+        return self.run.signals
 
+    # ------------------------------------------------------------------ checkpoints
     def save(self, snapshot: bool = False) -> None:
-        """Write `latest` (and a numbered snapshot) atomically; called on every rank (per-rank states are gathered)."""
-        per_rank = self._gather_rank_states()
-        if not self.info.is_main:
-            return
+        """Write `latest` (and a numbered snapshot) atomically. Collective: every rank's RNG state and feature queue
+        (each rank queues the embeddings of its own share of the past global batches) go into rank 0's file."""
         s = self.state
-        state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "queue": None if self.queue is None else [r["queue"] for r in per_rank],
-            "rng": [r["rng"] for r in per_rank], "epoch": s.epoch, "iteration": s.iteration, "step": s.step,
-            "bad_total": s.bad_total, "skipped_videos": s.skipped_videos, "world_size": self.info.world_size,
-            "config": self.config,
-        }
-        ckpt.save_checkpoint(ckpt.latest_path(self.run_dir), state)
-        if snapshot:
-            ckpt.save_checkpoint(ckpt.snapshot_path(self.run_dir, s.epoch), state)
+        self.run.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scaler": self.scaler.state_dict(), "queue": None, "epoch": s.epoch, "iteration": s.iteration,
+                       "step": s.step, "bad_total": s.bad_total, "skipped_videos": s.skipped_videos,
+                       "world_size": self.info.world_size, "config": self.config},
+                      per_rank=None if self.queue is None else {"queue": self.queue.state_dict()},
+                      snapshot_epoch=s.epoch if snapshot else None)
         self.timer.reset()
 
     def resume(self, path: Optional[Path] = None) -> bool:
         """Restore everything from `path` or the run directory's latest valid checkpoint; False if none."""
-        path = path or ckpt.find_latest(self.run_dir)
+        path = path or self.run.latest()
         if path is None:
             return False
         state = ckpt.load_checkpoint(path, map_location=self.device)
@@ -207,8 +191,7 @@ class Trainer:
             elif self.info.is_main:
                 log.warning("%s holds the feature queues of %d rank(s), this run has %d: the queue starts empty and "
                             "is used again once refilled", path, len(queues), self.info.world_size)
-        rng = state["rng"]
-        ckpt.set_rng_state(rng[self.info.rank] if len(rng) == self.info.world_size else rng[0])
+        self.run.restore_rng(state)
         if self.info.is_main:
             log.info("resumed from %s at epoch %d, iteration %d", path, s.epoch, s.iteration)
         return True
@@ -288,10 +271,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train until `optim.epochs`; returns a summary. Raises StopRequested after a signal (checkpoint saved)."""
         lp = self.loop
-        if self.info.is_main and lp.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state.step)
-        history_path = self.run_dir / "metrics.jsonl"
+        if lp.tensorboard:
+            self.writer = self.run.tensorboard(purge_step=self.state.step)
         summary: dict = {}
         try:
             while self.state.epoch < lp.epochs:
@@ -308,9 +289,8 @@ class Trainer:
                     if r1 is not None:
                         summary["knn_r1"] = r1
                         summary["monitor_seconds"] = round(self.monitor.last_seconds, 3)
+                self.run.append_metrics(summary)
                 if self.info.is_main:
-                    with open(history_path, "a") as f:
-                        f.write(json.dumps(summary) + "\n")
                     log.info("epoch %d/%d: loss %.4f over %d steps, %.1f clips/s, data wait %.0f %%, %d videos "
                              "skipped so far", summary["epoch"], lp.epochs, summary["loss"],
                              summary["optimizer_steps"], summary["clips_per_s"], 100 * summary["data_time_frac"],
@@ -320,10 +300,6 @@ class Trainer:
                 every = lp.snapshot_every_epochs
                 snap = (every > 0 and self.state.epoch % every == 0) or self.state.epoch == lp.epochs
                 self.save(snapshot=snap)
-        except StopRequested:
-            self.save()
-            barrier(self.info)  # no rank exits (so no launcher tears the job down) before the checkpoint is written
-            raise
         finally:
             if self.writer is not None:
                 self.writer.flush()
@@ -344,8 +320,7 @@ class Trainer:
         loader = iter(self.make_loader(s.epoch, s.iteration))
         t_end = time.perf_counter()
         while s.iteration < n:
-            if self._stop_requested():
-                raise StopRequested()
+            self.run.stop_if_requested(self.save)
             try:
                 batch = next(loader)
             except StopIteration:
@@ -387,10 +362,6 @@ class Trainer:
                 "optimizer_steps": len(losses),
                 "clips_per_s": clips_done / max(step_time, 1e-9), "data_time_frac": data_time / max(step_time, 1e-9),
                 "skipped_videos": s.skipped_videos, "bad_steps": s.bad_total}
-
-    def _stop_requested(self) -> bool:
-        """SIGTERM/SIGUSR1/Ctrl-C seen on any rank → every rank stops at this batch boundary."""
-        return self.signals.seen_on_any_rank(self.device)
 
     def _checkpoint_due(self) -> bool:
         every = self.loop.checkpoint_every_iters

@@ -67,9 +67,9 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     """Pretrain (resuming the run directory unless `fresh`), then evaluate. Raises RunStopped after a stop signal or
     Ctrl-C (checkpoint written), NothingTrained when an epoch made no optimiser step."""
     from goca_fast.data.index import read_index, select_split, training_records
-    from goca_fast.engine import StopRequested
     from goca_fast.eval.retrieval import DEFAULT_KS, format_table
     from goca_fast.eval.splits import check_disjoint
+    from goca_fast.run_dir import StopRequested
 
     info = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s)
     if cfg.engine.torch_threads > 0:

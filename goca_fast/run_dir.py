@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
 from goca_fast import checkpoint as ckpt
-from goca_fast.distributed import DistInfo
+from goca_fast.distributed import DistInfo, barrier
 from goca_fast.stop_signals import StopSignals
 
 
@@ -66,6 +66,15 @@ class RunDirectory:
     def stop_requested(self) -> bool:
         """SIGTERM/SIGUSR1/Ctrl-C seen on any rank: every rank stops at this batch boundary."""
         return self.signals.seen_on_any_rank(self.info.device)
+
+    def stop_if_requested(self, save: Callable[[], None]) -> None:
+        """At a batch boundary, collective: when any rank was asked to stop, write the checkpoint (`save`), wait until
+        every rank is past it (no rank exits, so no launcher tears the job down, before the file is complete) and
+        raise StopRequested."""
+        if self.stop_requested():
+            save()
+            barrier(self.info)
+            raise StopRequested()
 
     # ------------------------------------------------------------------ rank 0's logs
     def tensorboard(self, purge_step: int):

@@ -225,9 +225,7 @@ class Finetuner:
         with preserve_rng():  # an iterator draws a seed from torch's RNG: keep resume exact mid-epoch
             it = iter(loader)
         while self.iteration < self.iters:
-            if self.run.stop_requested():
-                self.save()
-                raise StopRequested()
+            self.run.stop_if_requested(self.save)
             try:
                 batch = next(it)
             except StopIteration:
