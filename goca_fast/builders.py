@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
@@ -28,6 +28,11 @@ from goca_fast.eval.splits import ViewSpec
 from goca_fast.models import GocaModel, load_prototypes
 from goca_fast.objective import GocaObjective
 from goca_fast.optim import OptimSettings
+
+if TYPE_CHECKING:  # imported where used: DALI is optional, and the monitor / fine-tuning only some runs need
+    from dali_pipelines.train import DaliTrainLoaders
+    from goca_fast.eval.finetune import FinetuneStart
+    from goca_fast.eval.monitor import KnnMonitor
 
 log = logging.getLogger("goca_fast")
 
@@ -116,7 +121,8 @@ def build_train_loader(cfg: Config, info: DistInfo, root: Path) -> tuple[LoaderF
     return factory, batches_per_rank(len(dataset), info.world_size, cfg.data.batch_size)
 
 
-def build_dali_train_loader(cfg: Config, info: DistInfo, root: Path, augment: Optional[ClipAugment] = None):
+def build_dali_train_loader(cfg: Config, info: DistInfo, root: Path,
+                            augment: Optional[ClipAugment] = None) -> tuple[DaliTrainLoaders, int]:
     """The DALI loader (GPU, or the DALI CPU backend): (DaliTrainLoaders, batches per epoch and rank). Videos DALI
     cannot read are left out first (`dali_pipelines.validate`). `augment`: default `train_augment(cfg.data)`."""
     from dali_pipelines.source import video_metas
@@ -155,6 +161,7 @@ def train_loader(cfg: Config, info: DistInfo, root: Path) -> tuple[LoaderFactory
 
 # ------------------------------------------------------------------------------------------------ training
 def loop_settings(cfg: Config) -> LoopSettings:
+    """The training loop's settings from `engine.*`, `optim.*` (epochs, prototype freezing), `model.*`, `goca.*`."""
     e, o, m, g = cfg.engine, cfg.optim, cfg.model, cfg.goca
     return LoopSettings(epochs=o.epochs, batch_size=cfg.data.batch_size, max_iters_per_epoch=e.max_iters_per_epoch,
                         max_bad_steps=e.max_bad_steps, checkpoint_minutes=e.checkpoint_minutes,
@@ -167,6 +174,7 @@ def loop_settings(cfg: Config) -> LoopSettings:
 
 
 def optim_settings(cfg: Config) -> OptimSettings:
+    """The optimiser and LR schedule of `optim.*`."""
     o = cfg.optim
     return OptimSettings(epochs=o.epochs, base_lr=o.base_lr, lr_scaling=o.lr_scaling, final_lr=o.final_lr,
                          start_warmup=o.start_warmup, warmup_epochs=o.warmup_epochs, fix_lr=o.fix_lr,
@@ -192,7 +200,8 @@ def eval_views(cfg: Config) -> ViewSpec:
                     short_side=cfg.data.scale_range[0], flow_mode=cfg.data.flow_mode)
 
 
-def build_monitor(cfg: Config, info: DistInfo, root: Path, streams: Sequence[str], amp: Optional[torch.dtype]):
+def build_monitor(cfg: Config, info: DistInfo, root: Path, streams: Sequence[str],
+                  amp: Optional[torch.dtype]) -> KnnMonitor:
     """The online kNN monitor of `eval.monitor_*` (rank 0 runs it)."""
     from goca_fast.eval.monitor import KnnMonitor
     e, d = cfg.eval, cfg.data
@@ -222,7 +231,7 @@ def _checkpoint_config(state: dict, run_dir: Path, path: Path, config_path: Opti
     raise EvalError(f"{path} holds no config and there is no {yaml_path}; pass --config with the pretraining config")
 
 
-def _fresh_model(cfg: Config):
+def _fresh_model(cfg: Config) -> Callable[[], GocaModel]:
     """A factory of freshly initialised networks of `cfg`'s architecture; prototypes come from the checkpoint (the
     prototypes .npy of the pretraining run may not exist here)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, prototypes_path=""))
@@ -288,7 +297,7 @@ def finetune_start(source: Optional[str], *, out_dir: Optional[str] = None, fres
                    device: str = "auto", streams: Optional[Sequence[str]] = None, expect_arch: Optional[str] = None,
                    config_path: Optional[str] = None, data_root: Optional[str] = None,
                    train_split: Optional[str] = None, test_split: Optional[str] = None,
-                   workers: Optional[int] = None):
+                   workers: Optional[int] = None) -> FinetuneStart:
     """Where `goca-eval finetune` starts: its run directory (--out, else <pretraining run>/eval/finetune) resumed
     from its own checkpoint unless `fresh`, else a new run from the pretrained checkpoint `source`."""
     from goca_fast.eval.finetune import FinetuneStart, find_resume
