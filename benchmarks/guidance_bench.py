@@ -78,20 +78,29 @@ def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frame
 
 
 def run_pretraining(root: Path, runs: Path, name: str, seed: int, overrides: Sequence[str]) -> dict:
-    """One `python -m goca_fast.pretrain` process; its kNN table and its CPU seconds (user + system)."""
+    """One `python -m goca_fast.pretrain` process and one `goca-eval knn --fusion weighted` of its checkpoint: the
+    kNN table (trained and random init) with the fused row, and the CPU seconds (user + system) of both."""
     args = [sys.executable, "-m", "goca_fast.pretrain", "--config", str(CONFIG), "--fresh",
             f"data.root={root}", f"output_dir={runs}", f"name={name}", f"seed={seed}", "engine.progress=false",
             *overrides]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"pretraining {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     knn = json.loads((runs / name / "knn.json").read_text())["knn"]
+    # the fused RGB+flow row (weights chosen on the train split) from goca-eval on the trained checkpoint
+    fused = subprocess.run([sys.executable, "-m", "goca_fast.eval", "knn", str(runs / name), "--fusion", "weighted",
+                            "--no-cache", "--workers", "0"], cwd=ROOT, capture_output=True, text=True, env=env)
+    if fused.returncode != 0:
+        raise RuntimeError(f"goca-eval knn --fusion on {name} failed ({fused.returncode}):\n{fused.stderr[-3000:]}")
+    evaluated = json.loads((runs / name / "eval" / "knn.json").read_text())
+    knn["GOCA"]["fused"] = evaluated["recall"]["fused"]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"knn": knn, "cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1)}
+    return {"knn": knn, "fusion_weights": evaluated["protocol"]["fusion"]["weights"], "cpu_s": round(cpu, 1),
+            "wall_s": round(time.time() - t0, 1)}
 
 
 def r1(knn: dict, model: str, stream: str) -> float | None:
@@ -126,6 +135,12 @@ def summarise(runs: dict[str, dict[int, dict]]) -> list[dict]:
         if vals:
             ref[col] = mean_sd(vals)
     rows.append(ref)
+    for variant, per_seed in runs.items():  # then every run on its own
+        for seed, r in per_seed.items():
+            row = {"variant": variant, "seeds": f"seed {seed}", "CPU s per run": f"{r['cpu_s']:.0f}"}
+            row.update({col: f"{v:.1f}" for stream, col in STREAMS
+                        if (v := r1(r["knn"], "GOCA", stream)) is not None})
+            rows.append(row)
     return rows
 
 
@@ -154,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = run_pretraining(root, work / "runs", f"{variant}-s{seed}", seed, VARIANTS[variant] + extra)
             runs.setdefault(variant, {})[seed] = res
             print(f"{variant:9s} seed {seed:3d}: " + "  ".join(
-                f"{s} {r1(res['knn'], 'GOCA', s)}" for s, _ in STREAMS if r1(res["knn"], "GOCA", s) is not None)
-                + f"  (random init rgb {r1(res['knn'], 'random init', 'rgb')}; {res['cpu_s']} CPU s)", flush=True)
+                f"{s} {r1(res['knn'], 'GOCA', s):.1f}" for s, _ in STREAMS if r1(res["knn"], "GOCA", s) is not None)
+                + f"  (random init rgb {r1(res['knn'], 'random init', 'rgb'):.1f}; {res['cpu_s']} CPU s)", flush=True)
     runs = {v: runs[v] for v in variants}
     rows = summarise(runs)
     columns = ["variant", "seeds"] + [c for _, c in STREAMS if any(c in r for r in rows)] + ["CPU s per run"]
@@ -163,9 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"device": device_name(torch.device("cpu")), "config": str(CONFIG.relative_to(ROOT)),
             "overrides": extra, "data": {**data, "videos": "UCF101 layout, split 1"},
             "data_seconds": round(data_s, 1), "seeds": a.seeds, "metric": "kNN R@1 in %, test split against train "
-            "split, mean ± sample sd over seeds", "runs": {v: {str(s): r for s, r in per.items()}
-                                                          for v, per in runs.items()}}
+            "split, mean ± sample sd over seeds"}
     path = write_results(name, rows, columns, meta)
+    saved = json.loads(path.read_text())  # every run's full kNN tables in the JSON only, not in the Markdown header
+    saved["runs"] = {v: {str(s): r for s, r in per.items()} for v, per in runs.items()}
+    path.write_text(json.dumps(saved, indent=2))
     print(path.with_suffix(".md").read_text())
     return 0
 

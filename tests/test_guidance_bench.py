@@ -81,11 +81,12 @@ def test_photographs_carry_no_label(tmp_path):
 
 def test_results_table_has_every_variant(quick_bench):
     out = json.loads((quick_bench / "results" / "guidance-quick-cpu.json").read_text())
-    variants = [r["variant"] for r in out["rows"]]
-    assert variants == ["kl", "none", "random init"]
+    variants = [(r["variant"], r["seeds"]) for r in out["rows"]]
+    assert variants == [("kl", 1), ("none", 1), ("random init", 1), ("kl", "seed 3"), ("none", "seed 3")]
     for row in out["rows"]:
         for col in ("RGB R@1", "flow R@1"):
             assert 0.0 <= float(str(row[col]).split()[0]) <= 100.0
-    runs = out["meta"]["runs"]
+    assert all("fused R@1" in row for row in out["rows"] if row["variant"] != "random init")
+    runs = out["runs"]
     assert set(runs) == {"kl", "none"} and all(r["3"]["cpu_s"] > 0 for r in runs.values())
     assert (quick_bench / "results" / "guidance-quick-cpu.md").read_text().startswith("# guidance-quick")
