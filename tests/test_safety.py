@@ -201,7 +201,7 @@ def test_shipped_config_by_name_from_another_directory_and_print_config_round_tr
     assert again.returncode == 0 and again.stdout == first.stdout
     bad = subprocess.run([sys.executable, "-m", "goca_fast.pretrain", "--config", "ucf102"], capture_output=True,
                          text=True, cwd=tmp_path, timeout=300)
-    assert "shipped: demo, k400_r2plus1d, ucf101_r2plus1d, ucf101_s3d_official" in one_line_error(bad)
+    assert "shipped: demo, guidance, k400_r2plus1d, ucf101_r2plus1d, ucf101_s3d_official" in one_line_error(bad)
 
 
 def test_without_a_terminal_progress_is_one_line_per_epoch(tmp_path):
