@@ -6,7 +6,6 @@ that mean again. Averaging unit vectors keeps one loud view from dominating the 
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Iterable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from goca_fast.device import choose_loader
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.splits import SplitRecords, ViewSpec
 from goca_fast.models.goca_model import GocaModel
@@ -134,23 +134,11 @@ class SplitFeatures:
                 "unreadable": len(self.unreadable), "padded_short": int(self.padded.sum())}
 
 
-def _dali_importable() -> bool:
-    try:
-        importlib.import_module("dali_pipelines.eval")
-    except ImportError:
-        return False
-    return True
-
-
 def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool, batch_size: int, workers: int,
                 device: torch.device, loader: str = "auto"):
-    """Iterable of EvalBatch over a split, from the CPU loader or the DALI pipeline (same views, same batches)."""
-    if loader not in ("auto", "cpu", "dali"):
-        raise EvalError(f"loader must be auto, cpu or dali, got {loader!r}")
-    use_dali = loader == "dali" or (loader == "auto" and device.type == "cuda" and _dali_importable())
-    if use_dali:
-        if not _dali_importable():
-            raise EvalError("loader=dali but the DALI pipelines are not available (pip install -e '.[dali]')")
+    """Iterable of EvalBatch over a split, from the CPU loader or the DALI pipeline (same views, same batches);
+    `loader` auto = DALI on a GPU when its pipelines import (`goca_fast.device.choose_loader`)."""
+    if choose_loader(loader, device, "loader") == "dali":
         from dali_pipelines.eval import DaliEvalLoader
         return DaliEvalLoader(root, split.records, clip_length=spec.clip_length, stride=spec.stride,
                               num_clips=spec.num_clips, crop_size=spec.crop_size, short_side=spec.short_side,
