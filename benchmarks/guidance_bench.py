@@ -13,7 +13,7 @@ order, augmentations and initial weights):
     official  the released code's prior sign (goca.prior_sign=official)
 
     python -m benchmarks.guidance_bench [--seeds 31 7 11] [--variants kl,none,official] [--work DIR] [--quick]
-                                        [key=value ...]      (config overrides for every run)
+                                        [--jobs N] [key=value ...]      (config overrides for every run)
 
 Writes benchmarks/results/<name>-cpu.{json,md}: per variant the mean ± sample standard deviation over the seeds of
 R@1 for RGB, flow, RGB+flow (the official average) and the fused features (eval.fusion=concat), the random-init
@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -50,7 +51,7 @@ FULL_DATA = dict(train_per_class=12, test_per_class=6, frames=32, num_classes=8,
 QUICK_DATA = dict(train_per_class=1, test_per_class=1, frames=12, num_classes=8, height=48, width=64,
                   short_side=32)
 QUICK_OVERRIDES = ["optim.epochs=1", "optim.warmup_epochs=0", "data.batch_size=4", "goca.prior_start_epoch=0",
-                   "goca.queue_length=0", "data.frames_per_group=[4,4]", "data.stride=1", "data.min_distance=2",
+                   "goca.queue_length=0", "data.frames_per_group=[4]", "data.stride=1", "data.min_distance=2",
                    "data.crop_size=28", "data.scale_range=[32,36]", "eval.clips=1", "data.workers=0"]
 
 
@@ -77,28 +78,34 @@ def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frame
     return prepared
 
 
+def _run_measured(args: Sequence[str], env: dict, what: str) -> float:
+    """Run one child process to the end; its CPU seconds (user + system, its waited-for helpers included) from
+    wait4, so runs going on side by side are measured separately."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{what} failed ({proc.returncode}):\n{err.read().decode(errors='replace')[-3000:]}")
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_pretraining(root: Path, runs: Path, name: str, seed: int, overrides: Sequence[str]) -> dict:
     """One `python -m goca_fast.pretrain` process and one `goca-eval knn --fusion weighted` of its checkpoint: the
     kNN table (trained and random init) with the fused row, and the CPU seconds (user + system) of both."""
     args = [sys.executable, "-m", "goca_fast.pretrain", "--config", str(CONFIG), "--fresh",
             f"data.root={root}", f"output_dir={runs}", f"name={name}", f"seed={seed}", "engine.progress=false",
             *overrides]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pretraining {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    cpu = _run_measured(args, env, f"pretraining {name}")
     knn = json.loads((runs / name / "knn.json").read_text())["knn"]
     # the fused RGB+flow row (weights chosen on the train split) from goca-eval on the trained checkpoint
-    fused = subprocess.run([sys.executable, "-m", "goca_fast.eval", "knn", str(runs / name), "--fusion", "weighted",
-                            "--no-cache", "--workers", "0"], cwd=ROOT, capture_output=True, text=True, env=env)
-    if fused.returncode != 0:
-        raise RuntimeError(f"goca-eval knn --fusion on {name} failed ({fused.returncode}):\n{fused.stderr[-3000:]}")
+    cpu += _run_measured([sys.executable, "-m", "goca_fast.eval", "knn", str(runs / name), "--fusion", "weighted",
+                          "--no-cache", "--workers", "0"], env, f"goca-eval knn --fusion on {name}")
     evaluated = json.loads((runs / name / "eval" / "knn.json").read_text())
     knn["GOCA"]["fused"] = evaluated["recall"]["fused"]
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"knn": knn, "fusion_weights": evaluated["protocol"]["fusion"]["weights"], "cpu_s": round(cpu, 1),
             "wall_s": round(time.time() - t0, 1)}
 
@@ -151,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/goca_guidance_bench", help="dataset and run directories")
     p.add_argument("--quick", action="store_true", help="CI size: 4 classes, 12 videos, 1 epoch")
     p.add_argument("--name", default="guidance")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (each run uses about one core)")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. optim.epochs=30")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -164,9 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_s = time.time() - t0
     extra = (QUICK_OVERRIDES if a.quick else []) + list(a.overrides)
     runs: dict[str, dict[int, dict]] = {}
-    for seed in a.seeds:  # seeds outermost: an interrupted bench still has every variant of the first seeds
-        for variant in variants:
-            res = run_pretraining(root, work / "runs", f"{variant}-s{seed}", seed, VARIANTS[variant] + extra)
+    # seeds outermost: an interrupted bench still has every variant of the first seeds
+    jobs = [(seed, variant) for seed in a.seeds for variant in variants]
+
+    def one(job: tuple[int, str]) -> dict:
+        seed, variant = job
+        return run_pretraining(root, work / "runs", f"{variant}-s{seed}", seed, VARIANTS[variant] + extra)
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # threads only wait: each run is its own process
+        for (seed, variant), res in zip(jobs, pool.map(one, jobs)):
             runs.setdefault(variant, {})[seed] = res
             print(f"{variant:9s} seed {seed:3d}: " + "  ".join(
                 f"{s} {r1(res['knn'], 'GOCA', s):.1f}" for s, _ in STREAMS if r1(res["knn"], "GOCA", s) is not None)
