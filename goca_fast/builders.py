@@ -54,7 +54,7 @@ def build_model(cfg: Config) -> GocaModel:
     return GocaModel(m.arch, modalities=cfg.data.modalities, pool=m.pool, hidden_dim=m.hidden_dim,
                      embed_dim=m.embed_dim, num_prototypes=m.num_prototypes, shared_head=m.shared_head,
                      flow_channels=3 if cfg.data.flow_mode == "official" else 2, merge=cfg.goca.merge,
-                     prototypes_init=init)
+                     prototypes_init=init, head=m.head)
 
 
 def build_objective(cfg: Config, info: DistInfo) -> GocaObjective:

@@ -68,6 +68,7 @@ class ModelConfig:
     embed_dim: int = 128
     num_prototypes: int = 1000
     shared_head: bool = False
+    head: Literal["mlp", "linear"] = "mlp"  # mlp: the official 3-linear MLP; linear: one linear projection
     prototypes_path: str = ""           # .npy K×D; loaded and frozen when set
     prototype_reg_weight: float = 0.0   # mean max (1+cos) separation penalty; 0 = off
     channels_last: bool = False

@@ -106,3 +106,28 @@ def test_model_under_bf16_autocast_keeps_the_network_bf16_and_the_scores_fp32():
         assert z.dtype == out[s].scores.dtype == torch.float32
         assert torch.allclose(z.double().norm(dim=1), torch.ones(6, dtype=torch.float64), atol=1e-6)
         assert (out[s].scores.double() - z.double() @ w.t()).abs().max() <= 1e-6
+
+
+def test_linear_head_is_one_linear_map_of_the_pooled_features():
+    """model.head=linear: embedding = normalise(W·f + b) of the backbone features f, by hand; the default stays the
+    official 3-linear MLP; an unknown head is a config error."""
+    from goca_fast.builders import build_model
+    from goca_fast.config import ConfigError, load_config
+    torch.manual_seed(0)
+    cfg = load_config("configs/guidance.yaml", ["model.head=linear"])
+    m = build_model(cfg).eval()
+    clips = {"rgb": [torch.randn(2, 3, 8, 32, 32)] * 2, "flow": [torch.randn(2, 2, 8, 32, 32)] * 2}
+    out = m(clips)
+    feats = m.features(clips)
+    for s in ("rgb", "flow"):
+        lin = m.head(s)
+        assert isinstance(lin, torch.nn.Linear) and lin.weight.shape == (cfg.model.embed_dim, 128)
+        z = feats[s] @ lin.weight.T + lin.bias
+        z = z / z.norm(dim=1, keepdim=True)
+        assert torch.allclose(out[s].embeddings, z, atol=1e-6)
+        assert torch.allclose(out[s].scores, z @ m.prototypes.weight.T, atol=1e-6)
+    mlp = build_model(load_config("configs/demo.yaml")).head("rgb")  # no model.head: the default
+    assert [type(x).__name__ for x in mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU",
+                                               "Linear"]
+    with pytest.raises(ConfigError, match="model.head"):
+        load_config("configs/guidance.yaml", ["model.head=conv"])

@@ -49,7 +49,8 @@ class GocaModel(nn.Module):
 
     def __init__(self, arch: str, modalities: str = "rgb_flow", pool: str = "1x2x2", hidden_dim: int = 2048,
                  embed_dim: int = 128, num_prototypes: int = 1000, shared_head: bool = False,
-                 flow_channels: int = 2, merge: str = "prior", prototypes_init: Optional[np.ndarray] = None):
+                 flow_channels: int = 2, merge: str = "prior", prototypes_init: Optional[np.ndarray] = None,
+                 head: str = "mlp"):
         super().__init__()
         if modalities not in ("rgb_flow", "rgb", "flow"):
             raise ValueError(f"modalities must be rgb_flow, rgb or flow, got {modalities!r}")
@@ -59,7 +60,8 @@ class GocaModel(nn.Module):
             s: build_backbone(arch, 3 if s == "rgb" else flow_channels, pool) for s in self.streams})
         self.feature_dim = self.backbones[self.streams[0]].out_dim
         n_heads = 1 if (shared_head or len(self.streams) == 1) else len(self.streams)
-        self.heads = nn.ModuleList([projection_head(self.feature_dim, hidden_dim, embed_dim) for _ in range(n_heads)])
+        self.heads = nn.ModuleList([projection_head(self.feature_dim, hidden_dim, embed_dim, head)
+                                    for _ in range(n_heads)])
         self.prototypes = Prototypes(embed_dim, num_prototypes, prototypes_init, frozen=prototypes_init is not None)
 
     def head(self, stream: str) -> nn.Module:

@@ -9,8 +9,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def projection_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
-    """enc → hidden → hidden → out with BN+ReLU on the hidden layers (the official 3-linear MLP)."""
+HEADS = ("mlp", "linear")
+
+
+def projection_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, kind: str = "mlp") -> nn.Module:
+    """kind "mlp": enc → hidden → hidden → out with BN+ReLU on the hidden layers (the official 3-linear MLP).
+    kind "linear": enc → out, one linear map (no hidden_dim): the codes' gradient then shapes the pooled backbone
+    features directly, which the guidance benchmark measured to matter for what kNN on those features sees."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind != "mlp":
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
