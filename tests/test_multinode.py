@@ -211,7 +211,11 @@ def reference(tmp_path_factory, cache) -> dict:
 # two batches of 4 whose sums are all-reduced: the Sinkhorn row sums, the loss means, the gradient reductions of every
 # layer), so each reduction may differ by a few ulps (fp32 ulp ~1.2e-7 relative). Measured over 4 steps: codes 5e-8,
 # loss 4e-7, gradients 8e-7 of each tensor's largest entry, weights and momentum 6e-8; the limits allow ~10x that.
-CODES_ATOL, LOSS_RTOL, GRAD_RTOL, WEIGHT_ATOL = 1e-6, 1e-6, 1e-5, 1e-6
+# GRAD_RTOL is relative to each gradient's largest entry (see the floor below): the first conv layer's gradient (a
+# sum over every position of the batch, with cancellation) measured 3e-6 to ~4e-5 on torch 2.14.1 from run to run
+# (the summation order of the two ranks' halves varies); a wrong reduction (sum instead of mean, a missing rank) is
+# off by ~1.
+CODES_ATOL, LOSS_RTOL, GRAD_RTOL, WEIGHT_ATOL = 1e-6, 1e-6, 1e-4, 1e-6
 EQUIVALENCE = [*SMALL, "optim.epochs=1", "optim.warmup_epochs=0", "optim.freeze_prototypes_epochs=0",
                "goca.queue_length=16", "goca.queue_start_epoch=0", "goca.prior_start_epoch=0"]
 
@@ -264,9 +268,13 @@ def test_two_ranks_of_b_compute_what_one_rank_of_2b_computes(tmp_path, cache, la
             assert r["returned_loss"] == pytest.approx(ref["returned_loss"], rel=LOSS_RTOL), step
         assert ranks[0]["local_loss"] != ranks[1]["local_loss"]  # the two halves really differ
         assert set(ranks[0]["grads"]) == set(ref["grads"]) and "prototypes.weight" in ref["grads"]
+        largest = max(float(g.abs().max()) for g in ref["grads"].values())
         for name, want in ref["grads"].items():
             assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name  # all-reduced
-            assert (ranks[0]["grads"][name] - want).abs().max() <= GRAD_RTOL * want.abs().max(), (step, name)
+            # a tensor whose gradient nearly cancels (BN biases under eval-mode BN) is held to 1e-3 of the model's
+            # largest entry instead of its own ~0 maximum
+            scale = max(float(want.abs().max()), 1e-3 * largest)
+            assert (ranks[0]["grads"][name] - want).abs().max() <= GRAD_RTOL * scale, (step, name)
         for name, want in ref["weights"].items():
             torch.testing.assert_close(ranks[0]["weights"][name], want, rtol=0, atol=WEIGHT_ATOL,
                                        msg=f"step {step} {name}")
