@@ -16,9 +16,9 @@ order, augmentations and initial weights):
                                         [--jobs N] [key=value ...]      (config overrides for every run)
 
 Writes benchmarks/results/<name>-cpu.{json,md}: per variant the mean ± sample standard deviation over the seeds of
-R@1 for RGB, flow, RGB+flow (the official average) and the fused features (eval.fusion=concat), the random-init
-reference, and the CPU seconds per run; the JSON also holds every run's numbers. --quick is the CI size (a few
-videos, 1 epoch) and writes <name>-quick-*.
+R@1 for RGB, flow, RGB+flow (the official average) and the fused features (goca-eval knn --fusion weighted), the
+random-init reference, and the CPU seconds per run; the JSON also holds every run's numbers. --quick is the CI
+size (a few videos, 1 epoch) and writes <name>-quick-*.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[31, 7, 11])
     p.add_argument("--variants", default="kl,none,official", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--work", default="/tmp/goca_guidance_bench", help="dataset and run directories")
-    p.add_argument("--quick", action="store_true", help="CI size: 4 classes, 12 videos, 1 epoch")
+    p.add_argument("--quick", action="store_true", help="CI size: 8 classes, 16 videos, 1 epoch")
     p.add_argument("--name", default="guidance")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each run uses about one core)")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. optim.epochs=30")
@@ -165,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     data = QUICK_DATA if a.quick else FULL_DATA
     work = Path(a.work).expanduser() / ("quick" if a.quick else "full")
     t0 = time.time()
