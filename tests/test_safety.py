@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -133,22 +134,66 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes(tmp_path):
         assert torch.equal(resumed["model"][k], want["model"][k]), k
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            for child in (task / "children").read_text().split():
+                found.append(int(child))
+                todo.append(int(child))
+    return found
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
 def test_second_ctrl_c_exits_at_once(tmp_path):
-    cmd = pretrain_cmd(tmp_path / "out", tmp_path / "cache", "optim.epochs=50", "eval.knn_after_training=false",
-                       "optim.warmup_epochs=0")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    """The second Ctrl-C ends a run whose graceful stop cannot finish: the loader worker is frozen (SIGSTOP), so
+    the main process waits for a batch that never comes and never reaches the batch boundary by itself."""
+    cmd = pretrain_cmd(tmp_path / "out", tmp_path / "cache", "data.workers=1", "optim.epochs=50",
+                       "eval.knn_after_training=false", "optim.warmup_epochs=0")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    metrics = tmp_path / "out" / "run" / "metrics.jsonl"
-    t0 = time.time()
-    while not metrics.is_file():  # training has started
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() - t0 < 300
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted again: exiting now" in stderr, stderr[-3000:]
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+
+    def wait_for(condition, what: str, limit: float) -> None:
+        t0 = time.time()
+        while not condition():
+            assert proc.poll() is None, "".join(stderr)[-3000:]
+            assert time.time() - t0 < limit, f"{what} did not happen within {limit} s"
+            time.sleep(0.05)
+
+    try:
+        wait_for((tmp_path / "out" / "run" / "metrics.jsonl").is_file, "training start", 300)
+        last, flat_since = _cpu_ticks(proc.pid), time.time()
+
+        def main_is_blocked() -> bool:  # every descendant frozen (new loaders start new ones) and no CPU for 1 s
+            nonlocal last, flat_since
+            for child in _descendants(proc.pid):
+                os.kill(child, signal.SIGSTOP)
+            now = _cpu_ticks(proc.pid)
+            if now != last:
+                last, flat_since = now, time.time()
+            return time.time() - flat_since > 1.0
+
+        wait_for(main_is_blocked, "the main process waiting for a batch", 120)
+        os.kill(proc.pid, signal.SIGINT)
+        wait_for(lambda: any("stopping at the next batch boundary" in line for line in stderr), "first Ctrl-C", 60)
+        assert proc.poll() is None  # the graceful stop is stuck: only the second Ctrl-C can end it
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        assert proc.returncode == 130 and "interrupted again: exiting now" in "".join(stderr), "".join(stderr)[-3000:]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the frozen workers
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 # -------------------------------------------------------------------------------------- one-line errors
