@@ -8,6 +8,7 @@ checkpoint of the tiny two-stream network with random weights plus config.yaml, 
 out.
 """
 import atexit
+import contextlib
 import functools
 import json
 import math
@@ -188,6 +189,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` in the process tree (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ frame-index videos

@@ -24,6 +24,7 @@ from goca_fast import checkpoint as ckpt
 from goca_fast.builders import build_trainer
 from goca_fast.config import ConfigError, load_config
 from goca_fast.distributed import DistInfo, env_rank_info, expand_slurm_nodelist, rendezvous_host, slurm_hostnames
+from helpers import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "multinode_worker.py")
@@ -139,21 +140,6 @@ class Launches:
                                 f"{self.output(proc)[-3000:]}")
             time.sleep(0.05)
         pytest.fail(f"rank {rank} did not report {kind!r} within {timeout} s")
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes below `pid` in the process tree (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
 
 
 @pytest.fixture

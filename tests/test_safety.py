@@ -21,7 +21,7 @@ from goca_fast.engine import NothingTrained
 from goca_fast.eval.cli import main as eval_main
 from goca_fast.eval import EvalError
 from goca_fast.eval.splits import check_disjoint
-from helpers import one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
+from helpers import descendants, one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
@@ -134,16 +134,6 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes(tmp_path):
         assert torch.equal(resumed["model"][k], want["model"][k]), k
 
 
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            for child in (task / "children").read_text().split():
-                found.append(int(child))
-                todo.append(int(child))
-    return found
-
-
 def _cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
@@ -173,7 +163,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
 
         def main_is_blocked() -> bool:  # every descendant frozen (new loaders start new ones) and no CPU for 1 s
             nonlocal last, flat_since
-            for child in _descendants(proc.pid):
+            for child in descendants(proc.pid):
                 os.kill(child, signal.SIGSTOP)
             now = _cpu_ticks(proc.pid)
             if now != last:
