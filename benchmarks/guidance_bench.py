@@ -56,8 +56,9 @@ QUICK_OVERRIDES = ["optim.epochs=1", "optim.warmup_epochs=0", "data.batch_size=4
 
 
 def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frames: int, num_classes: int,
-                    height: int, width: int, short_side: int, seed: int = 0) -> Path:
-    """Raw UCF101-layout videos -> goca-prepare -> goca-flow (each step skipped when its output is complete)."""
+                    height: int, width: int, short_side: int, seed: int = 0, workers: int | None = None) -> Path:
+    """Raw UCF101-layout videos -> goca-prepare -> goca-flow (each step skipped when its output is complete).
+    `workers` None = the tools' default, one process per core; the bytes written do not depend on it."""
     from goca_fast.data import prepare
     from goca_fast.flow import extract
     raw, prepared = work / "raw", work / "prepared"
@@ -68,7 +69,7 @@ def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frame
         write_camera_motion_set(raw, train_per_class=train_per_class, test_per_class=test_per_class, frames=frames,
                                 height=height, width=width, classes=CLASSES[:num_classes], seed=seed)
         marker.write_text(json.dumps(params))
-    common = ["--workers", "1", "--no-progress"]
+    common = ["--no-progress"] + ([] if workers is None else ["--workers", str(workers)])
     if prepare.main(["--dataset", "ucf101", "--src", str(raw / "UCF-101"), "--splits-dir",
                      str(raw / "ucfTrainTestlist"), "--out", str(prepared), "--short-side", str(short_side),
                      "--min-frames", str(min(frames, 16)), *common]) != 0:
@@ -159,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CI size: 8 classes, 16 videos, 1 epoch")
     p.add_argument("--name", default="guidance")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each run uses about one core)")
+    p.add_argument("--prepare-workers", type=int, default=None,
+                   help="processes for goca-prepare and goca-flow (default: one per core)")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. optim.epochs=30")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -170,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = QUICK_DATA if a.quick else FULL_DATA
     work = Path(a.work).expanduser() / ("quick" if a.quick else "full")
     t0 = time.time()
-    root = prepare_dataset(work, **data)
+    root = prepare_dataset(work, **data, workers=a.prepare_workers)
     data_s = time.time() - t0
     extra = (QUICK_OVERRIDES if a.quick else []) + list(a.overrides)
     runs: dict[str, dict[int, dict]] = {}
