@@ -72,8 +72,9 @@ def build_objective(cfg: Config, info: DistInfo) -> GocaObjective:
 # ------------------------------------------------------------------------------------------------ data
 def train_augment(data: DataConfig) -> ClipAugment:
     """The training augmentation `data` asks for (one builder for both loaders)."""
-    return ClipAugment(crop_size=data.crop_size, scale_range=tuple(data.scale_range), jitter_prob=data.color_jitter_p,
-                       grayscale_prob=data.grayscale_p, blur_prob=data.blur_p, time_reverse_prob=data.time_reverse_p,
+    return ClipAugment(crop_size=data.crop_size, scale_range=tuple(data.scale_range), hflip_prob=data.hflip_p,
+                       jitter_prob=data.color_jitter_p, grayscale_prob=data.grayscale_p, blur_prob=data.blur_p,
+                       time_reverse_prob=data.time_reverse_p,
                        flow_mode=data.flow_mode)
 
 

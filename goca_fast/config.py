@@ -50,6 +50,7 @@ class DataConfig:
     min_distance: int = 16
     crop_size: int = 112
     scale_range: list[int] = field(default_factory=lambda: [128, 160])
+    hflip_p: float = 0.5                # 0 where a mirror changes the class (left/right motion, Something-Something)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0                 # the official code builds a blur but never applies it
@@ -186,7 +187,7 @@ def validate(cfg: Config) -> Config:
          "data.scale_range must be [min_short_side, max_short_side] with 0 < min <= max")
     need(d.crop_size > 0 and d.crop_size <= d.scale_range[0],
          f"data.crop_size ({d.crop_size}) must be positive and <= data.scale_range[0] ({d.scale_range[0]})")
-    for name in ("color_jitter_p", "grayscale_p", "blur_p", "time_reverse_p"):
+    for name in ("hflip_p", "color_jitter_p", "grayscale_p", "blur_p", "time_reverse_p"):
         p = getattr(d, name)
         need(0.0 <= p <= 1.0, f"data.{name} must be a probability in [0, 1], got {p}")
     need(d.batch_size >= 1, "data.batch_size must be >= 1")

@@ -71,6 +71,19 @@ def test_draw_statistics_and_ranges():
             assert 0.6 <= b <= 1.4 and 0.6 <= c <= 1.4 and 0.8 <= s <= 1.2 and -0.1 <= h <= 0.1
 
 
+@pytest.mark.parametrize("hflip_p,expect", [("0", 0.0), ("0.25", 0.25), ("1", 1.0)])
+def test_config_hflip_p_sets_the_training_flip_rate(hflip_p, expect):
+    """data.hflip_p reaches the training augmentation (0 for classes that a mirror changes: left/right motion)."""
+    from pathlib import Path
+    from goca_fast.builders import train_augment
+    from goca_fast.config import load_config
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    aug = train_augment(load_config(demo, [f"data.hflip_p={hflip_p}"]).data)
+    g = _gen(2)
+    rate = np.mean([aug.draw(64, 80, g).flip for _ in range(2000)])
+    assert abs(rate - expect) < 0.03
+
+
 def test_deterministic_from_generator():
     aug = ClipAugment(crop_size=24, scale_range=(28, 40))
     clip = _random_clip()

@@ -37,6 +37,7 @@ def test_overrides_are_typed_and_nested():
     ("goca.prior_sign=plus", "goca.prior_sign: 'plus' is not one of 'kl', 'official'"),
     ("data.batch_size=four", "data.batch_size: expected an integer"),
     ("goca.epsilon=-1", "goca.epsilon must be > 0"),
+    ("data.hflip_p=1.5", "data.hflip_p must be a probability in [0, 1]"),
     ("goca.assign_clips=[0,9]", "goca.assign_clips"),
     ("data.crop_size=500", "data.crop_size"),
     ("nonsense", "not of the form key.sub=value"),
