@@ -65,7 +65,8 @@ def build_objective(cfg: Config, info: DistInfo) -> GocaObjective:
     backend = resolve_backend(g.backend, info.device, info.group, num_prototypes=cfg.model.num_prototypes)
     return GocaObjective(merge=g.merge, num_clips=sum(cfg.data.clips_per_group), assign_clips=g.assign_clips,
                          epsilon=g.epsilon, prior_epsilon=g.prior_epsilon, iterations=g.iterations, cycles=g.cycles,
-                         prior_sign=g.prior_sign, prior_start_epoch=g.prior_start_epoch, temperature=g.temperature,
+                         prior_sign=g.prior_sign, prior_to=g.prior_to, prior_start_epoch=g.prior_start_epoch,
+                         temperature=g.temperature,
                          official_loss_scale=g.official_loss_scale, backend=backend, group=info.group)
 
 

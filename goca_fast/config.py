@@ -84,6 +84,7 @@ class GocaConfig:
     iterations: int = 3
     cycles: Literal[1, 2] = 1
     prior_sign: Literal["kl", "official"] = "kl"
+    prior_to: Literal["both", "rgb"] = "both"   # both: each stream guided by the other (official); rgb: flow alone
     prior_start_epoch: int = 0
     assign_clips: list[int] = field(default_factory=lambda: [0, 1])
     temperature: float = 0.1
@@ -198,6 +199,8 @@ def validate(cfg: Config) -> Config:
     need(g.epsilon > 0, f"goca.epsilon must be > 0, got {g.epsilon}")
     need(g.prior_epsilon >= 0, f"goca.prior_epsilon must be >= 0, got {g.prior_epsilon}")
     need(g.iterations >= 1, "goca.iterations must be >= 1")
+    need(not (g.prior_to == "rgb" and g.cycles == 2),
+         "goca.prior_to=rgb has one guided pass (flow is clustered alone): goca.cycles=2 would repeat it; use 1")
     need(g.temperature > 0, "goca.temperature must be > 0")
     need(g.queue_length >= 0, "goca.queue_length must be >= 0")
     need(m.num_prototypes >= 2, "model.num_prototypes must be >= 2")

@@ -2,7 +2,9 @@
 
 Merge modes (docs/official_behaviour.md#merge-modes):
   prior: per stream, codes from goca_codes (prior switched on from `prior_start_epoch`); RGB codes predicted from
-         RGB scores, flow codes from flow scores; the two losses averaged.
+         RGB scores, flow codes from flow scores; the two losses averaged. With prior_to="rgb" (not in the official
+         code) only the RGB codes are guided, by the flow stream's own assignment, and flow is clustered alone: a
+         strong symmetric prior would pull the flow clusters toward RGB's appearance clusters.
   mix:   the 2N RGB and flow clips form one list; every assigned RGB and flow clip gets its own plain Sinkhorn and
          is predicted from all 2N−1 other clips (cross-modal prediction). The official code indexes these blocks
          by *group*; we use clip indices, which coincide with the official defaults.
@@ -45,6 +47,7 @@ class GocaObjective:
     iterations: int
     cycles: int
     prior_sign: str                 # kl | official
+    prior_to: str = "both"          # both | rgb: the streams whose codes the other stream's assignment guides
     prior_start_epoch: int
     temperature: float
     official_loss_scale: bool = False
@@ -54,6 +57,10 @@ class GocaObjective:
     def __post_init__(self) -> None:
         if self.merge not in ("prior", "mix", "avg"):
             raise ValueError(f"merge must be prior, mix or avg, got {self.merge!r}")
+        if self.prior_to not in ("both", "rgb"):
+            raise ValueError(f"prior_to must be both or rgb, got {self.prior_to!r}")
+        if self.prior_to == "rgb" and self.cycles != 1:
+            raise ValueError("prior_to='rgb' has one guided pass: cycles must be 1")
         object.__setattr__(self, "assign_clips", tuple(self.assign_clips))
 
     def queue_shape(self, streams: int) -> tuple[int, int]:
@@ -76,7 +83,13 @@ class GocaObjective:
         prior_on = (self.merge == "prior" and len(names) == 2 and epoch >= self.prior_start_epoch)
         for slot, i in enumerate(self.assign_clips):
             ext = {s: with_queue(si, slot, scores[s][i]) for si, s in enumerate(names)}
-            if prior_on:
+            if prior_on and self.prior_to == "rgb":
+                p_f = sinkhorn(ext["flow"], self.epsilon, self.iterations, group=self.group)
+                codes["rgb"][i] = sinkhorn(ext["rgb"], self.epsilon, self.iterations, prior=p_f,
+                                           prior_epsilon=self.prior_epsilon, prior_sign=self.prior_sign,
+                                           group=self.group, keep_last=bs)
+                codes["flow"][i] = p_f[-bs:]
+            elif prior_on:
                 q_r, q_f = goca_codes(ext["rgb"], ext["flow"], self.epsilon, self.prior_epsilon, self.iterations,
                                       self.cycles, self.prior_sign, self.backend, self.group, keep_last=bs)
                 codes["rgb"][i], codes["flow"][i] = q_r, q_f

@@ -38,6 +38,7 @@ def test_overrides_are_typed_and_nested():
     ("data.batch_size=four", "data.batch_size: expected an integer"),
     ("goca.epsilon=-1", "goca.epsilon must be > 0"),
     ("data.hflip_p=1.5", "data.hflip_p must be a probability in [0, 1]"),
+    ("goca.prior_to=flow", "goca.prior_to: 'flow' is not one of 'both', 'rgb'"),
     ("goca.assign_clips=[0,9]", "goca.assign_clips"),
     ("data.crop_size=500", "data.crop_size"),
     ("nonsense", "not of the form key.sub=value"),
@@ -46,6 +47,12 @@ def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "demo.yaml", [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rgb_only_prior_refuses_two_cycles():
+    with pytest.raises(ConfigError, match="goca.prior_to=rgb has one guided pass"):
+        load_config(ROOT / "configs" / "demo.yaml", ["goca.prior_to=rgb", "goca.cycles=2"])
+    assert load_config(ROOT / "configs" / "demo.yaml", ["goca.prior_to=rgb"]).goca.prior_to == "rgb"
 
 
 def test_unknown_key_in_yaml(tmp_path):

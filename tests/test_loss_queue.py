@@ -123,3 +123,30 @@ def test_objective_with_queue_prepends_and_returns_the_update():
     res = obj(out, protos, 0, q)
     assert res.queue_update.shape == (2, 1, 4, 5)
     assert res.codes["rgb"][0].shape == (4, 6)
+
+
+def test_prior_to_rgb_guides_rgb_by_flows_own_codes_and_leaves_flow_alone():
+    """prior_to='rgb': flow codes = flow's plain iterate, RGB codes = RGB's iterate with flow's codes as prior, both
+    over the queue-extended rows (float64 re-derivation); the symmetric default guides flow too."""
+    import numpy as np
+    from helpers import plain_iterate64
+    out, protos = _outputs(2, 4, 6, 5, 4)
+    q = FeatureQueue(2, 1, 8, 5)
+    q.push(F.normalize(torch.randn(2, 1, 8, 5, generator=torch.Generator().manual_seed(5)), dim=-1))
+    settings = {**MIX, "merge": "prior", "num_clips": 2, "assign_clips": [0], "prior_epsilon": 0.3}
+    res = GocaObjective(**settings, prior_to="rgb")(out, protos, 0, q)
+    ext = {s: torch.cat([q.embeddings[si, 0] @ protos.t(), out[s].scores[:4].detach()]).numpy()
+           for si, s in enumerate(("rgb", "flow"))}
+    p_f = plain_iterate64(ext["flow"], 0.05, 3)
+    q_r = plain_iterate64(ext["rgb"], 0.05, 3, P=p_f, eps2=0.3)
+    np.testing.assert_allclose(res.codes["flow"][0].numpy(), p_f[-4:], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res.codes["rgb"][0].numpy(), q_r[-4:], rtol=1e-4, atol=1e-6)
+    both = GocaObjective(**settings)(out, protos, 0, q)
+    assert not np.allclose(both.codes["flow"][0].numpy(), p_f[-4:], rtol=1e-3, atol=1e-4)
+    assert torch.allclose(both.codes["rgb"][0], res.codes["rgb"][0], rtol=1e-4, atol=1e-6)  # cycle 1: same RGB
+
+
+def test_prior_to_rgb_refuses_two_cycles():
+    import pytest
+    with pytest.raises(ValueError, match="cycles must be 1"):
+        GocaObjective(**{**MIX, "merge": "prior", "cycles": 2}, prior_to="rgb")
