@@ -1,6 +1,6 @@
 """The guidance benchmark at CI size: its data generator (real photographs, motion-only classes, UCF101 layout through
 goca-prepare and goca-flow) and its script (pretraining runs, results table) must keep working. The ≥ 5 / ≥ 15
-point results are in benchmarks/results/guidance-linear-head-cpu.md, not here."""
+point results are in benchmarks/results/guidance-cpu.md, not here."""
 import json
 import re
 import resource
