@@ -66,8 +66,8 @@ def build_objective(cfg: Config, info: DistInfo) -> GocaObjective:
     return GocaObjective(merge=g.merge, num_clips=sum(cfg.data.clips_per_group), assign_clips=g.assign_clips,
                          epsilon=g.epsilon, prior_epsilon=g.prior_epsilon, iterations=g.iterations, cycles=g.cycles,
                          prior_sign=g.prior_sign, prior_to=g.prior_to, prior_start_epoch=g.prior_start_epoch,
-                         temperature=g.temperature,
-                         official_loss_scale=g.official_loss_scale, backend=backend, group=info.group)
+                         temperature=g.temperature, official_loss_scale=g.official_loss_scale, backend=backend,
+                         group=info.group)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -75,8 +75,7 @@ def train_augment(data: DataConfig) -> ClipAugment:
     """The training augmentation `data` asks for (one builder for both loaders)."""
     return ClipAugment(crop_size=data.crop_size, scale_range=tuple(data.scale_range), hflip_prob=data.hflip_p,
                        jitter_prob=data.color_jitter_p, grayscale_prob=data.grayscale_p, blur_prob=data.blur_p,
-                       time_reverse_prob=data.time_reverse_p,
-                       flow_mode=data.flow_mode)
+                       time_reverse_prob=data.time_reverse_p, flow_mode=data.flow_mode)
 
 
 def dataset_root(cfg: Config, info: Optional[DistInfo] = None) -> Path:
