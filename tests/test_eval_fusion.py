@@ -1,7 +1,10 @@
 """RGB+flow fusion (goca_fast.eval.fusion) on feature sets whose R@1 is worked out by hand."""
+import math
+
+import pytest
 import torch
 
-from goca_fast.eval.fusion import choose_weights, fusion_weights, leave_one_out_r1, weighted_concat
+from goca_fast.eval.fusion import choose_weights, fusion_weights, leave_one_out_map, leave_one_out_r1, weighted_concat
 from goca_fast.eval.retrieval import combine_streams, recall_at_k
 
 E1, E2 = [1.0, 0.0], [0.0, 1.0]
@@ -67,3 +70,32 @@ def test_knn_scores_reports_the_fused_row_beside_the_official_average():
     assert weights == {"rgb": 0.45, "flow": 0.55}
     assert "fused" not in knn_scores(split("train", GALLERY, GALLERY_LABELS), split("test", QUERY, QUERY_LABELS),
                                      ["rgb", "flow"], ks=(1,))
+
+
+def _unit(deg: float) -> list[float]:
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+def test_leave_one_out_map_by_hand():
+    # 2-d unit vectors at 0°, 10°, 55° (class 0) and 30°, 95° (class 1); cosine order = angle order. Each row's
+    # ranking of the others and its AP: v0: v1 v3 v2 v4 -> (1 + 2/3)/2; v1: v0 v3 v2 v4 -> 5/6; v2: v3 v4 v1 v0 ->
+    # (1/3 + 2/4)/2; v3: v1 v2 v0 v4 -> 1/4; v4: v2 v3 v1 v0 -> 1/2. Mean: 2.8333/5.
+    x = torch.tensor([_unit(a) for a in (0, 10, 55, 30, 95)])
+    expect = 100 * (5 / 6 + 5 / 6 + 5 / 12 + 1 / 4 + 1 / 2) / 5
+    assert leave_one_out_map(x, torch.tensor([0, 0, 0, 1, 1])) == pytest.approx(expect)
+
+
+def test_r1_ties_are_broken_by_map_not_by_the_nearest_equal_weights():
+    # flow: class 0 at 0°, 20°, 40°, class 1 at 90°, 110°, 130° (R@1 and mAP 100 alone); RGB: one-hot "twins"
+    # (v0, v3), (v1, v4), (v2, v5) across the classes. Fused cosine = w·rgb + (1−w)·flow. For v0: v1 0.940(1−w), v2
+    # 0.766(1−w), its twin v3 w. R@1 stays 100 % while w < 0.940(1−w) (w ≤ 0.45 on the grid), mAP while
+    # w < 0.766(1−w) (w ≤ 0.40); at 0.45 v0, v2, v3, v5 rank their second neighbour third (AP 5/6), v1 and v4
+    # keep AP 1: mAP (4·5/6 + 2)/6. The nearest-equal-weights rule alone would pick 0.45; mAP picks 0.40.
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    gallery = {"rgb": torch.eye(3)[[0, 1, 2, 0, 1, 2]],
+               "flow": torch.tensor([_unit(a) for a in (0, 20, 40, 90, 110, 130)])}
+    at = {w: weighted_concat(gallery, {"rgb": w, "flow": 1 - w}) for w in (0.4, 0.45, 0.5)}
+    assert leave_one_out_r1(at[0.45], labels) == 100.0 and leave_one_out_r1(at[0.5], labels) < 100.0
+    assert leave_one_out_map(at[0.4], labels) == pytest.approx(100.0)
+    assert leave_one_out_map(at[0.45], labels) == pytest.approx(100 * (4 * 5 / 6 + 2) / 6)
+    assert choose_weights(gallery, labels) == {"rgb": 0.4, "flow": 0.6}
