@@ -47,9 +47,10 @@ def motion_root(tmp_path_factory):
 
 
 def cfg_for(root, *overrides):
+    # the official flip rate (the demo trains without flips), so the parity tests see mirrored clips too
     return load_config(os.path.join(REPO, "configs", "demo.yaml"),
                        [f"data.root={root}", "data.loader=dali", "data.workers=0", "data.batch_size=4",
-                        "data.min_distance=2", *overrides])
+                        "data.min_distance=2", "data.hflip_p=0.5", *overrides])
 
 
 # frames survive crops only when the whole height is kept: short side = crop = full height

@@ -106,8 +106,9 @@ def _x264_params(gop: int) -> str:
     # chromaloc=1 (centre) tags the chroma siting swscale used when converting from RGB;
     # untagged H.264 is read back as left-sited, a 1/4-pixel chroma shift (~1 grey level).
     # threads=1: x264's frame threads made the bytes depend on scheduling (under CPU load about
-    # 1 encode in 40 differed); one thread makes a prepared dataset byte-reproducible. Speed is
-    # kept by encoding videos in parallel processes (the --workers of goca-prepare and goca-flow).
+    # 1 encode in 40 differed). One thread differs less often but is not bit-exact either (1 in 80
+    # on a quiet machine, cause not found). Speed is kept by encoding videos in parallel processes
+    # (the --workers of goca-prepare and goca-flow).
     return f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:chromaloc=1:threads=1"
 
 
