@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from goca_fast.eval.fusion import choose_weights, fusion_weights, leave_one_out_map, leave_one_out_r1, weighted_concat
+from goca_fast.eval.fusion import choose_weights, fusion_weights, leave_one_out_scores, weighted_concat
 from goca_fast.eval.retrieval import combine_streams, recall_at_k
 
 E1, E2 = [1.0, 0.0], [0.0, 1.0]
@@ -14,6 +14,14 @@ GALLERY = {"rgb": torch.tensor([E1, E2, E2, E1]), "flow": torch.tensor([E1, E1, 
 GALLERY_LABELS = torch.tensor([0, 0, 1, 1])
 QUERY = {"rgb": torch.tensor([E2, E1]), "flow": torch.tensor([E1, E2])}
 QUERY_LABELS = torch.tensor([0, 1])
+
+
+def leave_one_out_r1(features: torch.Tensor, labels: torch.Tensor) -> float:
+    return leave_one_out_scores(features, labels)[0]
+
+
+def leave_one_out_map(features: torch.Tensor, labels: torch.Tensor) -> float:
+    return leave_one_out_scores(features, labels)[1]
 
 
 def r1(query: torch.Tensor, gallery: torch.Tensor) -> float:

@@ -34,34 +34,22 @@ def weighted_concat(features: dict[str, torch.Tensor], weights: dict[str, float]
                      dim=1)
 
 
-def leave_one_out_r1(features: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> float:
-    """R@1 in % of every row retrieving among the other rows (cosine; ties in row order, as recall_at_k)."""
+def leave_one_out_scores(features: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> tuple[float, float]:
+    """(R@1, mAP) in % of every row ranking the other rows, from one ranking (cosine; ties in row order, as
+    recall_at_k). A row whose class has no other member has AP 0."""
     x = F.normalize(features.float(), dim=1)
-    hits = 0
-    for start in range(0, x.shape[0], chunk):
-        sim = x[start:start + chunk] @ x.t()
-        rows = torch.arange(start, min(start + chunk, x.shape[0]))
-        sim[rows - start, rows] = float("-inf")
-        best = torch.sort(-sim, dim=1, stable=True).indices[:, 0]
-        hits += int((labels[best] == labels[rows]).sum())
-    return 100.0 * hits / x.shape[0]
-
-
-def leave_one_out_map(features: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> float:
-    """Mean average precision in % of every row ranking the other rows (cosine; ties in row order); rows whose
-    class has no other member count 0."""
-    x = F.normalize(features.float(), dim=1)
-    n, total = x.shape[0], 0.0
+    n, hits, ap_sum = x.shape[0], 0.0, 0.0
     ranks = torch.arange(1, n, dtype=torch.float64)
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n))
         sim = x[rows] @ x.t()
         sim[rows - start, rows] = float("-inf")
-        order = torch.sort(-sim, dim=1, stable=True).indices[:, :n - 1]  # the row itself sorts last
-        relevant = (labels[order] == labels[rows, None]).double()
+        order = torch.sort(-sim, dim=1, stable=True).indices
+        hits += float((labels[order[:, 0]] == labels[rows]).sum())
+        relevant = (labels[order[:, :n - 1]] == labels[rows, None]).double()  # the row itself sorts last
         precision_at_hits = relevant * relevant.cumsum(1) / ranks
-        total += float((precision_at_hits.sum(1) / relevant.sum(1).clamp_min(1)).sum())
-    return 100.0 * total / n
+        ap_sum += float((precision_at_hits.sum(1) / relevant.sum(1).clamp_min(1)).sum())
+    return 100.0 * hits / n, 100.0 * ap_sum / n
 
 
 def choose_weights(gallery: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -73,8 +61,8 @@ def choose_weights(gallery: dict[str, torch.Tensor], labels: torch.Tensor,
     first, second = gallery
 
     def score(w: float) -> tuple[float, float, float, float]:
-        fused = weighted_concat(gallery, {first: w, second: 1 - w})
-        return leave_one_out_r1(fused, labels), round(leave_one_out_map(fused, labels), 9), -abs(w - 0.5), w
+        r1, mean_ap = leave_one_out_scores(weighted_concat(gallery, {first: w, second: 1 - w}), labels)
+        return r1, round(mean_ap, 9), -abs(w - 0.5), w
 
     scored = [score(w) for w in grid]
     w = max(scored)[-1]
