@@ -58,7 +58,7 @@ QUICK_OVERRIDES = ["optim.epochs=1", "optim.warmup_epochs=0", "data.batch_size=4
 def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frames: int, num_classes: int,
                     height: int, width: int, short_side: int, seed: int = 0, workers: int | None = None) -> Path:
     """Raw UCF101-layout videos -> goca-prepare -> goca-flow (each step skipped when its output is complete).
-    `workers` None = the tools' default, one process per core; each video is encoded the same way whatever it is."""
+    `workers` None = the tools' default, one process per core; the count does not change how a video is encoded."""
     from goca_fast.data import prepare
     from goca_fast.flow import extract
     raw, prepared = work / "raw", work / "prepared"

@@ -191,13 +191,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def proc_stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/<pid>/stat file after the command name (which may hold spaces and parentheses):
+    [0] state, [1] parent pid, ..., [11] utime, [12] stime."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def descendants(pid: int) -> list[int]:
     """The processes below `pid` in the process tree (from /proc)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            children.setdefault(int(proc_stat_fields(stat)[1]), []).append(int(stat.parent.name))
     found, todo = [], [pid]
     while todo:
         below = children.get(todo.pop(), [])

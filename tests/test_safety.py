@@ -21,7 +21,7 @@ from goca_fast.engine import NothingTrained
 from goca_fast.eval.cli import main as eval_main
 from goca_fast.eval import EvalError
 from goca_fast.eval.splits import check_disjoint
-from helpers import descendants, one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
+from helpers import descendants, one_torch_thread, proc_stat_fields, tiny_run  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
@@ -135,7 +135,7 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes(tmp_path):
 
 
 def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat_fields(Path(f"/proc/{pid}/stat"))
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
