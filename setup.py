@@ -3,7 +3,7 @@
 The CUDA Sinkhorn extension in kernels/ is built here only when asked (GOCA_FAST_BUILD_CUDA=1) or when a CUDA device
 is visible, and only if torch has CUDA and nvcc is found; TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0").
 torch must be importable while building, so use `pip install --no-build-isolation`. Otherwise, or if the build
-fails, the package installs without it (a one-line reason is printed) and goca_fast.kernels JIT-builds it on first
+fails, the package installs without it (a one-line reason is printed) and goca_fast.method.cuda_kernel JIT-builds it on first
 use; the torch path is always there.
 """
 import glob
@@ -44,7 +44,7 @@ def cuda_extensions():
             try:
                 super().run()
             except Exception as e:  # compiler and linker errors come in many types; all mean "not built"
-                print(f"goca_fast: CUDA Sinkhorn extension build failed ({e}); goca_fast.kernels will JIT-build it "
+                print(f"goca_fast: CUDA Sinkhorn extension build failed ({e}); goca_fast.method.cuda_kernel will JIT-build it "
                       "on first use or say why it cannot", file=sys.stderr)
                 self.extensions = []
 
@@ -79,11 +79,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "goca-pretrain=goca_fast.pretrain:main",
-            "goca-eval=goca_fast.eval.cli:main",
-            "goca-prepare=goca_fast.data.prepare:main",
-            "goca-flow=goca_fast.flow.extract:main",
-            "goca-prototypes=goca_fast.prototypes:main",
+            "goca-pretrain=goca_fast.cli.pretrain:main",
+            "goca-eval=goca_fast.cli.eval:main",
+            "goca-prepare=goca_fast.prepare.build:main",
+            "goca-flow=goca_fast.prepare.flow:main",
+            "goca-prototypes=goca_fast.method.prototypes:main",
         ],
     },
     ext_modules=ext_modules,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import device_name, write_results  # noqa: E402
 from goca_fast.data.synthetic import Motion, random_texture, render_motion_video  # noqa: E402
-from goca_fast.flow.tvl1 import opencv_tvl1, tvl1_flow  # noqa: E402
+from goca_fast.video.tvl1 import opencv_tvl1, tvl1_flow  # noqa: E402
 
 H, W = 256, 340
 
@@ -53,7 +53,7 @@ def synthetic_pairs(kind: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.nd
 
 def real_pairs(paths: list[str], n: int) -> tuple[np.ndarray, str]:
     """Up to n consecutive grey pairs resized to 256×340 from the first readable videos in `paths`."""
-    from goca_fast.data.video_io import VideoReadError, read_all_frames
+    from goca_fast.video.io import VideoReadError, read_all_frames
     out, used = [], []
     for p in paths:
         try:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     speed = [("opencv, 1 process", cv1)]
     if not a.compile_only:
-        from goca_fast.parallel import process_pool
+        from goca_fast.runtime.parallel import process_pool
         with process_pool(cores, preload=["benchmarks.flow_bench"]) as ex:
             list(ex.map(_cv_one, pairs[:cores]))  # warm the workers
             _, tn = timed(lambda p: list(ex.map(_cv_one, p)), pairs[:max(cores, ns // 4 if cuda else ns)])

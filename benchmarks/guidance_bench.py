@@ -3,7 +3,7 @@ prior sign, on real photographs whose only label is motion (issue #16), over sev
 
 The data (benchmarks/guidance_data.py): scikit-image photographs seen through 8 camera motions, appearance carrying
 no label, written in UCF101 layout and taken through `goca-prepare` and `goca-flow` exactly like user data. Every
-run is `python -m goca_fast.pretrain --config configs/guidance.yaml` in its own process (CPU time measured per run),
+run is `python -m goca_fast.cli.pretrain --config configs/guidance.yaml` in its own process (CPU time measured per run),
 then the pretraining's own kNN table (held-out photographs' videos against the training videos, R@1, trained network
 and the same network at its random initialisation). Variants (everything else identical, same seed = same data
 order, augmentations and initial weights):
@@ -59,8 +59,8 @@ def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frame
                     height: int, width: int, short_side: int, seed: int = 0, workers: int | None = None) -> Path:
     """Raw UCF101-layout videos -> goca-prepare -> goca-flow (each step skipped when its output is complete).
     `workers` None = the tools' default, one process per core; the count does not change how a video is encoded."""
-    from goca_fast.data import prepare
-    from goca_fast.flow import extract
+    from goca_fast.prepare import build as prepare
+    from goca_fast.prepare import flow as extract
     raw, prepared = work / "raw", work / "prepared"
     marker = raw / "generated.json"
     params = dict(train_per_class=train_per_class, test_per_class=test_per_class, frames=frames,
@@ -93,9 +93,9 @@ def _run_measured(args: Sequence[str], env: dict, what: str) -> float:
 
 
 def run_pretraining(root: Path, runs: Path, name: str, seed: int, overrides: Sequence[str]) -> dict:
-    """One `python -m goca_fast.pretrain` process and one `goca-eval knn --fusion weighted` of its checkpoint: the
+    """One `python -m goca_fast.cli.pretrain` process and one `goca-eval knn --fusion weighted` of its checkpoint: the
     kNN table (trained and random init) with the fused row, and the CPU seconds (user + system) of both."""
-    args = [sys.executable, "-m", "goca_fast.pretrain", "--config", str(CONFIG), "--fresh",
+    args = [sys.executable, "-m", "goca_fast.cli.pretrain", "--config", str(CONFIG), "--fresh",
             f"data.root={root}", f"output_dir={runs}", f"name={name}", f"seed={seed}", "engine.progress=false",
             *overrides]
     t0 = time.time()
@@ -103,7 +103,7 @@ def run_pretraining(root: Path, runs: Path, name: str, seed: int, overrides: Seq
     cpu = _run_measured(args, env, f"pretraining {name}")
     knn = json.loads((runs / name / "knn.json").read_text())["knn"]
     # the fused RGB+flow row (weights chosen on the train split) from goca-eval on the trained checkpoint
-    cpu += _run_measured([sys.executable, "-m", "goca_fast.eval", "knn", str(runs / name), "--fusion", "weighted",
+    cpu += _run_measured([sys.executable, "-m", "goca_fast.cli.eval", "knn", str(runs / name), "--fusion", "weighted",
                           "--no-cache", "--workers", "0"], env, f"goca-eval knn --fusion on {name}")
     evaluated = json.loads((runs / name / "eval" / "knn.json").read_text())
     knn["GOCA"]["fused"] = evaluated["recall"]["fused"]

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from goca_fast.data.video_io import write_video  # noqa: E402
+from goca_fast.video.io import write_video  # noqa: E402
 
 CLASSES = ("PanLeft", "PanRight", "TiltUp", "TiltDown", "ZoomIn", "ZoomOut", "RollClockwise",
            "RollCounterClockwise")

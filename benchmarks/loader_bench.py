@@ -43,8 +43,8 @@ def make_dataset(root: Path, videos: int, frames: int = 250, height: int = 256, 
     """Textured scenes panning at varying speed (realistic H.264 bitrate), their exact flow, an index."""
     import cv2
     from goca_fast.data.index import VideoRecord, write_index
-    from goca_fast.data.video_io import write_video
-    from goca_fast.flow.codec import quantise_flow, write_flow_video
+    from goca_fast.video.io import write_video
+    from goca_fast.video.flow_codec import quantise_flow, write_flow_video
 
     if (root / "index.jsonl").is_file():
         return root
@@ -226,8 +226,8 @@ def graph_only(pipe):
 
 def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress: int = 0) -> dict:
     from goca_fast.data.index import read_index
-    from goca_fast.distributed import DistInfo
-    from goca_fast.builders import build_dali_train_loader, build_train_loader, train_augment
+    from goca_fast.runtime.distributed import DistInfo
+    from goca_fast.plan import build_dali_train_loader, build_train_loader, train_augment
     clips = len(cfg.clip_lengths)
     bs = cfg.data.batch_size
     every = max(1, n_batches // 500)

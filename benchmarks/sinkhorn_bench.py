@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import device_name, write_results  # noqa: E402
-from goca_fast.assign import goca_codes  # noqa: E402
+from goca_fast.method.assign import goca_codes  # noqa: E402
 
 EPS, EPS2, ITERS = 0.05, 0.03, 3
 
@@ -151,7 +151,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 2
 
 def kernel_method(variant: int, per_sweep: bool = False):
     """One kernel variant (fused, or one launch per sweep: the process-group path minus its all-reduces)."""
-    from goca_fast import kernels
+    from goca_fast.method import cuda_kernel as kernels
     return lambda r, f: kernels.goca_codes(r, f, EPS, EPS2, ITERS, 1, 1.0, keep_last=KEEP, per_sweep=per_sweep,
                                            variant=variant)
 
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
                               "timing": "median of interleaved repeats after warm-up, 3 rotating input sets; speed-up = median of per-repeat ratios"})
         print(f"wrote {path}")
     if a.device in ("cuda", "all"):
-        from goca_fast import kernels
+        from goca_fast.method import cuda_kernel as kernels
         ok, why = kernels.available()
         if not ok:
             print(f"no CUDA benchmark: {why}", file=sys.stderr)

@@ -38,8 +38,8 @@ def run_case(arch: str, device: str, amp: str, channels_last: bool, steps: int, 
              compile: bool = False) -> dict:
     from goca_fast.config import load_config
     from goca_fast.data.batch import ClipBatch
-    from goca_fast.distributed import DistInfo
-    from goca_fast.builders import build_trainer
+    from goca_fast.runtime.distributed import DistInfo
+    from goca_fast.plan import build_trainer
 
     cfg_file, _, _, _ = ARCH_CONFIG[arch]
     cfg = load_config(ROOT / "configs" / cfg_file, [

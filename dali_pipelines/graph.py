@@ -16,7 +16,7 @@ from nvidia.dali import fn, types
 
 from dali_pipelines.source import P_BLUR, P_FLIP, P_JITTER, P_ROI, P_SIGN
 from goca_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from goca_fast.flow.codec import U8_LEVELS
+from goca_fast.video.flow_codec import U8_LEVELS
 
 FLOW_STD = U8_LEVELS / 2  # u8 -> px / FLOW_BOUND in [-1, 1]: (x - 127.5) / 127.5, as augment.flow_to_unit
 FLOW_MEAN = (FLOW_STD, FLOW_STD)  # the u8 of 0 px

@@ -1,6 +1,6 @@
 """DALI training loader: aligned RGB + flow multi-clip batches as `ClipBatch`, on the GPU or the DALI CPU backend.
 
-    factory = dali_train_loaders(spec, cpu_dataset)      # spec: TrainPipelineSpec (goca_fast.builders makes both)
+    factory = dali_train_loaders(spec, cpu_dataset)      # spec: TrainPipelineSpec (goca_fast.plan makes both)
     for batch in factory(epoch, start_batch): ...
 
 One pipeline serves the whole run, in the training process: its sample n is position n of an endless sequence of

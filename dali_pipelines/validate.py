@@ -6,7 +6,7 @@ raise a Python exception for the batch (no crash); B-frames, variable frame rate
 frames; but a frame index past the end of the file comes back as a black frame, silently. The frame counts and
 sizes the sampler and the crop parameters are computed from come from the index, so they must be the file's:
 every video must open, have the index's frame count and size, and have a flow video of the same frame count at
-2H×W. The check only demuxes (`goca_fast.data.video_io.probe_video`); results are cached by (path, size, mtime),
+2H×W. The check only demuxes (`goca_fast.video.io.probe_video`); results are cached by (path, size, mtime),
 so a second run over the same dataset is instant. Files that break after this check fail at run time as one
 batch, which the loader then decodes with the CPU loader (the broken video costs one sample).
 """
@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from goca_fast.atomic import write_atomic
+from goca_fast.runtime.atomic import write_atomic
 from goca_fast.data.index import VideoRecord
-from goca_fast.data.video_io import VideoReadError, probe_video
-from goca_fast.parallel import run_parallel
+from goca_fast.video.io import VideoReadError, probe_video
+from goca_fast.runtime.parallel import run_parallel
 
 log = logging.getLogger(__name__)
 CACHE_FILE = "dali_check.json"

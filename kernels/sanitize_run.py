@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from goca_fast import kernels  # noqa: E402
+from goca_fast.method import cuda_kernel as kernels  # noqa: E402
 
 CASES = [(37, 33, torch.float32, 1), (129, 3001, torch.bfloat16, 2), (65, 5000, torch.float16, 1),
          (17, 10000, torch.float32, 2)]

@@ -33,7 +33,7 @@ for s in $SPLITS; do
   # tarballs unpack flat (sometimes under a sub-folder): move every clip next to the others, then into classes
   find "$DEST/flat/$s" -mindepth 2 -type f \( -name '*.mp4' -o -name '*.webm' -o -name '*.mkv' \) \
        -exec mv -n {} "$DEST/flat/$s/" \;
-  PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" python -m goca_fast.data.datasets arrange-k400 \
+  PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" python -m goca_fast.prepare.datasets arrange-k400 \
        "$DEST/flat/$s" "$DEST/annotations/$s.csv" "$DEST/$s"
 done
 echo "download_k400.sh: done. Next: goca-prepare --dataset kinetics400 --src $DEST --splits-dir $DEST/annotations --out <prepared>"

@@ -46,4 +46,4 @@ srun --kill-on-bad-exit=1 torchrun \
   --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --max-restarts="$MAX_RESTARTS" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
-  -m goca_fast.pretrain --config "$CONFIG" "$@"
+  -m goca_fast.cli.pretrain --config "$CONFIG" "$@"

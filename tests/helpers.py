@@ -25,14 +25,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from goca_fast.builders import build_model, eval_setup, finetune_start
-from goca_fast.checkpoint import latest_path, save_checkpoint
+from goca_fast.plan import build_model, eval_setup, finetune_start
+from goca_fast.train.checkpoint import latest_path, save_checkpoint
 from goca_fast.config import Config, config_to_yaml, load_config
 from goca_fast.data.index import VideoRecord, write_index
 from goca_fast.data.synthetic import make_synthetic_dataset
-from goca_fast.data.video_io import write_video
+from goca_fast.video.io import write_video
 from goca_fast.eval.finetune import run_finetune
-from goca_fast.flow.codec import write_flow_video
+from goca_fast.video.flow_codec import write_flow_video
 
 # ------------------------------------------------------------------------------------------------ evaluation runs
 TINY = ["model.arch=tiny", "model.pool=global", "model.hidden_dim=32", "model.embed_dim=16",
@@ -97,7 +97,7 @@ SETUP_KEYS = ("device", "streams", "expect_arch", "config_path", "data_root", "t
 
 def run_eval(runner, source, **kw):
     """`runner` (run_knn, run_linear, run_export, run_plots) on a checkpoint as goca-eval runs it: the setup's
-    keywords go to `goca_fast.builders.eval_setup` (device cpu unless given), the others to the runner."""
+    keywords go to `goca_fast.plan.eval_setup` (device cpu unless given), the others to the runner."""
     setup = {k: kw.pop(k) for k in SETUP_KEYS if k in kw}
     setup.setdefault("device", "cpu")
     return runner(eval_setup(str(source), need_heads=kw.get("feature") == "head", **setup), quiet=True, **kw)

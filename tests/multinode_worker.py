@@ -1,6 +1,6 @@
-"""`python tests/multinode_worker.py [pretrain args]`: goca_fast.pretrain with test instrumentation, for the multi-node
+"""`python tests/multinode_worker.py [pretrain args]`: goca_fast.cli.pretrain with test instrumentation, for the multi-node
 tests (tests/test_multinode.py). Run directly, by torchrun or as a fake SLURM task, exactly like
-`python -m goca_fast.pretrain`. Everything here is test-side: the package knows nothing of it.
+`python -m goca_fast.cli.pretrain`. Everything here is test-side: the package knows nothing of it.
 
 Switched on by environment variables (all optional):
   GOCA_TEST_EVENTS=DIR         one JSON line per event to DIR/rank<R>.jsonl: start (pid, restart count), every
@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-from goca_fast import checkpoint as ckpt
-from goca_fast import engine, objective, pretrain
-from goca_fast.distributed import env_rank_info
+from goca_fast.train import checkpoint as ckpt
+from goca_fast.train import engine
+from goca_fast.method import objective
+from goca_fast.cli import pretrain
+from goca_fast.runtime.distributed import env_rank_info
 
 RANK = env_rank_info()[0]
 RESTART = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

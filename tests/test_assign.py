@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from goca_fast.assign import goca_codes, resolve_backend, sinkhorn
+from goca_fast.method.assign import goca_codes, resolve_backend, sinkhorn
 from helpers import cosine_scores, free_port, goca64, plain_iterate64, rel_err
 
 
@@ -119,7 +119,7 @@ def test_bad_arguments_are_clear():
         goca_codes(S, S, 0.1, 0.1, 3, cycles=3)
     with pytest.raises((RuntimeError, ValueError), match="CUDA"):
         goca_codes(S, S, 0.1, 0.1, 3, backend="cuda")   # CPU tensors, or no extension
-    from goca_fast import kernels
+    from goca_fast.method import cuda_kernel as kernels
     ok, why = kernels.available()
     assert ok or why  # unavailable always comes with a reason
 
@@ -207,7 +207,7 @@ BACKEND_CASES = {"rank1_unusable": (True, False), "all_usable": (True, True)}
 def _backend_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from goca_fast import kernels
+    from goca_fast.method import cuda_kernel as kernels
     logged: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
@@ -253,7 +253,7 @@ def test_backend_is_decided_once_for_the_whole_group(tmp_path):
 
 
 def test_backend_in_one_process():
-    from goca_fast import kernels
+    from goca_fast.method import cuda_kernel as kernels
     assert not kernels.available(torch.empty(0, 30))[0]  # CPU tensors: never usable
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("torch", torch.device("cpu")) == "torch"

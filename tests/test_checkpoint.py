@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import goca_fast.checkpoint as ck
-from goca_fast.atomic import remove_stale_temps
-from goca_fast.checkpoint import (CheckpointError, CheckpointTimer, find_latest, latest_path, load_checkpoint,
+import goca_fast.train.checkpoint as ck
+from goca_fast.runtime.atomic import remove_stale_temps
+from goca_fast.train.checkpoint import (CheckpointError, CheckpointTimer, find_latest, latest_path, load_checkpoint,
                                   rng_state, save_checkpoint, set_rng_state, snapshot_path, strip_ddp_prefix)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_hard_crash_mid_write_keeps_previous_file(tmp_path):
     save_checkpoint(path, _state(1.0))
     script = textwrap.dedent(f"""
         import io, os, torch
-        import goca_fast.checkpoint as ck
+        import goca_fast.train.checkpoint as ck
         real = torch.save
         def crash(obj, f):
             buf = io.BytesIO(); real(obj, buf)

@@ -66,7 +66,7 @@ def test_unknown_key_in_yaml(tmp_path):
 
 
 def test_cli_reports_one_line_and_exit_code_2():
-    r = subprocess.run([sys.executable, "-m", "goca_fast.pretrain", "data.batchsize=4"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "goca_fast.cli.pretrain", "data.batchsize=4"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     lines = [l for l in r.stderr.strip().splitlines() if l]

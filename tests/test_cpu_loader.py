@@ -19,7 +19,7 @@ from goca_fast.data.cpu_loader import (
 )
 from goca_fast.data.index import read_index
 from goca_fast.data.sampling import uniform_eval_clips
-from goca_fast.data.video_io import write_video
+from goca_fast.video.io import write_video
 from helpers import decode_frame_index, make_frame_index_dataset
 
 FRAMES = [40, 64, 25, 90, 33, 50, 70, 45]

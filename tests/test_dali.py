@@ -16,15 +16,15 @@ dali = pytest.importorskip("nvidia.dali", reason="DALI is part of the [dali] ext
 from dali_pipelines.eval import DaliEvalLoader  # noqa: E402
 from dali_pipelines.source import P_FLIP, TrainSource, frame_plan, video_metas  # noqa: E402
 from dali_pipelines.validate import validate_for_dali  # noqa: E402
-from goca_fast.builders import build_dali_train_loader, train_augment  # noqa: E402
+from goca_fast.plan import build_dali_train_loader, train_augment  # noqa: E402
 from goca_fast.config import load_config  # noqa: E402
 from goca_fast.data.cpu_loader import EvalClipDataset, TrainClipDataset, make_eval_loader, make_train_loader  # noqa: E402
 from goca_fast.data.index import read_index, write_index  # noqa: E402
 from goca_fast.data.sampling import uniform_eval_clips  # noqa: E402
 from goca_fast.data.synthetic import make_synthetic_dataset  # noqa: E402
-from goca_fast.data.video_io import write_video  # noqa: E402
-from goca_fast.distributed import DistInfo  # noqa: E402
-from goca_fast.flow.codec import read_flow_frames, write_flow_video  # noqa: E402
+from goca_fast.video.io import write_video  # noqa: E402
+from goca_fast.runtime.distributed import DistInfo  # noqa: E402
+from goca_fast.video.flow_codec import read_flow_frames, write_flow_video  # noqa: E402
 from helpers import decode_frame_index, frame_index_video, make_frame_index_dataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +202,7 @@ def test_same_batches_as_the_cpu_loader(motion_root, flow_mode):
 def test_flip_negates_u(tmp_path):
     """Uniform flow (u=+5, v=-3 px): a flipped clip reads u=-5/20, an unflipped one +5/20; v is untouched."""
     from goca_fast.data.index import VideoRecord
-    from goca_fast.flow.codec import dequantise_flow, quantise_flow
+    from goca_fast.video.flow_codec import dequantise_flow, quantise_flow
     root = tmp_path / "const"
     recs = []
     for i in range(8):
@@ -443,7 +443,7 @@ def test_eval_frames_and_shards_cover_every_video_exactly_once(index_root):
 
 def test_pretrain_runs_on_the_dali_loader_and_exits(tmp_path):
     """The real command, in its own process: it trains on the DALI CPU backend, and the interpreter exits."""
-    cmd = [sys.executable, "-m", "goca_fast.pretrain", "--config", os.path.join(REPO, "configs", "demo.yaml"),
+    cmd = [sys.executable, "-m", "goca_fast.cli.pretrain", "--config", os.path.join(REPO, "configs", "demo.yaml"),
            f"output_dir={tmp_path}", "data.loader=dali", f"data.cache_dir={tmp_path / 'cache'}",
            "data.synthetic.videos_per_class=4", "optim.epochs=1", "optim.warmup_epochs=0", "data.workers=0",
            "eval.knn_after_training=false"]

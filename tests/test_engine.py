@@ -13,12 +13,12 @@ import torch
 
 from goca_fast.config import load_config
 from goca_fast.data.batch import ClipBatch
-from goca_fast.distributed import DistInfo
-from goca_fast.builders import build_model, build_trainer, eval_setup
-from goca_fast.checkpoint import latest_path, save_checkpoint
-from goca_fast.engine import TrainingDiverged
+from goca_fast.runtime.distributed import DistInfo
+from goca_fast.plan import build_model, build_trainer, eval_setup
+from goca_fast.train.checkpoint import latest_path, save_checkpoint
+from goca_fast.train.engine import TrainingDiverged
 from goca_fast.eval.knn import run_knn
-from goca_fast.pretrain import seed_everything
+from goca_fast.cli.pretrain import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
@@ -26,7 +26,7 @@ SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.
 
 
 def pretrain(out: Path, cache: Path, *extra: str, wait: bool = True, name: str = "run"):
-    cmd = [sys.executable, "-m", "goca_fast.pretrain", f"output_dir={out}", f"name={name}",
+    cmd = [sys.executable, "-m", "goca_fast.cli.pretrain", f"output_dir={out}", f"name={name}",
            f"data.cache_dir={cache}", *SMALL, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if wait:
@@ -210,7 +210,7 @@ def test_lr_is_indexed_by_the_absolute_iteration_despite_skipped_steps(tmp_path)
 
 def test_torchrun_two_cpu_processes(tmp_path):
     """DDP on CPU (gloo): two ranks train, rank 0 checkpoints and evaluates."""
-    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "goca_fast.pretrain",
+    cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "goca_fast.cli.pretrain",
            f"output_dir={tmp_path / 'out'}", "name=ddp", f"data.cache_dir={tmp_path / 'cache'}", *SMALL,
            "data.batch_size=4", "optim.epochs=1", "optim.warmup_epochs=0", "engine.max_iters_per_epoch=2",
            "eval.clips=1", "eval.compare_random_init=false", "goca.queue_length=16", "goca.queue_start_epoch=0"]

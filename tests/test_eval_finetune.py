@@ -5,11 +5,11 @@ import signal
 import pytest
 import torch
 
-from goca_fast.builders import finetune_start, load_eval_model
+from goca_fast.plan import finetune_start, load_eval_model
 from goca_fast.eval import EvalError
 from goca_fast.eval.finetune import Finetuner
 from goca_fast.eval.finetune_recipe import FinetuneSettings
-from goca_fast.stop_signals import RunStopped
+from goca_fast.runtime.stop_signals import RunStopped
 from helpers import finetune, one_torch_thread, tiny_run  # noqa: F401 (autouse fixture)
 
 
@@ -70,7 +70,7 @@ def test_finetune_refuses_a_pretraining_run_as_output(tmp_path):
 
 
 def test_finetune_command_line(tmp_path, capsys):
-    from goca_fast.eval.cli import main
+    from goca_fast.cli.eval import main
     argv = ["finetune", str(tiny_run()), "--out", str(tmp_path), "--epochs", "1", "--warmup-epochs", "0",
             "--batch-size", "4", "--max-iters-per-epoch", "1", "--test-clips", "1", "--test-crops", "1",
             "--streams", "flow", "--device", "cpu", "--workers", "0", "--schedule", "cosine"]
@@ -84,7 +84,7 @@ def test_finetune_command_line(tmp_path, capsys):
 
 
 def test_finetune_command_line_resumes_when_run_again(tmp_path, capsys, caplog):
-    from goca_fast.eval.cli import main
+    from goca_fast.cli.eval import main
     argv = ["finetune", str(tiny_run()), "--out", str(tmp_path), "--warmup-epochs", "0", "--batch-size", "4",
             "--max-iters-per-epoch", "1", "--test-clips", "1", "--test-crops", "1", "--streams", "flow",
             "--device", "cpu", "--workers", "0"]

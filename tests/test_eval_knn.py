@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from goca_fast.builders import knn_recall, load_eval_model
+from goca_fast.plan import knn_recall, load_eval_model
 from goca_fast.eval import EvalError, features, knn
-from goca_fast.eval.cli import main as cli_main
+from goca_fast.cli.eval import main as cli_main
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from helpers import brute_force_recall, cached_features, copy_dataset, make_run, run_eval, tiny_dataset, tiny_run
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_knn_module_cli_writes_table_and_json(tmp_path):
     run = tiny_run()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "goca_fast.eval", "knn", str(run), "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "goca_fast.cli.eval", "knn", str(run), "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "R@1" in r.stdout and "4 of 4 query videos (test) against 12 of 12 gallery videos (train)" in r.stdout
@@ -124,7 +124,7 @@ def test_missing_unreadable_short_and_mismatched_videos_are_counted(tmp_path):
 def test_every_option_has_a_help_text_and_shows_its_default_once():
     import argparse
     import re
-    from goca_fast.eval.cli import build_parser
+    from goca_fast.cli.eval import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == {"knn", "linear", "finetune", "export", "plots"}
     for name, parser in sub.choices.items():

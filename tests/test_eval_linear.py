@@ -61,7 +61,7 @@ def test_linear_cli_paths(tmp_path, augment):
 
 
 def test_linear_command_line(tmp_path, capsys):
-    from goca_fast.eval.cli import main
+    from goca_fast.cli.eval import main
     assert main(["linear", str(tiny_run()), "--epochs", "2", "--train-clips", "1", "--train-crops", "1",
                  "--test-clips", "1", "--test-crops", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert "top-1" in capsys.readouterr().out
@@ -70,7 +70,7 @@ def test_linear_command_line(tmp_path, capsys):
 
 
 def test_short_run_warns_once_about_unreached_milestones_and_counts_are_singular(tmp_path, capsys, caplog):
-    from goca_fast.eval.cli import main
+    from goca_fast.cli.eval import main
     argv = ["linear", str(tiny_run()), "--epochs", "1", "--train-clips", "1", "--train-crops", "1",
             "--test-clips", "1", "--test-crops", "1", "--out", str(tmp_path), "--device", "cpu", "--workers", "0"]
     with caplog.at_level("WARNING", logger="goca_fast.eval"):

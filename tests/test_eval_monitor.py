@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from goca_fast.builders import load_eval_model
+from goca_fast.plan import load_eval_model
 from goca_fast.data.index import read_index
 from goca_fast.eval.features import compute_split_features
 from goca_fast.eval.knn import knn_scores

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from goca_fast.eval.cli import main as cli_main
+from goca_fast.cli.eval import main as cli_main
 from goca_fast.eval.plots import (draw_curves, draw_embedding, draw_retrieval_grid, grid_size_px, png_size,
                                   read_scalars, run_plots)
 from helpers import make_run, one_torch_thread, run_eval, tiny_run  # noqa: F401 (autouse fixture)

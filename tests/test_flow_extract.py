@@ -12,16 +12,16 @@ import cv2
 import numpy as np
 import pytest
 
-from goca_fast.data.datasets import scan_dataset
+from goca_fast.prepare.datasets import scan_dataset
 from goca_fast.data.index import read_index
-from goca_fast.data.prepare import prepare_dataset
-from goca_fast.data.transcode import PrepareOptions
+from goca_fast.prepare.build import prepare_dataset
+from goca_fast.video.transcode import PrepareOptions
 from goca_fast.data.synthetic import class_motion, random_texture, render_motion_video
-from goca_fast.data.video_io import probe_video, read_all_frames, write_video
-from goca_fast.flow.codec import dequantise_flow, quantise_flow, read_flow_frames, write_flow_video
-from goca_fast.flow.dataset import flow_rel_path
-from goca_fast.flow.extract import extract_flow, grey_frames, main
-from goca_fast.flow.tvl1 import TVL1Params, opencv_tvl1
+from goca_fast.video.io import probe_video, read_all_frames, write_video
+from goca_fast.video.flow_codec import dequantise_flow, quantise_flow, read_flow_frames, write_flow_video
+from goca_fast.prepare.flow_files import flow_rel_path
+from goca_fast.prepare.flow import extract_flow, grey_frames, main
+from goca_fast.video.tvl1 import TVL1Params, opencv_tvl1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = TVL1Params(nscales=3, warps=3, outer_iterations=3)  # small, fast cases; defaults are tested in test_flow_tvl1
@@ -180,7 +180,7 @@ def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
         prepare_dataset(scan_dataset("folders", str(src)), str(out), PrepareOptions(short_side=48, min_frames=8))
         dss.append(out)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "goca_fast.flow.extract", "--workers", "1", "--no-progress", *SMALL_ARGS]
+    cmd = [sys.executable, "-m", "goca_fast.prepare.flow", "--workers", "1", "--no-progress", *SMALL_ARGS]
     assert subprocess.run(cmd + ["--root", str(dss[0])], cwd=ROOT, env=env, capture_output=True).returncode == 0
     p = subprocess.Popen(cmd + ["--root", str(dss[1])], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from goca_fast.data.synthetic import Motion, random_texture, render_motion_video
-from goca_fast.flow.tvl1 import (TVL1Params, _step, _warp_sampler, centered_gradient, flow_numpy, median_filter,
+from goca_fast.video.tvl1 import (TVL1Params, _step, _warp_sampler, centered_gradient, flow_numpy, median_filter,
                                  median_filter_network, opencv_tvl1, resize_linear, tvl1_flow)
 
 

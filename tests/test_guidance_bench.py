@@ -13,7 +13,7 @@ pytest.importorskip("skimage")
 
 from benchmarks import guidance_bench  # noqa: E402
 from goca_fast.data.index import read_index  # noqa: E402
-from goca_fast.flow.codec import dequantise_flow, read_flow_frames  # noqa: E402
+from goca_fast.video.flow_codec import dequantise_flow, read_flow_frames  # noqa: E402
 
 
 @pytest.fixture(scope="module")

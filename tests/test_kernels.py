@@ -2,7 +2,7 @@
 GPU (`gpu` mark).
 
 CPU: every .cu compiles with nvcc for sm_80 and sm_90 without heavy register spills, the torch binding compiles
-against torch's headers, the schedule (goca_fast.sweep_plan, which the kernel reads) matches a hand derivation, and
+against torch's headers, the schedule (goca_fast.method.sweep_plan, which the kernel reads) matches a hand derivation, and
 `_sweep_model` (the kernel's sweep algorithm walking that plan, block partials and v2's per-thread (max, sum)
 reduction included, in float32 torch) matches the torch path and a float64 re-derivation, and stays finite where
 the official iterate overflows.
@@ -28,10 +28,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from goca_fast import kernels
-from goca_fast import sweep_plan as sweep_plan_mod
-from goca_fast.assign import goca_codes
-from goca_fast.sweep_plan import sweep_plan
+from goca_fast.method import cuda_kernel as kernels
+from goca_fast.method import sweep_plan as sweep_plan_mod
+from goca_fast.method.assign import goca_codes
+from goca_fast.method.sweep_plan import sweep_plan
 from helpers import cosine_scores, free_port, goca64, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def _row_softmax(y: torch.Tensor, owners: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _sweep_model(Sr, Sf, plan, keep, blocks, owners=0):
-    """kernels/sinkhorn_v*.cu's algorithm in float32 torch, walking the same goca_fast.sweep_plan plan the kernel
+    """kernels/sinkhorn_v*.cu's algorithm in float32 torch, walking the same goca_fast.method.sweep_plan plan the kernel
     reads: per sweep a sample step per row (max-shifted, sums >= 1), column statistics per block of rows (online
     log-sum-exp in a pass's first prototype step, plain sums after), combined across blocks as the kernel's
     reduction phase does; potentials F and row maxima m in log2 units. owners: see _row_softmax."""

@@ -4,10 +4,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from goca_fast.loss import swapped_prediction
+from goca_fast.method.loss import swapped_prediction
 from goca_fast.models.goca_model import StreamOutput
-from goca_fast.objective import GocaObjective
-from goca_fast.queue import FeatureQueue, local_queue_length
+from goca_fast.method.objective import GocaObjective
+from goca_fast.method.queue import FeatureQueue, local_queue_length
 
 # the objective of the mode tests: 3 clips, codes for the first two, the official Sinkhorn settings
 MIX = dict(merge="mix", num_clips=3, assign_clips=[0, 1], epsilon=0.05, prior_epsilon=0.03, iterations=3, cycles=1,
@@ -86,7 +86,7 @@ def _outputs(num_clips, bs, K, D, seed):
 
 
 def test_prior_mode_loss_is_the_mean_of_per_stream_losses_with_goca_codes():
-    from goca_fast.assign import goca_codes
+    from goca_fast.method.assign import goca_codes
     out, protos = _outputs(4, 6, 10, 8, 1)
     obj = GocaObjective(**{**MIX, "merge": "prior", "num_clips": 4})
     res = obj(out, protos, epoch=0)
@@ -104,7 +104,7 @@ def test_prior_mode_loss_is_the_mean_of_per_stream_losses_with_goca_codes():
 
 
 def test_mix_mode_predicts_across_modalities_and_official_scale_divides_again():
-    from goca_fast.assign import sinkhorn
+    from goca_fast.method.assign import sinkhorn
     out, protos = _outputs(3, 4, 6, 5, 2)
     obj = GocaObjective(**MIX)
     res = obj(out, protos, epoch=0)

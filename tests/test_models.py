@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from goca_fast.assign import sinkhorn
+from goca_fast.method.assign import sinkhorn
 from goca_fast.models import GocaModel, build_backbone, prototype_separation, run_grouped
 from goca_fast.models.heads import Prototypes
 from helpers import plain_iterate64, rel_err
@@ -111,7 +111,7 @@ def test_model_under_bf16_autocast_keeps_the_network_bf16_and_the_scores_fp32():
 def test_linear_head_is_one_linear_map_of_the_pooled_features():
     """model.head=linear: embedding = normalise(W·f + b) of the backbone features f, by hand; the default stays the
     official 3-linear MLP; an unknown head is a config error."""
-    from goca_fast.builders import build_model
+    from goca_fast.plan import build_model
     from goca_fast.config import ConfigError, load_config
     torch.manual_seed(0)
     cfg = load_config("configs/guidance.yaml", ["model.head=linear"])

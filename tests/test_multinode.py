@@ -1,7 +1,7 @@
 """Multi-node training on CPU (gloo, loopback): 2 ranks compute what 1 rank computes, pre-emption of one node, elastic
 restarts, a hung rank, srun-style launch, SLURM node lists and the SLURM script.
 
-The launches run tests/multinode_worker.py, which is `python -m goca_fast.pretrain` plus test-side instrumentation
+The launches run tests/multinode_worker.py, which is `python -m goca_fast.cli.pretrain` plus test-side instrumentation
 (event log, fault injection, per-step records; see its docstring). Every 2-rank run with the RUN settings is compared
 bit for bit with one uninterrupted torchrun launch (the `reference` fixture).
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from goca_fast import checkpoint as ckpt
-from goca_fast.builders import build_trainer
+from goca_fast.train import checkpoint as ckpt
+from goca_fast.plan import build_trainer
 from goca_fast.config import ConfigError, load_config
-from goca_fast.distributed import DistInfo, env_rank_info, expand_slurm_nodelist, rendezvous_host, slurm_hostnames
+from goca_fast.runtime.distributed import DistInfo, env_rank_info, expand_slurm_nodelist, rendezvous_host, slurm_hostnames
 from helpers import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -492,7 +492,7 @@ def test_slurm_script_passes_rendezvous_restart_and_signal_settings(tmp_path):
     args = (tmp_path / "srun_args").read_text().splitlines()
     assert args[0] == "--kill-on-bad-exit=1" and args[1] == "torchrun"
     script = args.index("-m")
-    assert args[script:] == ["-m", "goca_fast.pretrain", "--config", "configs/k400_r2plus1d.yaml", "data.batch_size=16"]
+    assert args[script:] == ["-m", "goca_fast.cli.pretrain", "--config", "configs/k400_r2plus1d.yaml", "data.batch_size=16"]
     options = dict(a.split("=", 1) for a in args[2:script])
     assert options == {"--nnodes": "2", "--nproc-per-node": "4", "--rdzv-id": "777", "--rdzv-backend": "c10d",
                        "--rdzv-endpoint": "node07:20777", "--max-restarts": "3",

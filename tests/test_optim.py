@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from goca_fast.optim import LARC, build_optimizer, lr_schedule, set_lr
+from goca_fast.train.optim import LARC, build_optimizer, lr_schedule, set_lr
 
 
 # --- an independent re-derivation of apex LARC + torch SGD(momentum, dampening 0), in numpy float64 -----------

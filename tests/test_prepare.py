@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from goca_fast.data.datasets import (
+from goca_fast.prepare.datasets import (
     k400_file_stem,
     parse_hmdb_split,
     parse_k400_csv,
@@ -21,10 +21,10 @@ from goca_fast.data.datasets import (
     scan_dataset,
 )
 from goca_fast.data.index import read_index, select_split
-from goca_fast.data.sources import SplitFileError
-from goca_fast.data.prepare import prepare_dataset
-from goca_fast.data.transcode import ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, target_size
-from goca_fast.data.video_io import probe_video, read_all_frames
+from goca_fast.prepare.sources import SplitFileError
+from goca_fast.prepare.build import prepare_dataset
+from goca_fast.video.transcode import ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, target_size
+from goca_fast.video.io import probe_video, read_all_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIX = {"mpeg4": "yuv420p", "mjpeg": "yuvj420p", "cinepak": "rgb24", "libx264": "yuv420p", "msmpeg4v2": "yuv420p"}
@@ -197,7 +197,7 @@ def test_scan_folders_plain_and_split_layout(tmp_path):
 
 def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
     """Issue #12.3 end to end: train/<c>/x.mp4 and test/<c>/x.mp4 are two videos, both prepared."""
-    from goca_fast.data.prepare import main
+    from goca_fast.prepare.build import main
     src = tmp_path / "src"
     for k, rel in enumerate(["train/a/x.avi", "test/a/x.avi", "train/b/y.avi", "test/b/y.avi", "test/b/z.avi"]):
         write_source(str(src / rel), moving_frames(n=12, seed=k), "mpeg4")
@@ -211,8 +211,8 @@ def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
     assert (tmp_path / "out" / "excluded.jsonl").read_text() == ""
     # flow JPEGs in the same layout (<split>/<class>/<name>/): each video gets its own split's folder
     import cv2
-    from goca_fast.flow.codec import read_flow_frames
-    from goca_fast.flow.extract import main as flow_main
+    from goca_fast.video.flow_codec import read_flow_frames
+    from goca_fast.prepare.flow import main as flow_main
     u = {"train__x": 147, "test__x": 108}  # MemDPC quantisation of +3 and -3 px
     for r in records:
         if r.id in u:
@@ -293,7 +293,7 @@ def ucf_prepared(tmp_path_factory):
     # v_Archery_g13_c01 is listed but never written: missing
     out = tmp / "prepared"
     opts = PrepareOptions(short_side=48, min_frames=20)
-    from goca_fast.data.datasets import scan_dataset as scan
+    from goca_fast.prepare.datasets import scan_dataset as scan
     report = prepare_dataset(scan("ucf101", str(src), str(lists)), str(out), opts, workers=2)
     return src, lists, out, report, f
 
@@ -352,12 +352,12 @@ def test_prepare_rerun_skips_and_refuses_other_params(ucf_prepared):
 
 def _cli(*args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "goca_fast.data.prepare", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "goca_fast.prepare.build", *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300, **kw)
 
 
 def test_cli_bad_arguments(tmp_path, capsys):
-    from goca_fast.data.prepare import main
+    from goca_fast.prepare.build import main
 
     def err(*args):
         with pytest.raises(SystemExit) as e:
@@ -393,7 +393,7 @@ def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
     assert ref.returncode == 0, ref.stderr
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "goca_fast.data.prepare", *args, "--out", str(out)], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "goca_fast.prepare.build", *args, "--out", str(out)], cwd=ROOT,
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(_digest(out) if (out / "rgb").is_dir() else {}) < 3:
@@ -412,13 +412,13 @@ def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
         diff = read_all_frames(out / rel).astype(int) - read_all_frames(tmp_path / "ref" / rel)
         assert np.abs(diff).mean() <= 0.5
     assert (out / "index.jsonl").read_text() == (tmp_path / "ref" / "index.jsonl").read_text()
-    from goca_fast.atomic import remove_stale_temps
+    from goca_fast.runtime.atomic import remove_stale_temps
     remove_stale_temps(str(out), older_than=0)  # what a rerun does once the killed run's temp is stale
     assert not [q for q in out.rglob(".tmp_*")]
 
 
 def test_arrange_kinetics_flat_tarball_layout(tmp_path):
-    from goca_fast.data.datasets import arrange_kinetics
+    from goca_fast.prepare.datasets import arrange_kinetics
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "aaa_000001_000011.mp4").write_bytes(b"x")
@@ -440,9 +440,9 @@ def _folders_src(root, n_videos, frames=16):
 
 def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
     """Issue #12.5: a prepare rerun on a dataset with flow keeps the valid flow paths."""
-    from goca_fast.data.prepare import main
-    from goca_fast.flow.extract import extract_flow
-    from goca_fast.flow.tvl1 import TVL1Params
+    from goca_fast.prepare.build import main
+    from goca_fast.prepare.flow import extract_flow
+    from goca_fast.video.tvl1 import TVL1Params
     src, out = tmp_path / "src", tmp_path / "out"
     _folders_src(src, 2)
     args = ["--dataset", "folders", "--src", str(src), "--out", str(out), "--short-side", "32", "--min-frames", "8",
@@ -469,8 +469,8 @@ def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
 
 def test_exit_codes(tmp_path, capsys):
     """Issue #12.4: 0 = something usable, 1 = nothing usable (one line), 2 = usage error; goca-flow too."""
-    from goca_fast.data.prepare import main
-    from goca_fast.flow.extract import main as flow_main
+    from goca_fast.prepare.build import main
+    from goca_fast.prepare.flow import main as flow_main
     bad = tmp_path / "bad"
     (bad / "a").mkdir(parents=True)
     (bad / "a" / "x.avi").write_bytes(os.urandom(2000))
@@ -513,8 +513,8 @@ def test_nominal_fps():
 
 _RSS_CHILD = """
 import json, sys
-from goca_fast.data.prepare import Job, process_one
-from goca_fast.data.transcode import PrepareOptions
+from goca_fast.prepare.build import Job, process_one
+from goca_fast.video.transcode import PrepareOptions
 def mb(key):
     return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith(key))
 base = mb("VmRSS")

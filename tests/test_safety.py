@@ -15,10 +15,10 @@ import torch
 
 from goca_fast.config import load_config
 from goca_fast.data.synthetic import make_synthetic_dataset
-from goca_fast.distributed import DistInfo
-from goca_fast.builders import build_trainer
-from goca_fast.engine import NothingTrained
-from goca_fast.eval.cli import main as eval_main
+from goca_fast.runtime.distributed import DistInfo
+from goca_fast.plan import build_trainer
+from goca_fast.train.engine import NothingTrained
+from goca_fast.cli.eval import main as eval_main
 from goca_fast.eval import EvalError
 from goca_fast.eval.splits import check_disjoint
 from helpers import descendants, one_torch_thread, proc_stat_fields, tiny_run  # noqa: F401 (autouse fixture)
@@ -29,7 +29,7 @@ SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.
 
 
 def pretrain_cmd(out: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "goca_fast.pretrain", f"output_dir={out}", "name=run", f"data.cache_dir={cache}",
+    return [sys.executable, "-m", "goca_fast.cli.pretrain", f"output_dir={out}", "name=run", f"data.cache_dir={cache}",
             *SMALL, *extra]
 
 
@@ -214,7 +214,7 @@ def test_prototypes_file_missing_or_of_the_wrong_shape_is_one_line(tmp_path):
 
 
 def test_prototypes_tool_refuses_zero_steps_and_unwritable_output(tmp_path):
-    from goca_fast.prototypes import main as prototypes_main
+    from goca_fast.method.prototypes import main as prototypes_main
     with pytest.raises(SystemExit) as e:
         prototypes_main(["--num", "8", "--dim", "4", "--steps", "0", "--out", str(tmp_path / "p.npy")])
     assert e.value.code == 2 and not (tmp_path / "p.npy").exists()
@@ -225,16 +225,16 @@ def test_prototypes_tool_refuses_zero_steps_and_unwritable_output(tmp_path):
 # ------------------------------------------------------------------------------------- conveniences
 
 def test_shipped_config_by_name_from_another_directory_and_print_config_round_trips(tmp_path):
-    cmd = [sys.executable, "-m", "goca_fast.pretrain", "--config", "ucf101_r2plus1d", "--print-config",
+    cmd = [sys.executable, "-m", "goca_fast.cli.pretrain", "--config", "ucf101_r2plus1d", "--print-config",
            "data.batch_size=3"]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "batch_size: 3" in first.stdout and "name: ucf101_r2plus1d" in first.stdout
     (tmp_path / "printed.yaml").write_text(first.stdout)
-    again = subprocess.run([sys.executable, "-m", "goca_fast.pretrain", "--config", "printed.yaml",
+    again = subprocess.run([sys.executable, "-m", "goca_fast.cli.pretrain", "--config", "printed.yaml",
                             "--print-config"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert again.returncode == 0 and again.stdout == first.stdout
-    bad = subprocess.run([sys.executable, "-m", "goca_fast.pretrain", "--config", "ucf102"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "goca_fast.cli.pretrain", "--config", "ucf102"], capture_output=True,
                          text=True, cwd=tmp_path, timeout=300)
     assert "shipped: demo, guidance, k400_r2plus1d, ucf101_r2plus1d, ucf101_s3d_official" in one_line_error(bad)
 
@@ -294,10 +294,10 @@ def test_export_weights_command_end_to_end(tmp_path, capsys):
 
 
 def _cli_parsers():
-    from goca_fast.data.prepare import build_parser as prepare_parser
-    from goca_fast.eval.cli import build_parser as eval_parser
-    from goca_fast.flow.extract import build_parser as flow_parser
-    from goca_fast.prototypes import build_parser as prototypes_parser
+    from goca_fast.prepare.build import build_parser as prepare_parser
+    from goca_fast.cli.eval import build_parser as eval_parser
+    from goca_fast.prepare.flow import build_parser as flow_parser
+    from goca_fast.method.prototypes import build_parser as prototypes_parser
     subs = [a for a in eval_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction)]
     return [prepare_parser(), flow_parser(), prototypes_parser(), *subs[0].choices.values()]
 
@@ -320,6 +320,6 @@ def test_prepare_to_an_unwritable_place_is_one_line(tmp_path):
     src.mkdir(parents=True)
     first = sorted((tiny_dataset() / "rgb").rglob("*.mp4"))[0]
     (src / "v.mp4").write_bytes(first.read_bytes())
-    r = run([sys.executable, "-m", "goca_fast.data.prepare", "--dataset", "folders", "--src", str(tmp_path / "src"),
+    r = run([sys.executable, "-m", "goca_fast.prepare.build", "--dataset", "folders", "--src", str(tmp_path / "src"),
              "--out", "/proc/goca_fast_cannot_write", "--no-progress", "--workers", "1"])
     assert "cannot write /proc/goca_fast_cannot_write" in one_line_error(r)

@@ -25,9 +25,9 @@ from goca_fast.data.synthetic import (
     render_motion_video,
     render_object_video,
 )
-from goca_fast.data.video_io import read_all_frames, write_video
+from goca_fast.video.io import read_all_frames, write_video
 from helpers import decode_frame_index, frame_index_video
-from goca_fast.flow.codec import dequantise_flow, read_flow_frames
+from goca_fast.video.flow_codec import dequantise_flow, read_flow_frames
 
 H, W = 48, 64
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from goca_fast.data.augment import flow_to_unit
-from goca_fast.data.video_io import (
+from goca_fast.video.io import (
     VideoReadError,
     VideoWriter,
     probe_video,
@@ -16,7 +16,7 @@ from goca_fast.data.video_io import (
     read_frames,
     write_video,
 )
-from goca_fast.flow.codec import (
+from goca_fast.video.flow_codec import (
     FLOW_CRF,
     dequantise_flow,
     pad_flow_to_frames,

@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 import pytest
 
-from goca_fast.data.datasets import scan_dataset
-from goca_fast.data.prepare import prepare_dataset
-from goca_fast.data.transcode import PrepareOptions
-from goca_fast.data.video_io import read_all_frames
+from goca_fast.prepare.datasets import scan_dataset
+from goca_fast.prepare.build import prepare_dataset
+from goca_fast.video.transcode import PrepareOptions
+from goca_fast.video.io import read_all_frames
 from helpers import encode_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -382,7 +382,7 @@ def test_zoo_check_mode_agrees_and_writes_nothing(zoo, tmp_path):
     d, src, expect, kept, excluded, _ = zoo
     out = tmp_path / "never"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "goca_fast.data.prepare", "--dataset", "folders", "--src", str(src),
+    r = subprocess.run([sys.executable, "-m", "goca_fast.prepare.build", "--dataset", "folders", "--src", str(src),
                         "--out", str(out), "--check", "--short-side", "48", "--min-frames", "8", "--workers", "2",
                         "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -73,14 +73,14 @@ def env_step(c: Ctx) -> Step:
 
 
 def build_step() -> Step:
-    probe = ("import sys; from goca_fast import kernels; ok, why = kernels.available(); "
+    probe = ("import sys; from goca_fast.method import cuda_kernel as kernels; ok, why = kernels.available(); "
              "print('kernel available' if ok else f'kernel unavailable: {why}', kernels.cache_dir()); sys.exit(not ok)")
     return Step("build", [PY, "-c", probe], 360)
 
 
 def pretrain_cmd(c: Ctx, resume: bool) -> list[str]:
     """The CPU demo config, 2 epochs (+1 resumed, then the kNN table); the dry run shrinks it to seconds on a CPU."""
-    cmd = [PY, "-m", "goca_fast.pretrain"] + ([] if resume else ["--fresh"]) + [
+    cmd = [PY, "-m", "goca_fast.cli.pretrain"] + ([] if resume else ["--fresh"]) + [
         f"output_dir={c.work / 'runs'}", "name=gpu-check", f"data.cache_dir={c.work / 'cache'}",
         f"eval.knn_after_training={str(resume).lower()}", "engine.progress=false"]
     if c.dry:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from goca_fast.flow.codec import FLOW_BOUND, U8_LEVELS
+from goca_fast.video.flow_codec import FLOW_BOUND, U8_LEVELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

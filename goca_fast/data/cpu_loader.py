@@ -23,9 +23,9 @@ from goca_fast.data.augment import ClipAugment, eval_crops
 from goca_fast.data.batch import ClipBatch
 from goca_fast.data.index import VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
-from goca_fast.data.video_io import VideoReadError, read_frames, set_decoder_threads
-from goca_fast.flow.codec import read_flow_frames
-from goca_fast.stop_signals import ignore_interrupts_in_worker
+from goca_fast.video.io import VideoReadError, read_frames, set_decoder_threads
+from goca_fast.video.flow_codec import read_flow_frames
+from goca_fast.runtime.stop_signals import ignore_interrupts_in_worker
 
 log = logging.getLogger(__name__)
 

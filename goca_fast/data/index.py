@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Optional, Sequence
 
-from goca_fast.atomic import write_atomic
-from goca_fast.data.video_io import VideoReadError, probe_video
+from goca_fast.runtime.atomic import write_atomic
+from goca_fast.video.io import VideoReadError, probe_video
 
 INDEX_FILE = "index.jsonl"
 CLASSES_FILE = "classes.txt"
@@ -92,7 +92,7 @@ def read_index(root: str | os.PathLike) -> tuple[list[VideoRecord], list[str]]:
     for p in (ipath, cpath):
         if not os.path.isfile(p):
             raise DatasetIndexError(f"{p} not found: is {root!r} a prepared dataset root "
-                                    f"(run goca_fast.data.prepare or make_synthetic_dataset)?")
+                                    f"(run goca_fast.prepare.build or make_synthetic_dataset)?")
     with open(cpath, encoding="utf-8") as f:
         classes = [line.rstrip("\n") for line in f if line.strip()]
     records = []

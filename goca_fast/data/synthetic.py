@@ -33,10 +33,10 @@ from typing import Optional
 
 import numpy as np
 
-from goca_fast.atomic import write_atomic
+from goca_fast.runtime.atomic import write_atomic
 from goca_fast.data.index import VideoRecord, write_index
-from goca_fast.data.video_io import write_video
-from goca_fast.flow.codec import pad_flow_to_frames, quantise_flow, write_flow_video
+from goca_fast.video.io import write_video
+from goca_fast.video.flow_codec import pad_flow_to_frames, quantise_flow, write_flow_video
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.device import resolve_amp
+from goca_fast.runtime.device import resolve_amp
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.cache import FeatureCache, split_features
 from goca_fast.eval.features import SplitFeatures

@@ -14,7 +14,7 @@ from typing import Iterable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from goca_fast.device import choose_loader
+from goca_fast.runtime.device import choose_loader
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.splits import SplitRecords, ViewSpec
 from goca_fast.models.goca_model import GocaModel
@@ -137,7 +137,7 @@ class SplitFeatures:
 def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool, batch_size: int, workers: int,
                 device: torch.device, loader: str = "auto"):
     """Iterable of EvalBatch over a split, from the CPU loader or the DALI pipeline (same views, same batches);
-    `loader` auto = DALI on a GPU when its pipelines import (`goca_fast.device.choose_loader`)."""
+    `loader` auto = DALI on a GPU when its pipelines import (`goca_fast.runtime.device.choose_loader`)."""
     if choose_loader(loader, device, "loader") == "dali":
         from dali_pipelines.eval import DaliEvalLoader
         return DaliEvalLoader(root, split.records, clip_length=spec.clip_length, stride=spec.stride,

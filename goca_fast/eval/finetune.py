@@ -10,7 +10,7 @@ reports two-stream results. Test: 10 uniformly spaced clips × 3 crops per video
 AMP and DDP as in pretraining (`torchrun ... -m goca_fast.eval finetune ...`; SyncBN under DDP on GPUs). The run
 directory holds checkpoints/latest.pth (every epoch, and on SIGTERM/SIGUSR1 at the next batch), tensorboard/,
 metrics.jsonl and finetune.json; starting the same command again resumes exactly (data order and augmentation are
-functions of seed, epoch and video; RNG states are saved, `goca_fast.run_dir`). Its `model` state dict uses
+functions of seed, epoch and video; RNG states are saved, `goca_fast.train.run_dir`). Its `model` state dict uses
 GocaModel's backbone key names, so `goca-eval knn` / `export` also work on a fine-tuned checkpoint.
 """
 from __future__ import annotations
@@ -29,28 +29,28 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from goca_fast import checkpoint as ckpt
-from goca_fast.checkpoint import preserve_rng
+from goca_fast.train import checkpoint as ckpt
+from goca_fast.train.checkpoint import preserve_rng
 from goca_fast.data.augment import ClipAugment
 from goca_fast.data.cpu_loader import (EvalClipDataset, TrainClipDataset, batches_per_rank, make_eval_loader,
                                        make_train_loader)
-from goca_fast.device import resolve_amp
-from goca_fast.distributed import DistInfo, cleanup
+from goca_fast.runtime.device import resolve_amp
+from goca_fast.runtime.distributed import DistInfo, cleanup
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.finetune_recipe import (FinetuneModel, FinetuneResult, FinetuneSettings, finetune_lr,
                                             param_groups)
 from goca_fast.eval.linear import BOTH, fuse_probabilities, topk_accuracy
 from goca_fast.eval.loading import EvalSetup
 from goca_fast.eval.splits import check_disjoint_records, class_check, split_records
-from goca_fast.run_dir import RunDirectory, StopRequested
-from goca_fast.stop_signals import RunStopped
+from goca_fast.train.run_dir import RunDirectory, StopRequested
+from goca_fast.runtime.stop_signals import RunStopped
 
 log = logging.getLogger("goca_fast.eval")
 
 
 @dataclass
 class FinetuneStart:
-    """Where a fine-tuning run starts (made by `goca_fast.builders.finetune_start`)."""
+    """Where a fine-tuning run starts (made by `goca_fast.plan.finetune_start`)."""
 
     info: DistInfo
     setup: EvalSetup                          # the pretrained checkpoint (fresh) and its config's defaults

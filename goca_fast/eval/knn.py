@@ -10,7 +10,7 @@ features, weights equal (concat) or chosen on the gallery alone (weighted), goca
     goca-eval knn RUN_DIR_OR_CHECKPOINT [--data-root DIR] [--clips 5 --crops 3] [--feature backbone|head] ...
     python -m goca_fast.eval knn ...        (same arguments)
 
-In-process users (the pretraining demo, through `goca_fast.builders.knn_recall`) call :func:`evaluate_knn` with a
+In-process users (the pretraining demo, through `goca_fast.plan.knn_recall`) call :func:`evaluate_knn` with a
 live model.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from goca_fast.device import resolve_amp
+from goca_fast.runtime.device import resolve_amp
 from goca_fast.eval import plural
 from goca_fast.eval.cache import FeatureCache, split_features
 from goca_fast.eval.features import SplitFeatures, compute_split_features

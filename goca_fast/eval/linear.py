@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from goca_fast.device import resolve_amp
+from goca_fast.runtime.device import resolve_amp
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.cache import FeatureCache, split_features
 from goca_fast.eval.features import SplitFeatures

@@ -1,6 +1,6 @@
 """Checkpoints for evaluation: finding one from a run directory, fitting its weights into the network its config
 describes (one-line errors for foreign or mismatched checkpoints), and `EvalSetup`, everything an evaluation
-needs of a checkpoint and its pretraining config as plain values. `goca_fast.builders` does the config part."""
+needs of a checkpoint and its pretraining config as plain values. `goca_fast.plan` does the config part."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from goca_fast import checkpoint as ckpt
+from goca_fast.train import checkpoint as ckpt
 from goca_fast.eval import EvalError
 from goca_fast.eval.splits import ViewSpec
 from goca_fast.models.goca_model import STREAMS, GocaModel
@@ -117,7 +117,7 @@ def fit_checkpoint(model: GocaModel, path: Path, run_dir: Path, state: dict, *, 
 @dataclass
 class EvalSetup:
     """What an evaluation needs of a checkpoint and its pretraining config, as plain values (made by
-    `goca_fast.builders.eval_setup` from the checkpoint and the command line's overrides)."""
+    `goca_fast.plan.eval_setup` from the checkpoint and the command line's overrides)."""
 
     loaded: Optional[LoadedModel]         # the checkpoint's network (None only for a fine-tuning run to resume)
     device: torch.device

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.checkpoint import preserve_rng
+from goca_fast.train.checkpoint import preserve_rng
 from goca_fast.data.index import read_index, select_split
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.features import extract_features

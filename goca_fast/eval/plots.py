@@ -68,7 +68,7 @@ def grid_size_px(rows: int, cols: int) -> tuple[int, int]:
 
 def middle_frame(root: Path, rgb_path: str, frames: int) -> np.ndarray:
     """The middle RGB frame of a video (H×W×3 uint8), or a grey placeholder when it cannot be read."""
-    from goca_fast.data.video_io import VideoReadError, read_frames
+    from goca_fast.video.io import VideoReadError, read_frames
     try:
         return read_frames(os.path.join(root, rgb_path), [max(0, frames // 2)])[0]
     except (VideoReadError, OSError) as e:

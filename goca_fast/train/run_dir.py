@@ -13,9 +13,9 @@ from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
-from goca_fast import checkpoint as ckpt
-from goca_fast.distributed import DistInfo, barrier
-from goca_fast.stop_signals import StopSignals
+from goca_fast.train import checkpoint as ckpt
+from goca_fast.runtime.distributed import DistInfo, barrier
+from goca_fast.runtime.stop_signals import StopSignals
 
 
 

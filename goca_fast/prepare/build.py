@@ -3,7 +3,7 @@
 Every usable input is decoded with PyAV (any codec FFmpeg reads: H.264, XviD/MPEG-4 part 2, MJPEG,
 Cinepak, ...), brought to constant frame rate, resized to a short side of 256 (even width and
 height) and re-encoded as CFR H.264 yuv420p with a fixed short GOP and no B-frames (what NVDEC/DALI and our
-seeking reader want), one video at a time by `goca_fast.data.transcode`. Output layout:
+seeking reader want), one video at a time by `goca_fast.video.transcode`. Output layout:
 
     <out>/rgb/<class>/<id>.mp4          re-encoded videos (written to a temp file, then renamed)
     <out>/index.jsonl, classes.txt      the index (all splits), read by every loader
@@ -29,15 +29,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from goca_fast.atomic import remove_stale_temps, write_atomic
-from goca_fast.cli_help import HelpFormatter
-from goca_fast.data.datasets import SCANNERS, scan_dataset
+from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
+from goca_fast.cli.help import HelpFormatter
+from goca_fast.prepare.datasets import SCANNERS, scan_dataset
 from goca_fast.data.index import MASTER_EXCLUDED, MASTER_INDEX, VideoRecord, write_index
-from goca_fast.data.sources import SourceDataset, SplitFileError, safe_name
-from goca_fast.data.transcode import ExcludedInput, PrepareOptions, transcode
-from goca_fast.data.video_io import VideoReadError, probe_video, set_decoder_threads
-from goca_fast.flow.dataset import check_flow_file, flow_rel_path
-from goca_fast.parallel import run_parallel
+from goca_fast.prepare.sources import SourceDataset, SplitFileError, safe_name
+from goca_fast.video.transcode import ExcludedInput, PrepareOptions, transcode
+from goca_fast.video.io import VideoReadError, probe_video, set_decoder_threads
+from goca_fast.prepare.flow_files import check_flow_file, flow_rel_path
+from goca_fast.runtime.parallel import run_parallel
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _worker_init() -> None:
 def _run_jobs(jobs: list[Job], opts: PrepareOptions, workers: int, progress: bool,
               check: bool = False) -> Iterator[dict]:
     return run_parallel(process_one, [(j, opts, check) for j in jobs], workers, "check" if check else "prepare",
-                        progress, _worker_init, preload=["goca_fast.data.prepare"])
+                        progress, _worker_init, preload=["goca_fast.prepare.build"])
 
 
 def _check_params(out: str, opts: PrepareOptions, force: bool) -> None:

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 from goca_fast.data.index import (CLASSES_FILE, EXCLUDED_FILE, INDEX_FILE, MASTER_EXCLUDED, MASTER_INDEX,
                                   DatasetIndexError, VideoRecord, write_index)
-from goca_fast.data.video_io import VideoReadError, probe_video
-from goca_fast.flow.codec import FLOW_CRF
+from goca_fast.video.io import VideoReadError, probe_video
+from goca_fast.video.flow_codec import FLOW_CRF
 
 REPORT_FILE = "flow_report.json"
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from goca_fast.atomic import atomic_open
+from goca_fast.runtime.atomic import atomic_open
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "is_valid_checkpoint", "find_latest",
@@ -59,10 +59,10 @@ def snapshot_path(run_dir: PathLike, epoch: int) -> Path:
 def save_checkpoint(path: PathLike, state: dict) -> Path:
     """Write ``state`` so that ``path`` is either the old file or the complete new one, never a partial file.
 
-    torch.save into a temp file beside ``path`` (`goca_fast.atomic`), fsynced, renamed onto ``path``, the
+    torch.save into a temp file beside ``path`` (`goca_fast.runtime.atomic`), fsynced, renamed onto ``path``, the
     directory fsynced. On an exception the temp file is removed; after a hard crash (SIGKILL, power loss) a
     ``.tmp_<name>.*.tmp`` file may remain, which :func:`find_latest` ignores and
-    :func:`goca_fast.atomic.remove_stale_temps` cleans up.
+    :func:`goca_fast.runtime.atomic.remove_stale_temps` cleans up.
     """
     path = Path(path)
     with atomic_open(path, "wb", durable=True, suffix=_TEMP_SUFFIX) as f:

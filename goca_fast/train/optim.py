@@ -265,7 +265,7 @@ def set_lr(optimizer: Any, lr: float) -> None:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """The optimiser and its LR schedule as plain values (made by `goca_fast.builders` from `optim.*`)."""
+    """The optimiser and its LR schedule as plain values (made by `goca_fast.plan` from `optim.*`)."""
 
     epochs: int
     base_lr: float

@@ -19,15 +19,15 @@ import torch
 
 from goca_fast.config import Config, ConfigError, DataConfig, config_from_dict, load_config
 from goca_fast.data.augment import ClipAugment
-from goca_fast.device import choose_loader, resolve_amp, resolve_device
-from goca_fast.distributed import DistInfo, barrier, init_distributed
-from goca_fast.engine import LoaderFactory, LoopSettings, Trainer
+from goca_fast.runtime.device import choose_loader, resolve_amp, resolve_device
+from goca_fast.runtime.distributed import DistInfo, barrier, init_distributed
+from goca_fast.train.engine import LoaderFactory, LoopSettings, Trainer
 from goca_fast.eval import EvalError
 from goca_fast.eval.loading import EvalSetup, LoadedModel, fit_checkpoint, read_checkpoint, resolve_checkpoint
 from goca_fast.eval.splits import ViewSpec
 from goca_fast.models import GocaModel, load_prototypes
-from goca_fast.objective import GocaObjective
-from goca_fast.optim import OptimSettings
+from goca_fast.method.objective import GocaObjective
+from goca_fast.train.optim import OptimSettings
 
 if TYPE_CHECKING:  # imported where used: DALI is optional, and the monitor / fine-tuning only some runs need
     from dali_pipelines.train import DaliTrainLoaders
@@ -60,7 +60,7 @@ def build_model(cfg: Config) -> GocaModel:
 def build_objective(cfg: Config, info: DistInfo) -> GocaObjective:
     """The GOCA objective of `cfg.goca`; collective: the assignment backend is decided once for the whole group
     (ranks on different backends would issue different collectives)."""
-    from goca_fast.assign import resolve_backend
+    from goca_fast.method.assign import resolve_backend
     g = cfg.goca
     backend = resolve_backend(g.backend, info.device, info.group, num_prototypes=cfg.model.num_prototypes)
     return GocaObjective(merge=g.merge, num_clips=sum(cfg.data.clips_per_group), assign_clips=g.assign_clips,

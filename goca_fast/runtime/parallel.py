@@ -16,7 +16,7 @@ def process_pool(workers: int, initializer=None, initargs: tuple = (),
     """
     import multiprocessing as mp
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["goca_fast.parallel", *preload])
+    ctx.set_forkserver_preload(["goca_fast.runtime.parallel", *preload])
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs)
 
 

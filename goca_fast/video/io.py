@@ -16,7 +16,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
-from goca_fast.atomic import temp_beside
+from goca_fast.runtime.atomic import temp_beside
 
 # swscale's default YUV->RGB path (no accurate rounding, chroma not interpolated) costs ~2.9
 # grey levels of mean error on a colourful 4:2:0 round trip; these flags plus our own
@@ -113,7 +113,7 @@ def _x264_params(gop: int) -> str:
 
 
 def _temp_output(path: str | os.PathLike) -> tuple[str, str]:
-    """(final path, temp file beside it) for an atomic video write (`goca_fast.atomic`)."""
+    """(final path, temp file beside it) for an atomic video write (`goca_fast.runtime.atomic`)."""
     return os.fspath(path), temp_beside(path, os.path.splitext(os.fspath(path))[1] or ".mp4")
 
 

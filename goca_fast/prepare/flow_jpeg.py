@@ -23,12 +23,12 @@ from typing import Iterator
 
 import numpy as np
 
-from goca_fast.atomic import remove_stale_temps, write_atomic
-from goca_fast.data.sources import SPLIT_DIR_NAMES
+from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
+from goca_fast.prepare.sources import SPLIT_DIR_NAMES
 from goca_fast.data.index import VideoRecord
-from goca_fast.flow.codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
-from goca_fast.flow.dataset import REPORT_FILE, finalise_index, flow_rel_path, load_master, pending_jobs
-from goca_fast.parallel import run_parallel
+from goca_fast.video.flow_codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
+from goca_fast.prepare.flow_files import REPORT_FILE, finalise_index, flow_rel_path, load_master, pending_jobs
+from goca_fast.runtime.parallel import run_parallel
 
 _NUM = re.compile(r"(\d+)\D*$")
 
@@ -163,4 +163,4 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
 
 
 def _run(work: list[tuple], workers: int, progress: bool) -> Iterator[dict]:
-    return run_parallel(import_one, work, workers, "flow import", progress, preload=["goca_fast.flow.import_jpeg"])
+    return run_parallel(import_one, work, workers, "flow import", progress, preload=["goca_fast.prepare.flow_jpeg"])

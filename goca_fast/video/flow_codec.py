@@ -21,7 +21,7 @@ from typing import Sequence
 import av
 import numpy as np
 
-from goca_fast.data.video_io import VideoReadError, _decode_at, _encode, _planes_frame
+from goca_fast.video.io import VideoReadError, _decode_at, _encode, _planes_frame
 
 FLOW_BOUND = 20.0   # px: u and v are clipped to ±FLOW_BOUND; the network's flow input is px / FLOW_BOUND
 U8_LEVELS = 255.0   # quantisation: u8 = (px + FLOW_BOUND) · U8_LEVELS / (2 · FLOW_BOUND)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from goca_fast.config import ConfigError
-from goca_fast.device import resolve_device
+from goca_fast.runtime.device import resolve_device
 
 # How long a collective may wait for the other ranks before the job ends (engine.dist_timeout_s). It must cover the
 # longest stretch one rank works alone while the others wait: a checkpoint write, the kNN monitor on rank 0.

@@ -18,7 +18,7 @@ import re
 from collections import Counter, defaultdict
 from typing import Iterable, Optional
 
-from goca_fast.data.sources import (SPLIT_DIR_NAMES, FileFinder, SourceDataset, SourceVideo, SplitFileError,
+from goca_fast.prepare.sources import (SPLIT_DIR_NAMES, FileFinder, SourceDataset, SourceVideo, SplitFileError,
                                     find_dir_matching, find_dir_with, lines, read_text, safe_name, unique_ids,
                                     walk_videos)
 
@@ -337,9 +337,9 @@ def arrange_kinetics(flat_dir: str, csv_path: str, out_dir: str) -> tuple[int, i
     return moved, missing
 
 
-if __name__ == "__main__":  # python -m goca_fast.data.datasets arrange-k400 FLAT_DIR CSV OUT_DIR
+if __name__ == "__main__":  # python -m goca_fast.prepare.datasets arrange-k400 FLAT_DIR CSV OUT_DIR
     import sys
     if len(sys.argv) != 5 or sys.argv[1] != "arrange-k400":
-        sys.exit("usage: python -m goca_fast.data.datasets arrange-k400 FLAT_DIR CSV OUT_DIR")
+        sys.exit("usage: python -m goca_fast.prepare.datasets arrange-k400 FLAT_DIR CSV OUT_DIR")
     m, n = arrange_kinetics(sys.argv[2], sys.argv[3], sys.argv[4])
     print(f"arrange-k400: moved {m} clips into class folders under {sys.argv[4]}; {n} listed clips not found")

@@ -1,5 +1,5 @@
 """The CUDA kernel's schedule for goca_codes: which sweeps run, with which pass coefficients, and what each leaves
-to all-reduce. One source: the launcher (goca_fast.kernels) hands this plan to the kernel, which only reads it, and
+to all-reduce. One source: the launcher (goca_fast.method.cuda_kernel) hands this plan to the kernel, which only reads it, and
 the CPU model of the kernel in the tests walks the same plan, so a change of schedule is tested without a GPU.
 
 Pass p (0: no prior, 1..cycles: guided) has logits α_st·S_rgb + β_st·S_flow for stream st (in log2 units, as the
@@ -62,7 +62,7 @@ class SweepPlan:
 
 def pass_coefficients(*, epsilon: float, prior_epsilon: float, sign: float, cycles: int
                       ) -> tuple[PassCoefficients, ...]:
-    """The guided passes as linear combinations of the two score matrices (as goca_fast.assign derives them):
+    """The guided passes as linear combinations of the two score matrices (as goca_fast.method.assign derives them):
     X_new = (S_self + s·ε2·log P_other)/(ε+ε2), log P_other = X_other + h_other (+ per-prototype terms Sinkhorn
     cancels), so every pass's logits stay a combination of S_rgb and S_flow."""
     alpha, beta, offset = [1.0 / epsilon, 0.0], [0.0, 1.0 / epsilon], 0.0

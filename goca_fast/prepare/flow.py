@@ -24,14 +24,14 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from goca_fast.cli_help import HelpFormatter
-from goca_fast.atomic import remove_stale_temps, write_atomic
+from goca_fast.cli.help import HelpFormatter
+from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
 from goca_fast.data.index import DatasetIndexError
-from goca_fast.data.video_io import VideoReadError, read_all_frames, set_decoder_threads
-from goca_fast.flow.codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
-from goca_fast.flow.dataset import REPORT_FILE, FlowJob, finalise_index, flow_rel_path, load_master, pending_jobs
-from goca_fast.parallel import process_pool
-from goca_fast.flow.tvl1 import TVL1Params
+from goca_fast.video.io import VideoReadError, read_all_frames, set_decoder_threads
+from goca_fast.video.flow_codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
+from goca_fast.prepare.flow_files import REPORT_FILE, FlowJob, finalise_index, flow_rel_path, load_master, pending_jobs
+from goca_fast.runtime.parallel import process_pool
+from goca_fast.video.tvl1 import TVL1Params
 
 # ----------------------------------------------------------------------------- per-video work
 
@@ -70,7 +70,7 @@ def _cv_init(params: TVL1Params) -> None:
 
 def opencv_job(job: FlowJob) -> dict:
     """One video with OpenCV DualTVL1 (a fresh object per video: OpenCV shrinks nscales for small images)."""
-    from goca_fast.flow.tvl1 import opencv_tvl1
+    from goca_fast.video.tvl1 import opencv_tvl1
     t0 = time.perf_counter()
     try:
         g = load_grey(job)
@@ -89,7 +89,7 @@ def _run_opencv(jobs: list[FlowJob], params: TVL1Params, workers: int) -> Iterat
         for j in jobs:
             yield opencv_job(j)
         return
-    with process_pool(workers, _cv_init, (params,), preload=["goca_fast.flow.extract"]) as ex:
+    with process_pool(workers, _cv_init, (params,), preload=["goca_fast.prepare.flow"]) as ex:
         for f in as_completed([ex.submit(opencv_job, j) for j in jobs]):
             yield f.result()
 
@@ -98,7 +98,7 @@ def _run_torch(jobs: list[FlowJob], params: TVL1Params, device: str, batch: int,
                io_threads: int) -> Iterator[dict]:
     """Decode ahead and encode behind in threads; the solver takes `batch` frame pairs at a time."""
     import torch
-    from goca_fast.flow.tvl1 import tvl1_flow
+    from goca_fast.video.tvl1 import tvl1_flow
     dev = torch.device(device)
     loader = ThreadPoolExecutor(max(1, io_threads))
     writer = ThreadPoolExecutor(max(1, io_threads))
@@ -253,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isdir(a.root):
             raise ValueError(f"dataset root {a.root} does not exist")
         if a.import_jpeg is not None:
-            from goca_fast.flow.import_jpeg import import_jpeg_flow
+            from goca_fast.prepare.flow_jpeg import import_jpeg_flow
             if not os.path.isdir(a.import_jpeg):
                 raise ValueError(f"JPEG flow directory {a.import_jpeg} does not exist")
             report = import_jpeg_flow(a.root, a.import_jpeg, workers=a.workers, tolerance=a.frame_tolerance,
@@ -261,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             device = a.device
             if a.backend == "torch":
-                from goca_fast.device import resolve_device
+                from goca_fast.runtime.device import resolve_device
                 device = str(resolve_device(device, "--device"))  # a ConfigError is a ValueError
             report = extract_flow(a.root, a.backend, a.workers, device, a.batch, a.compile, params, shard,
                                   a.gop, a.crf, a.limit, progress=not a.no_progress)

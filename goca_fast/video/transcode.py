@@ -1,5 +1,5 @@
 """One raw video -> one prepared video: decode with PyAV (any codec FFmpeg reads), bring it to a constant frame
-rate, resize to the short side, re-encode as CFR H.264 (`video_io.VideoWriter`). `goca_fast.data.prepare` runs it
+rate, resize to the short side, re-encode as CFR H.264 (`video_io.VideoWriter`). `goca_fast.prepare.build` runs it
 over a dataset.
 
 Variable frame rates and shuffled timestamps (packed B-frames, broken muxers) are repaired by sorting frames in a
@@ -19,7 +19,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
-from goca_fast.data.video_io import VideoWriter, _configure_decoder
+from goca_fast.video.io import VideoWriter, _configure_decoder
 
 _VERSION = 1
 

@@ -17,10 +17,10 @@ from typing import Any, Optional
 
 import torch
 
-from goca_fast.assign import goca_codes, sinkhorn
-from goca_fast.loss import swapped_prediction
+from goca_fast.method.assign import goca_codes, sinkhorn
+from goca_fast.method.loss import swapped_prediction
 from goca_fast.models.goca_model import StreamOutput
-from goca_fast.queue import FeatureQueue
+from goca_fast.method.queue import FeatureQueue
 
 
 @dataclass

@@ -3,12 +3,12 @@
 Where the extension comes from, in order: the prebuilt `goca_fast._sinkhorn_cuda` (setup.py with
 GOCA_FAST_BUILD_CUDA=1), else a JIT build with torch.utils.cpp_extension.load into `$GOCA_FAST_CACHE/kernels`
 (default `~/.cache/goca_fast/kernels`), made once per torch version and reused. GOCA_FAST_NO_CUDA_EXT=1 disables
-both. `goca_fast.assign.goca_codes(backend="auto")` uses the kernel on CUDA tensors when `available(scores)`.
+both. `goca_fast.method.assign.goca_codes(backend="auto")` uses the kernel on CUDA tensors when `available(scores)`.
 
 Single process (or group of size 1): one fused cooperative launch for the whole computation. With a process
 group: one launch per sweep, with the column statistics all-reduced between launches (see kernels/sinkhorn.h).
 No host synchronisation and only torch-allocated memory, so the call can be captured in a CUDA graph. What each
-sweep does comes from goca_fast.sweep_plan, the one description of the schedule.
+sweep does comes from goca_fast.method.sweep_plan, the one description of the schedule.
 
 Two kernel variants: 2 (the default) and 1 (the first design, kept selectable until a GPU run has measured both
 side by side; the benchmark and the GPU tests run both).
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from goca_fast.sweep_plan import STATS_MAX_SUM, STATS_SUM, sweep_plan
+from goca_fast.method.sweep_plan import STATS_MAX_SUM, STATS_SUM, sweep_plan
 
 SOURCES = Path(__file__).resolve().parents[1] / "kernels"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -123,7 +123,7 @@ def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, epsilon: flo
                iterations: int, cycles: int, sign: float, group=None, keep_last: Optional[int] = None, *,
                per_sweep: bool = False, ctas: int = 0, variant: int = DEFAULT_VARIANT
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """goca_fast.assign.goca_codes on the CUDA kernel; same arguments, sign = +1 ("kl") or -1 ("official").
+    """goca_fast.method.assign.goca_codes on the CUDA kernel; same arguments, sign = +1 ("kl") or -1 ("official").
 
     per_sweep: one launch per sweep even without a process group (the group path minus its all-reduces; for
     benchmarks and tests). ctas: blocks per launch, 0 = one per SM (a tuning knob). variant: kernel design 1 or 2."""

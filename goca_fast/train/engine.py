@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from goca_fast import checkpoint as ckpt
+from goca_fast.train import checkpoint as ckpt
 from goca_fast.data.batch import ClipBatch
-from goca_fast.distributed import DistInfo, all_reduce_sum
+from goca_fast.runtime.distributed import DistInfo, all_reduce_sum
 from goca_fast.models import GocaModel, prototype_separation
-from goca_fast.objective import GocaObjective, ObjectiveResult
-from goca_fast.optim import OptimSettings, set_lr
-from goca_fast.queue import FeatureQueue, local_queue_length
-from goca_fast.run_dir import RunDirectory
+from goca_fast.method.objective import GocaObjective, ObjectiveResult
+from goca_fast.train.optim import OptimSettings, set_lr
+from goca_fast.method.queue import FeatureQueue, local_queue_length
+from goca_fast.train.run_dir import RunDirectory
 
 log = logging.getLogger("goca_fast")
 
@@ -78,7 +78,7 @@ class NothingTrained(RuntimeError):
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """How the training loop runs, as plain values (made by `goca_fast.builders` from the config)."""
+    """How the training loop runs, as plain values (made by `goca_fast.plan` from the config)."""
 
     epochs: int
     batch_size: int                 # per process
@@ -153,7 +153,7 @@ class Trainer:
 
     @property
     def signals(self):
-        """The run's stop flag (`goca_fast.stop_signals.StopSignals`)."""
+        """The run's stop flag (`goca_fast.runtime.stop_signals.StopSignals`)."""
         return self.run.signals
 
     # ------------------------------------------------------------------ checkpoints
@@ -198,7 +198,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGUSR1 and Ctrl-C stop at the next batch boundary with a checkpoint (goca_fast.stop_signals)."""
+        """SIGTERM/SIGUSR1 and Ctrl-C stop at the next batch boundary with a checkpoint (goca_fast.runtime.stop_signals)."""
         self.signals.install()
 
     # ------------------------------------------------------------------ one step

@@ -11,11 +11,11 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from goca_fast.checkpoint import CheckpointError
-from goca_fast.cli_help import HelpFormatter
+from goca_fast.train.checkpoint import CheckpointError
+from goca_fast.cli.help import HelpFormatter
 from goca_fast.config import ConfigError
 from goca_fast.data.index import DatasetIndexError
-from goca_fast.stop_signals import RunStopped
+from goca_fast.runtime.stop_signals import RunStopped
 
 PROG = "goca-eval"
 
@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(a: argparse.Namespace, need_heads: bool = False):
-    """The evaluation setup of the checkpoint the command names, with its overrides (`goca_fast.builders`)."""
-    from goca_fast.builders import eval_setup
+    """The evaluation setup of the checkpoint the command names, with its overrides (`goca_fast.plan`)."""
+    from goca_fast.plan import eval_setup
     return eval_setup(a.source, device=a.device, streams=getattr(a, "streams", None), need_heads=need_heads,
                       expect_arch=getattr(a, "arch", None), config_path=a.config, data_root=a.data_root,
                       train_split=getattr(a, "train_split", None), test_split=getattr(a, "test_split", None),
@@ -193,7 +193,7 @@ def dispatch(a: argparse.Namespace) -> None:
                    train_crops=a.train_crops, test_clips=a.test_clips, test_crops=a.test_crops,
                    clip_length=a.clip_length, stride=a.stride, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache)
     elif a.command == "finetune":
-        from goca_fast.builders import finetune_start
+        from goca_fast.plan import finetune_start
         from goca_fast.eval.finetune import run_finetune
         from goca_fast.eval.finetune_recipe import FinetuneSettings
         settings = FinetuneSettings(epochs=a.epochs, lr=a.lr, backbone_lr_ratio=a.backbone_lr_ratio,
@@ -207,8 +207,8 @@ def dispatch(a: argparse.Namespace) -> None:
                                train_split=a.train_split, test_split=a.test_split, workers=a.workers)
         run_finetune(start, settings)
     elif a.command == "export" and a.weights:
-        from goca_fast.builders import load_eval_model
-        from goca_fast.device import resolve_device
+        from goca_fast.plan import load_eval_model
+        from goca_fast.runtime.device import resolve_device
         from goca_fast.eval.export import run_export_weights
         loaded, cfg = load_eval_model(a.source, device=resolve_device(a.device, "--device"), config_path=a.config)
         run_export_weights(loaded, cfg.model.arch, out_path=a.weights, stream=a.stream)

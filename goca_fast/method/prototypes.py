@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from goca_fast.atomic import atomic_open, write_atomic
-from goca_fast.cli_help import HelpFormatter
+from goca_fast.runtime.atomic import atomic_open, write_atomic
+from goca_fast.cli.help import HelpFormatter
 from goca_fast.config import ConfigError
-from goca_fast.device import resolve_device
+from goca_fast.runtime.device import resolve_device
 from goca_fast.models.heads import max_cosine
 
 
