@@ -81,9 +81,9 @@ setup(
         "console_scripts": [
             "goca-pretrain=goca_fast.cli.pretrain:main",
             "goca-eval=goca_fast.cli.eval:main",
-            "goca-prepare=goca_fast.prepare.build:main",
-            "goca-flow=goca_fast.prepare.flow:main",
-            "goca-prototypes=goca_fast.method.prototypes:main",
+            "goca-prepare=goca_fast.cli.prepare:main",
+            "goca-flow=goca_fast.cli.flow:main",
+            "goca-prototypes=goca_fast.cli.prototypes:main",
         ],
     },
     ext_modules=ext_modules,

@@ -59,8 +59,8 @@ def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frame
                     height: int, width: int, short_side: int, seed: int = 0, workers: int | None = None) -> Path:
     """Raw UCF101-layout videos -> goca-prepare -> goca-flow (each step skipped when its output is complete).
     `workers` None = the tools' default, one process per core; the count does not change how a video is encoded."""
-    from goca_fast.prepare import build as prepare
-    from goca_fast.prepare import flow as extract
+    from goca_fast.cli import prepare
+    from goca_fast.cli import flow as extract
     raw, prepared = work / "raw", work / "prepared"
     marker = raw / "generated.json"
     params = dict(train_per_class=train_per_class, test_per_class=test_per_class, frames=frames,

@@ -20,7 +20,8 @@ from goca_fast.data.synthetic import class_motion, random_texture, render_motion
 from goca_fast.video.io import probe_video, read_all_frames, write_video
 from goca_fast.video.flow_codec import dequantise_flow, quantise_flow, read_flow_frames, write_flow_video
 from goca_fast.prepare.flow_files import flow_rel_path
-from goca_fast.prepare.flow import extract_flow, grey_frames, main
+from goca_fast.cli.flow import main
+from goca_fast.prepare.flow import extract_flow, grey_frames
 from goca_fast.video.tvl1 import TVL1Params, opencv_tvl1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,6 +171,7 @@ def _digest(root):
             for p in sorted((root / "flow").rglob("*.mp4")) if not p.name.startswith(".tmp_")}
 
 
+@pytest.mark.slow
 def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
     src = tmp_path / "src"
     for k in range(8):
@@ -180,7 +182,7 @@ def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
         prepare_dataset(scan_dataset("folders", str(src)), str(out), PrepareOptions(short_side=48, min_frames=8))
         dss.append(out)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "goca_fast.prepare.flow", "--workers", "1", "--no-progress", *SMALL_ARGS]
+    cmd = [sys.executable, "-m", "goca_fast.cli.flow", "--workers", "1", "--no-progress", *SMALL_ARGS]
     assert subprocess.run(cmd + ["--root", str(dss[0])], cwd=ROOT, env=env, capture_output=True).returncode == 0
     p = subprocess.Popen(cmd + ["--root", str(dss[1])], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)

@@ -197,7 +197,7 @@ def test_scan_folders_plain_and_split_layout(tmp_path):
 
 def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
     """Issue #12.3 end to end: train/<c>/x.mp4 and test/<c>/x.mp4 are two videos, both prepared."""
-    from goca_fast.prepare.build import main
+    from goca_fast.cli.prepare import main
     src = tmp_path / "src"
     for k, rel in enumerate(["train/a/x.avi", "test/a/x.avi", "train/b/y.avi", "test/b/y.avi", "test/b/z.avi"]):
         write_source(str(src / rel), moving_frames(n=12, seed=k), "mpeg4")
@@ -212,7 +212,7 @@ def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
     # flow JPEGs in the same layout (<split>/<class>/<name>/): each video gets its own split's folder
     import cv2
     from goca_fast.video.flow_codec import read_flow_frames
-    from goca_fast.prepare.flow import main as flow_main
+    from goca_fast.cli.flow import main as flow_main
     u = {"train__x": 147, "test__x": 108}  # MemDPC quantisation of +3 and -3 px
     for r in records:
         if r.id in u:
@@ -352,12 +352,12 @@ def test_prepare_rerun_skips_and_refuses_other_params(ucf_prepared):
 
 def _cli(*args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "goca_fast.prepare.build", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "goca_fast.cli.prepare", *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300, **kw)
 
 
 def test_cli_bad_arguments(tmp_path, capsys):
-    from goca_fast.prepare.build import main
+    from goca_fast.cli.prepare import main
 
     def err(*args):
         with pytest.raises(SystemExit) as e:
@@ -382,6 +382,7 @@ def _digest(root):
     return out
 
 
+@pytest.mark.slow
 def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
     vids = [("Alpha", 8 + k) for k in range(6)] + [("Beta", 8 + k) for k in range(6)]
     src, lists, _ = _ucf_tree(tmp_path, vids, frames=False)
@@ -393,7 +394,7 @@ def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
     assert ref.returncode == 0, ref.stderr
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "goca_fast.prepare.build", *args, "--out", str(out)], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "goca_fast.cli.prepare", *args, "--out", str(out)], cwd=ROOT,
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(_digest(out) if (out / "rgb").is_dir() else {}) < 3:
@@ -440,7 +441,7 @@ def _folders_src(root, n_videos, frames=16):
 
 def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
     """Issue #12.5: a prepare rerun on a dataset with flow keeps the valid flow paths."""
-    from goca_fast.prepare.build import main
+    from goca_fast.cli.prepare import main
     from goca_fast.prepare.flow import extract_flow
     from goca_fast.video.tvl1 import TVL1Params
     src, out = tmp_path / "src", tmp_path / "out"
@@ -469,8 +470,8 @@ def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
 
 def test_exit_codes(tmp_path, capsys):
     """Issue #12.4: 0 = something usable, 1 = nothing usable (one line), 2 = usage error; goca-flow too."""
-    from goca_fast.prepare.build import main
-    from goca_fast.prepare.flow import main as flow_main
+    from goca_fast.cli.prepare import main
+    from goca_fast.cli.flow import main as flow_main
     bad = tmp_path / "bad"
     (bad / "a").mkdir(parents=True)
     (bad / "a" / "x.avi").write_bytes(os.urandom(2000))
@@ -523,6 +524,7 @@ print(json.dumps({"base": base, "peak": mb("VmHWM"), "status": r["status"], "fra
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the peak RSS")
 def test_peak_memory_does_not_grow_with_video_length(tmp_path):
     """Issue #12.6: 3,000 frames of 640x480 (2 min at 25 fps) prepare in bounded memory.

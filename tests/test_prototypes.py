@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from goca_fast.models.heads import load_prototypes, max_cosine
-from goca_fast.method.prototypes import hyperspherical_prototypes, main, nearest_neighbour_angles, random_prototypes
+from goca_fast.cli.prototypes import main
+from goca_fast.method.prototypes import hyperspherical_prototypes, nearest_neighbour_angles, random_prototypes
 
 
 def test_separation_beats_random_by_a_margin():

@@ -48,6 +48,7 @@ def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
 
 # ------------------------------------------------------------------------------------- results that lie
 
+@pytest.mark.slow
 def test_split_without_flow_is_refused_before_anything_is_written_then_trains_once_flow_exists(tmp_path):
     data = tmp_path / "data"
     make_synthetic_dataset(data, num_classes=2, videos_per_class=6, frames=24, height=64, width=80, workers=1,
@@ -94,6 +95,7 @@ def test_overlapping_splits_are_named_with_their_shared_videos():
         check_disjoint("train", ["a", "b"], "val", ["b", "c"])
 
 
+@pytest.mark.slow
 def test_pretraining_refuses_an_evaluation_on_its_own_training_videos(tmp_path):
     r = run(pretrain_cmd(tmp_path / "out", tmp_path / "cache", "data.test_split=train", "optim.epochs=1",
                          "optim.warmup_epochs=0"))
@@ -102,6 +104,7 @@ def test_pretraining_refuses_an_evaluation_on_its_own_training_videos(tmp_path):
 
 # ------------------------------------------------------------------------------------------ interruptions
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_exits_130_and_resumes(tmp_path):
     """SIGINT to the whole process group (what a terminal's Ctrl-C does) while DataLoader workers run."""
     cmd = pretrain_cmd(tmp_path / "out", tmp_path / "cache", "data.workers=2", "optim.epochs=3",
@@ -139,6 +142,7 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
     """The second Ctrl-C ends a run whose graceful stop cannot finish: the loader worker is frozen (SIGSTOP), so
     the main process waits for a batch that never comes and never reaches the batch boundary by itself."""
@@ -195,6 +199,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     ("output_dir=/proc/goca_fast_cannot_write", "cannot write the run directory"),
     ("data.batchsize=4", "did you mean 'data.batch_size'?"),
 ])
+@pytest.mark.slow
 def test_typical_mistakes_end_in_one_line(tmp_path, override, expect):
     if override == "engine.device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
@@ -204,6 +209,7 @@ def test_typical_mistakes_end_in_one_line(tmp_path, override, expect):
     assert not (tmp_path / "out" / "run").exists()  # a failed start leaves nothing behind
 
 
+@pytest.mark.slow
 def test_prototypes_file_missing_or_of_the_wrong_shape_is_one_line(tmp_path):
     bad = tmp_path / "p.npy"
     np.save(bad, np.ones((5, 3), dtype=np.float32))
@@ -214,7 +220,7 @@ def test_prototypes_file_missing_or_of_the_wrong_shape_is_one_line(tmp_path):
 
 
 def test_prototypes_tool_refuses_zero_steps_and_unwritable_output(tmp_path):
-    from goca_fast.method.prototypes import main as prototypes_main
+    from goca_fast.cli.prototypes import main as prototypes_main
     with pytest.raises(SystemExit) as e:
         prototypes_main(["--num", "8", "--dim", "4", "--steps", "0", "--out", str(tmp_path / "p.npy")])
     assert e.value.code == 2 and not (tmp_path / "p.npy").exists()
@@ -224,6 +230,7 @@ def test_prototypes_tool_refuses_zero_steps_and_unwritable_output(tmp_path):
 
 # ------------------------------------------------------------------------------------- conveniences
 
+@pytest.mark.slow
 def test_shipped_config_by_name_from_another_directory_and_print_config_round_trips(tmp_path):
     cmd = [sys.executable, "-m", "goca_fast.cli.pretrain", "--config", "ucf101_r2plus1d", "--print-config",
            "data.batch_size=3"]
@@ -239,6 +246,7 @@ def test_shipped_config_by_name_from_another_directory_and_print_config_round_tr
     assert "shipped: demo, guidance, k400_r2plus1d, ucf101_r2plus1d, ucf101_s3d_official" in one_line_error(bad)
 
 
+@pytest.mark.slow
 def test_without_a_terminal_progress_is_one_line_per_epoch(tmp_path):
     r = run(pretrain_cmd(tmp_path / "out", tmp_path / "cache", "optim.epochs=2", "optim.warmup_epochs=0",
                          "engine.max_iters_per_epoch=2", "eval.knn_after_training=false", "engine.progress=true"))
@@ -294,10 +302,10 @@ def test_export_weights_command_end_to_end(tmp_path, capsys):
 
 
 def _cli_parsers():
-    from goca_fast.prepare.build import build_parser as prepare_parser
+    from goca_fast.cli.prepare import build_parser as prepare_parser
     from goca_fast.cli.eval import build_parser as eval_parser
-    from goca_fast.prepare.flow import build_parser as flow_parser
-    from goca_fast.method.prototypes import build_parser as prototypes_parser
+    from goca_fast.cli.flow import build_parser as flow_parser
+    from goca_fast.cli.prototypes import build_parser as prototypes_parser
     subs = [a for a in eval_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction)]
     return [prepare_parser(), flow_parser(), prototypes_parser(), *subs[0].choices.values()]
 
@@ -320,6 +328,6 @@ def test_prepare_to_an_unwritable_place_is_one_line(tmp_path):
     src.mkdir(parents=True)
     first = sorted((tiny_dataset() / "rgb").rglob("*.mp4"))[0]
     (src / "v.mp4").write_bytes(first.read_bytes())
-    r = run([sys.executable, "-m", "goca_fast.prepare.build", "--dataset", "folders", "--src", str(tmp_path / "src"),
+    r = run([sys.executable, "-m", "goca_fast.cli.prepare", "--dataset", "folders", "--src", str(tmp_path / "src"),
              "--out", "/proc/goca_fast_cannot_write", "--no-progress", "--workers", "1"])
     assert "cannot write /proc/goca_fast_cannot_write" in one_line_error(r)

@@ -378,11 +378,12 @@ def test_zoo(zoo, name):
     assert max(err) < 12, (name, max(err))
 
 
+@pytest.mark.slow
 def test_zoo_check_mode_agrees_and_writes_nothing(zoo, tmp_path):
     d, src, expect, kept, excluded, _ = zoo
     out = tmp_path / "never"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "goca_fast.prepare.build", "--dataset", "folders", "--src", str(src),
+    r = subprocess.run([sys.executable, "-m", "goca_fast.cli.prepare", "--dataset", "folders", "--src", str(src),
                         "--out", str(out), "--check", "--short-side", "48", "--min-frames", "8", "--workers", "2",
                         "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -92,7 +92,7 @@ def read_index(root: str | os.PathLike) -> tuple[list[VideoRecord], list[str]]:
     for p in (ipath, cpath):
         if not os.path.isfile(p):
             raise DatasetIndexError(f"{p} not found: is {root!r} a prepared dataset root "
-                                    f"(run goca_fast.prepare.build or make_synthetic_dataset)?")
+                                    f"(run goca-prepare and goca-flow, or make_synthetic_dataset)?")
     with open(cpath, encoding="utf-8") as f:
         classes = [line.rstrip("\n") for line in f if line.strip()]
     records = []
