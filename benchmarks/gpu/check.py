@@ -97,7 +97,7 @@ def stage_steps(stage: str, c: Ctx) -> list[Step]:
     if stage == "kernel":
         sink = [PY, "benchmarks/sinkhorn_bench.py", "--device", "cuda", "--sizes", "640x3000,4096x3000,16384x3000",
                 "--dtypes", "fp32,bf16"] + (["--no-compile", "--repeats", "20"] if q else [])
-        static = ROOT / "kernels" / "static_report.py"  # ptxas/SASS figures: nvcc only, for the GPU's own arch
+        static = ROOT / "benchmarks" / "gpu" / "static_report.py"  # ptxas/SASS figures: nvcc only, for the GPU's own arch
         archs = ",".join("sm_" + x.replace("+PTX", "").replace(".", "")
                          for x in c.env.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").split(";") if x.strip())
         return [env_step(c), build_step(),
@@ -109,11 +109,11 @@ def stage_steps(stage: str, c: Ctx) -> list[Step]:
                      dry=[PY, "benchmarks/sinkhorn_bench.py", "--device", "cpu", "--sizes", "64x100", "--repeats",
                           "1"]),
                 *[Step(f"sanitizer-{t}", ["compute-sanitizer", "--tool", t, "--error-exitcode", "1", PY,
-                                          "kernels/sanitize_run.py"], 150, needs="build")
+                                          "benchmarks/gpu/sanitize_run.py"], 150, needs="build")
                   for t in ("memcheck", "racecheck", "synccheck")],
-                Step("static-report", [PY, "kernels/static_report.py"] + (["--arch", archs] if archs else [])
+                Step("static-report", [PY, "benchmarks/gpu/static_report.py"] + (["--arch", archs] if archs else [])
                      if static.exists() else None, 120, note="dry run: needs no GPU, but minutes of nvcc on few cores"
-                     if static.exists() else "kernels/static_report.py not present")]
+                     if static.exists() else "benchmarks/gpu/static_report.py not present")]
     if stage == "train":
         bench = [PY, "benchmarks/train_bench.py", "--device", "cuda", "--archs", "r2plus1d_18"]
         return [env_step(c), build_step(),

@@ -1,8 +1,8 @@
 """Runs the CUDA Sinkhorn kernel once per configuration on small problems, for compute-sanitizer:
 
-    compute-sanitizer --tool memcheck python kernels/sanitize_run.py
-    compute-sanitizer --tool racecheck python kernels/sanitize_run.py
-    compute-sanitizer --tool synccheck python kernels/sanitize_run.py
+    compute-sanitizer --tool memcheck python benchmarks/gpu/sanitize_run.py
+    compute-sanitizer --tool racecheck python benchmarks/gpu/sanitize_run.py
+    compute-sanitizer --tool synccheck python benchmarks/gpu/sanitize_run.py
 
 Covers both kernel variants, the three block widths (K classes), fp32/bf16/fp16 scores, odd B and K, row-strided
 views, keep_last, cycles 1 and 2, the fused launch (rows resident in shared memory) and one launch per sweep. Exits 1
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from goca_fast.method import cuda_kernel as kernels  # noqa: E402
 
 CASES = [(37, 33, torch.float32, 1), (129, 3001, torch.bfloat16, 2), (65, 5000, torch.float16, 1),

@@ -1,7 +1,7 @@
 """Static evidence for the kernel variants, no GPU needed: ptxas registers / spills / stack per kernel instance, and
 SASS instruction counts by kind (shared loads/stores, global loads/stores, shuffles, MUFU, barriers, FP32 ALU).
 
-    python kernels/static_report.py [--arch sm_90,sm_80]
+    python benchmarks/gpu/static_report.py [--arch sm_90,sm_80]
 
 Needs nvcc, and cuobjdump + nvdisasm (CUDA toolkit, or `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`).
 The counts are of instructions in the binary (loops count once), a like-for-like comparison of v1 and v2; the
@@ -20,10 +20,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.report import write_results  # noqa: E402
 
-KERNELS = Path(__file__).resolve().parent
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = ["sinkhorn_v1.cu", "sinkhorn_v2.cu"]
 # goca_sweeps_v<variant>I<f: fp32 | t: 16-bit>...ConfigILi<KPT>ELi<R>ELi<threads>E[Lb<overlap>]
 NAME = re.compile(r"goca_sweeps_v(\d)I([ft])NS\d_6ConfigILi(\d+)ELi(\d+)ELi(\d+)E(?:Lb(\d))?")
