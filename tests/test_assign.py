@@ -137,6 +137,7 @@ def _worker(rank, world, port, Sr, Sf, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path):
     Sr, emb, protos = cosine_scores(203, 150, seed=9)  # odd B: ranks hold 102 and 101 rows
     Sf = F.normalize(emb + torch.randn(emb.shape, generator=torch.Generator().manual_seed(10)), dim=1) @ protos.t()
@@ -235,6 +236,7 @@ def _backend_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_backend_is_decided_once_for_the_whole_group(tmp_path):
     mp.spawn(_backend_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"b{r}.pt") for r in range(2))

@@ -322,6 +322,7 @@ def rss_slope_kb_per_sample(root: str) -> float:
     return per_sample
 
 
+@pytest.mark.slow
 def test_host_memory_is_flat_over_hundreds_of_batches(index_root):
     """DALI 1.34 kept ~72 KB per decoded sample; 1.53 measured on this set: 3-4 KB per sample at batch 8 over 1,000
     batches, none at batch 4 over 1,100 batches. Measured in a fresh process: inside the test process the RSS of
@@ -441,6 +442,7 @@ def test_eval_frames_and_shards_cover_every_video_exactly_once(index_root):
 # ------------------------------------------------------------------ the trainer on the DALI loader
 
 
+@pytest.mark.slow
 def test_pretrain_runs_on_the_dali_loader_and_exits(tmp_path):
     """The real command, in its own process: it trains on the DALI CPU backend, and the interpreter exits."""
     cmd = [sys.executable, "-m", "goca_fast.cli.pretrain", "--config", os.path.join(REPO, "configs", "demo.yaml"),

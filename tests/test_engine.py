@@ -102,6 +102,7 @@ def uninterrupted(tmp_path_factory):
     return base, _final(base / "out" / "straight")
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bitwise_identical(uninterrupted):
     base, want = uninterrupted
     run = base / "out" / "killed"
@@ -116,6 +117,7 @@ def test_kill9_then_resume_is_bitwise_identical(uninterrupted):
     _assert_bitwise_equal(_final(run), want)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_cleanly_and_resumes_identically(uninterrupted):
     base, want = uninterrupted
     run = base / "out" / "term"
@@ -208,6 +210,7 @@ def test_lr_is_indexed_by_the_absolute_iteration_despite_skipped_steps(tmp_path)
         assert lr == pytest.approx(_official_lr(cfg, e * iters + i, iters), rel=1e-12), (e, i)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     """DDP on CPU (gloo): two ranks train, rank 0 checkpoints and evaluates."""
     cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "goca_fast.cli.pretrain",

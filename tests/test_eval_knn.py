@@ -18,6 +18,7 @@ from helpers import brute_force_recall, cached_features, copy_dataset, make_run,
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_knn_module_cli_writes_table_and_json(tmp_path):
     run = tiny_run()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -92,6 +92,7 @@ def test_kernel_dry_run(tmp_path):
     assert st["static-report"]["status"] == "skipped" and st["static-report"]["reason"]
 
 
+@pytest.mark.slow
 def test_train_dry_run(tmp_path):
     r, summary = dry_run("train", tmp_path)
     st = check_common(r, summary, ["env", "build", "train-bench", "pretrain", "resume-eval", "train-bench-compile"],
@@ -102,6 +103,7 @@ def test_train_dry_run(tmp_path):
     assert any("R@1" in ln for ln in st["resume-eval"]["tail"])  # the kNN table after the resumed epoch
 
 
+@pytest.mark.slow
 def test_flow_dry_run(tmp_path):
     r, summary = dry_run("flow", tmp_path)
     st = check_common(r, summary, ["env", "flow-bench", "flow-bench-compile"], ["flow-bench-compile"], tmp_path)
@@ -111,6 +113,7 @@ def test_flow_dry_run(tmp_path):
     assert all(x["pairs_per_s"] > 0 for x in speed)
 
 
+@pytest.mark.slow
 def test_dali_dry_run(tmp_path):
     r, summary = dry_run("dali", tmp_path)
     st = check_common(r, summary, ["env", "dali-unpack", "dali-import", "dali-tests", "loader-bench"], ["dali-tests"],
@@ -142,6 +145,7 @@ def test_failing_and_timed_out_steps_are_recorded_and_the_stage_goes_on(tmp_path
     assert "| gpu-tests | timeout |" in md and "injected failure" in md
 
 
+@pytest.mark.slow
 def test_real_run_without_cuda_copies_results_into_out(tmp_path):
     """Not a dry run, on a CPU: the build step fails with its reason, the steps that need it are skipped, and every
     result file lands both in the results folder (here redirected) and in $OUT, the logs in $OUT/logs."""

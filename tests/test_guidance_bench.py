@@ -51,6 +51,7 @@ EXPECTED = {"PanLeft": ("u", 1), "PanRight": ("u", -1), "TiltUp": ("v", 1), "Til
             "RollCounterClockwise": ("rot", 1)}
 
 
+@pytest.mark.slow
 def test_flow_from_goca_flow_moves_as_the_class_says(quick_bench):
     root = quick_bench / "work" / "quick" / "prepared"
     records, classes = read_index(root)[:2]

@@ -41,6 +41,7 @@ MAX_SPILL_BYTES = 256  # per kernel; more means the per-thread arrays no longer 
 
 # ------------------------------------------------------------------------------------------------ compile checks
 
+@pytest.mark.slow
 @pytest.mark.skipif(kernels._nvcc() is None, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_sources_compile_with_nvcc(arch, tmp_path):
@@ -64,6 +65,7 @@ def _cuda_include() -> str | None:
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None or _cuda_include() is None,
                     reason="needs a C++ compiler and the CUDA headers")
+@pytest.mark.slow
 def test_binding_compiles_against_torch_headers():
     from torch.utils.cpp_extension import include_paths
     incs = [*include_paths(device_type="cuda"), _cuda_include(), sysconfig.get_paths()["include"]]
@@ -317,6 +319,7 @@ def _stats_worker(rank, world, port, z, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_of_column_statistics_equals_the_whole_batch(tmp_path):
     """Between per-sweep launches ranks combine (column max, sum relative to it) pairs: MAX, rescale, SUM."""
     z = 40 * torch.randn(2, 37, 11, generator=torch.Generator().manual_seed(0))

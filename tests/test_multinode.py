@@ -220,6 +220,7 @@ def _by_video(records: list[dict], stream: str, clip: int) -> torch.Tensor:
     return codes[torch.argsort(index)]
 
 
+@pytest.mark.slow
 def test_two_ranks_of_b_compute_what_one_rank_of_2b_computes(tmp_path, cache, launches):
     """A full epoch (4 steps) with BatchNorm in eval mode, a feature queue full from the first step and the prior on:
     per step the codes of every video, the loss, the all-reduced gradients and the updated weights of 2 ranks × 4
@@ -312,6 +313,7 @@ def preempt(launches: Launches, run: Path, cache: Path, slurm_step: bool) -> lis
     return [code for code, _ in results]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_nodes_trainer_stops_every_rank_at_one_boundary_and_resumes_bitwise(tmp_path, cache,
                                                                                          reference, launches):
     """SIGTERM to one node's training process: every rank stops at the same batch boundary, one checkpoint, every
@@ -328,6 +330,7 @@ def test_sigterm_to_one_nodes_trainer_stops_every_rank_at_one_boundary_and_resum
     assert_bitwise_equal(final_checkpoint(run), reference)
 
 
+@pytest.mark.slow
 def test_sigusr1_to_every_process_of_the_step_stops_cleanly_and_torchrun_exits_1(tmp_path, cache, launches):
     """SIGUSR1 to both nodes' torchruns and trainers, with the SLURM script's torchrun flags: the same clean stop,
     trainers exit 0; each torchrun forwards the signal, waits for its trainer and then exits 1, torchrun's own answer
@@ -365,6 +368,7 @@ def test_checkpoints_keep_every_ranks_queue_and_read_older_ones(tmp_path, caplog
 
 # ------------------------------------------------------------------------------------------------ 3. elastic restart
 
+@pytest.mark.slow
 def test_elastic_restart_continues_from_the_last_checkpoint(tmp_path, cache, reference, launches):
     """torchrun --max-restarts 1: rank 1 crashes (exit 17) before step 5 on the first attempt; torchrun restarts
     both ranks, which resume from the epoch-1 checkpoint (step 3) although the command says --fresh (that applies to
@@ -389,6 +393,7 @@ def test_elastic_restart_continues_from_the_last_checkpoint(tmp_path, cache, ref
 HUNG_TIMEOUT_S = 10
 
 
+@pytest.mark.slow
 def test_a_rank_that_stops_responding_ends_the_others_within_the_timeout(tmp_path, cache, launches):
     """SIGSTOP freezes rank 1 before its second step; rank 0, waiting in that step's collectives, gives up after
     engine.dist_timeout_s and exits 1 with one line that names the setting (the run directory keeps its last
@@ -413,6 +418,7 @@ def test_a_rank_that_stops_responding_ends_the_others_within_the_timeout(tmp_pat
 
 # ------------------------------------------------------------------------------------------------ 5. SLURM
 
+@pytest.mark.slow
 def test_srun_style_launch_trains_like_torchrun(tmp_path, cache, reference, launches):
     """Two plain `python` processes with only SLURM's variables (rank, task count, local id, node list; no torchrun
     variables, no MASTER_ADDR: the rendezvous host comes from SLURM_NODELIST) train the run of the torchrun launch
