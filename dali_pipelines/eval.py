@@ -19,6 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from dali_pipelines import graph
 from dali_pipelines.source import EvalSource, video_metas
 from dali_pipelines.train import error_reason, device_index, source_dtypes, to_torch
+from dali_pipelines.validate import validate_for_dali
 from goca_fast.data.cpu_loader import EvalBatch, EvalClipDataset, collate_eval
 from goca_fast.data.index import VideoRecord
 
@@ -63,8 +64,6 @@ class DaliEvalLoader:
                  num_clips: int, crop_size: int, short_side: int, with_flow: bool, crops: int = 3,
                  flow_mode: str = "shared", batch_size: int = 8, workers: int = 2,
                  device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1):
-        from dali_pipelines.validate import validate_for_dali
-
         self.device = device or torch.device("cpu")
         good, _ = validate_for_dali(root, records, with_flow, workers=max(1, workers))
         good_ids = {r.id for r in good}

@@ -11,11 +11,19 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from goca_fast.train.checkpoint import CheckpointError
 from goca_fast.cli.help import HelpFormatter
 from goca_fast.config import ConfigError
 from goca_fast.data.index import DatasetIndexError
+from goca_fast.eval.export import run_export, run_export_weights
+from goca_fast.eval.finetune import run_finetune
+from goca_fast.eval.finetune_recipe import FinetuneSettings
+from goca_fast.eval.knn import run_knn
+from goca_fast.eval.linear import ProbeSettings, run_linear
+from goca_fast.eval.plots import run_plots
+from goca_fast.plan import eval_setup, finetune_start, load_eval_model
+from goca_fast.runtime.device import resolve_device
 from goca_fast.runtime.stop_signals import RunStopped
+from goca_fast.train.checkpoint import CheckpointError
 
 PROG = "goca-eval"
 
@@ -170,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup(a: argparse.Namespace, need_heads: bool = False):
     """The evaluation setup of the checkpoint the command names, with its overrides (`goca_fast.plan`)."""
-    from goca_fast.plan import eval_setup
     return eval_setup(a.source, device=a.device, streams=getattr(a, "streams", None), need_heads=need_heads,
                       expect_arch=getattr(a, "arch", None), config_path=a.config, data_root=a.data_root,
                       train_split=getattr(a, "train_split", None), test_split=getattr(a, "test_split", None),
@@ -180,12 +187,10 @@ def _setup(a: argparse.Namespace, need_heads: bool = False):
 def dispatch(a: argparse.Namespace) -> None:
     """Map parsed arguments onto the runners' keyword arguments (namespaces stop here)."""
     if a.command == "knn":
-        from goca_fast.eval.knn import run_knn
         run_knn(_setup(a, need_heads=a.feature == "head"), clips=a.clips, crops=a.crops, clip_length=a.clip_length,
                 stride=a.stride, feature=a.feature, ks=a.ks, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache,
                 plots=a.plots, fusion=a.fusion)
     elif a.command == "linear":
-        from goca_fast.eval.linear import ProbeSettings, run_linear
         settings = ProbeSettings(epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.wd,
                                  milestones=tuple(a.milestones), gamma=a.gamma, batch_size=a.probe_batch_size,
                                  l2norm=a.l2norm, use_bn=not a.no_bn, dropout=a.dropout, seed=a.seed)
@@ -193,9 +198,6 @@ def dispatch(a: argparse.Namespace) -> None:
                    train_crops=a.train_crops, test_clips=a.test_clips, test_crops=a.test_crops,
                    clip_length=a.clip_length, stride=a.stride, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache)
     elif a.command == "finetune":
-        from goca_fast.plan import finetune_start
-        from goca_fast.eval.finetune import run_finetune
-        from goca_fast.eval.finetune_recipe import FinetuneSettings
         settings = FinetuneSettings(epochs=a.epochs, lr=a.lr, backbone_lr_ratio=a.backbone_lr_ratio,
                                     momentum=a.momentum, weight_decay=a.wd, batch_size=a.batch_size,
                                     warmup_epochs=a.warmup_epochs, schedule=a.schedule,
@@ -207,18 +209,13 @@ def dispatch(a: argparse.Namespace) -> None:
                                train_split=a.train_split, test_split=a.test_split, workers=a.workers)
         run_finetune(start, settings)
     elif a.command == "export" and a.weights:
-        from goca_fast.plan import load_eval_model
-        from goca_fast.runtime.device import resolve_device
-        from goca_fast.eval.export import run_export_weights
         loaded, cfg = load_eval_model(a.source, device=resolve_device(a.device, "--device"), config_path=a.config)
         run_export_weights(loaded, cfg.model.arch, out_path=a.weights, stream=a.stream)
     elif a.command == "export":
-        from goca_fast.eval.export import run_export
         run_export(_setup(a, need_heads=a.feature == "head"), splits=a.split, fmt=a.format, out_dir=a.out,
                    views=a.views, feature=a.feature, clips=a.clips, crops=a.crops, clip_length=a.clip_length,
                    stride=a.stride, amp=a.amp, use_cache=not a.no_cache)
     elif a.command == "plots":
-        from goca_fast.eval.plots import run_plots
         what = [w.strip() for w in a.what.split(",") if w.strip()]
         run_plots(_setup(a), what=what, out_dir=a.out, stream=a.stream, method=a.method, num_queries=a.queries,
                   use_cache=not a.no_cache, tensorboard=not a.no_tensorboard)

@@ -20,11 +20,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from goca_fast.plan import build_model, build_monitor, build_trainer, dataset_root, knn_recall, train_loader
 from goca_fast.config import Config, ConfigError, config_to_yaml, load_config, resolve_config
+from goca_fast.data.index import DatasetIndexError, read_index, select_split, training_records
+from goca_fast.eval.retrieval import DEFAULT_KS, format_table
+from goca_fast.eval.splits import check_disjoint
+from goca_fast.plan import build_model, build_monitor, build_trainer, dataset_root, knn_recall, train_loader
 from goca_fast.runtime.distributed import (DistInfo, barrier, cleanup, env_rank_info, init_distributed,
-                                   is_collective_failure, is_elastic_restart)
+                                           is_collective_failure, is_elastic_restart)
 from goca_fast.runtime.stop_signals import RunStopped
+from goca_fast.train.engine import NothingTrained
+from goca_fast.train.run_dir import StopRequested
 
 log = logging.getLogger("goca_fast")
 
@@ -66,11 +71,6 @@ def prepare_run_dir(cfg: Config, info: DistInfo, run_dir: Path) -> None:
 def run(cfg: Config, fresh: bool = False) -> dict:
     """Pretrain (resuming the run directory unless `fresh`), then evaluate. Raises RunStopped after a stop signal or
     Ctrl-C (checkpoint written), NothingTrained when an epoch made no optimiser step."""
-    from goca_fast.data.index import read_index, select_split, training_records
-    from goca_fast.eval.retrieval import DEFAULT_KS, format_table
-    from goca_fast.eval.splits import check_disjoint
-    from goca_fast.train.run_dir import StopRequested
-
     info = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s)
     if cfg.engine.torch_threads > 0:
         torch.set_num_threads(cfg.engine.torch_threads)
@@ -137,8 +137,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 trained (or stopped by SIGTERM/SIGUSR1 with a checkpoint, to be resumed), 130 stopped by Ctrl-C
     with a checkpoint, 2 a config or data problem found before training (one line), 1 nothing trained or another
     rank lost (it died, or a collective waited longer than engine.dist_timeout_s)."""
-    from goca_fast.data.index import DatasetIndexError
-    from goca_fast.train.engine import NothingTrained
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg, fresh, print_only = parse_args(argv)

@@ -14,6 +14,7 @@ from typing import Iterable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
 from goca_fast.runtime.device import choose_loader
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.splits import SplitRecords, ViewSpec
@@ -144,7 +145,6 @@ def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool
                               num_clips=spec.num_clips, crop_size=spec.crop_size, short_side=spec.short_side,
                               with_flow=with_flow, crops=spec.crops, flow_mode=spec.flow_mode, batch_size=batch_size,
                               workers=workers, device=device)
-    from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
     ds = EvalClipDataset(root, split.records, clip_length=spec.clip_length, stride=spec.stride,
                          num_clips=spec.num_clips, crop_size=spec.crop_size, short_side=spec.short_side,
                          with_flow=with_flow, crops=spec.crops, flow_mode=spec.flow_mode)

@@ -30,6 +30,7 @@ from goca_fast.eval.cache import FeatureCache, split_features
 from goca_fast.eval.features import SplitFeatures, compute_split_features
 from goca_fast.eval.fusion import fusion_weights, weighted_concat
 from goca_fast.eval.loading import EvalSetup, default_output_dir
+from goca_fast.eval.plots import embedding_plot, retrieval_grid
 from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
 from goca_fast.eval.splits import ViewSpec, check_disjoint_records, class_check, split_records
 from goca_fast.models.goca_model import GocaModel
@@ -153,7 +154,6 @@ def run_knn(setup: EvalSetup, *, clips: Optional[int] = None, crops: Optional[in
     out.mkdir(parents=True, exist_ok=True)
     (out / "knn.json").write_text(json.dumps(res.to_json(), indent=2))
     if plots:
-        from goca_fast.eval.plots import embedding_plot, retrieval_grid
         s = BOTH if len(loaded.streams) == 2 else loaded.streams[0]
         retrieval_grid(feats["gallery"], feats["query"], root, out / "plots" / "retrieval_grid.png", stream=s)
         embedding_plot(feats["query"], out / "plots" / "embedding_pca.png", stream=s)

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from goca_fast.data.augment import ClipAugment
+from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
 from goca_fast.runtime.device import resolve_amp
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.cache import FeatureCache, split_features
@@ -250,8 +252,6 @@ def linear_probe_clips(model, root: Path, train_recs: SplitRecords, test: SplitF
                        device: torch.device, batch_size: int, workers: int, seed: int,
                        amp: Optional[torch.dtype] = None) -> tuple[dict[str, dict[int, float]], dict[str, RegLog]]:
     """The augmented path: random clip + resized crop + flip per train video every epoch, frozen backbone."""
-    from goca_fast.data.augment import ClipAugment
-    from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
     s = settings.check()
     streams = list(model.streams)
     aug = ClipAugment(crop_size=crop_size, scale_range=tuple(scale_range), jitter_prob=0.0, grayscale_prob=0.0,

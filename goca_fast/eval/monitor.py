@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from goca_fast.train.checkpoint import preserve_rng
+from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
 from goca_fast.data.index import read_index, select_split
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.features import extract_features
@@ -84,7 +85,6 @@ class KnnMonitor:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_datasets(self) -> dict:
-        from goca_fast.data.cpu_loader import EvalClipDataset
         records, _ = read_index(self.root)
         gallery, query = self.splits
         check_disjoint(gallery, [r.id for r in select_split(records, gallery, required=False)],
@@ -113,7 +113,6 @@ class KnnMonitor:
 
     def prepare(self) -> None:
         """Pick the subsets and (memory permitting) decode them once. Called by the first run if not before."""
-        from goca_fast.data.cpu_loader import make_eval_loader
         t0 = time.perf_counter()
         with preserve_rng():
             self._datasets = self._build_datasets()
@@ -133,7 +132,6 @@ class KnnMonitor:
         self.prepare_seconds = time.perf_counter() - t0
 
     def _batches(self, split: str):
-        from goca_fast.data.cpu_loader import make_eval_loader
         if self._data is not None:
             return self._data[split]
         return make_eval_loader(self._datasets[split], self.batch_size, self.workers)

@@ -19,13 +19,22 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
+from goca_fast.data.index import read_index
 from goca_fast.eval import EvalError, plural
 from goca_fast.eval.cache import FeatureCache, split_features
 from goca_fast.eval.features import SplitFeatures
 from goca_fast.eval.loading import EvalSetup, default_output_dir
+from goca_fast.eval.monitor import stratified_subset
 from goca_fast.eval.retrieval import combine_streams, nearest_neighbours
 from goca_fast.eval.splits import check_disjoint_records, split_records
+from goca_fast.video.io import VideoReadError, read_frames
 
 log = logging.getLogger("goca_fast.eval")
 
@@ -35,11 +44,6 @@ DEFAULT_CURVES = ("train/loss", "train/lr", "train/proto_usage_entropy", "train/
 
 
 def _figure(width_px: int, height_px: int):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise EvalError("plots need matplotlib: pip install matplotlib") from None
     fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
@@ -68,7 +72,6 @@ def grid_size_px(rows: int, cols: int) -> tuple[int, int]:
 
 def middle_frame(root: Path, rgb_path: str, frames: int) -> np.ndarray:
     """The middle RGB frame of a video (H×W×3 uint8), or a grey placeholder when it cannot be read."""
-    from goca_fast.video.io import VideoReadError, read_frames
     try:
         return read_frames(os.path.join(root, rgb_path), [max(0, frames // 2)])[0]
     except (VideoReadError, OSError) as e:
@@ -110,8 +113,6 @@ def retrieval_grid(gallery: SplitFeatures, query: SplitFeatures, root: Path, out
                    num_queries: int = 8, k: int = 5, seed: int = 0) -> Path:
     """Pick `num_queries` class-balanced test videos, find their k nearest train videos (the same ranking as R@k),
     and draw them with their middle frames."""
-    from goca_fast.data.index import read_index
-    from goca_fast.eval.monitor import stratified_subset
     records = {r.id: r for r in read_index(root)[0]}
     qi = stratified_subset(query.labels.tolist(), num_queries, seed)
     nn_idx, sims = nearest_neighbours(stream_features(query, stream)[qi], stream_features(gallery, stream), k)
@@ -163,7 +164,6 @@ def draw_embedding(points: np.ndarray, labels: Sequence[int], classes: Sequence[
     ax = fig.add_axes((0.07, 0.08, 0.62 if len(set(labels)) <= 20 else 0.9, 0.84))
     labels = np.asarray(labels)
     present = sorted(set(labels.tolist()))
-    from matplotlib import colormaps
     cmap = colormaps["tab10" if len(present) <= 10 else "tab20"]
     for n, c in enumerate(present):
         sel = labels == c
@@ -188,15 +188,11 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     tb = Path(run_dir) / "tensorboard"
     series: dict[str, list[tuple[int, float]]] = {}
     if tb.is_dir():
-        try:
-            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        except ImportError:
-            EventAccumulator = None
         tb_log = logging.getLogger("tensorboard")  # its INFO lines ("No path found after ...") are not ours to print
         quiet_level = tb_log.level
         tb_log.setLevel(max(quiet_level, logging.WARNING))
         try:
-            dirs = sorted({p.parent for p in tb.rglob("events.out.tfevents.*")}) if EventAccumulator else []
+            dirs = sorted({p.parent for p in tb.rglob("events.out.tfevents.*")}) 
             for d in dirs:
                 acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
                 acc.Reload()
@@ -255,8 +251,6 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def log_images(log_dir: Path, images: dict[str, Path], step: int = 0) -> None:
     """Show PNGs in TensorBoard (an `eval` run next to the training run, so resumed training never purges them)."""
-    from matplotlib.image import imread
-    from torch.utils.tensorboard import SummaryWriter
     w = SummaryWriter(str(log_dir))
     try:
         for tag, p in images.items():

@@ -32,6 +32,8 @@ from typing import Callable, Literal, Optional, TypeVar, Union
 import torch
 import torch.distributed as dist
 
+from goca_fast.method import cuda_kernel as kernels
+
 PriorSign = Literal["kl", "official"]
 Backend = Literal["auto", "torch", "cuda"]
 ResolvedBackend = Literal["torch", "cuda"]
@@ -231,7 +233,6 @@ def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, epsilon: flo
         raise ValueError(f"RGB scores {tuple(scores_rgb.shape)} and flow scores {tuple(scores_flow.shape)} differ")
     s = _sign(prior_sign)
     if _use_kernel(backend, scores_rgb, group):
-        from goca_fast.method import cuda_kernel as kernels
         return kernels.goca_codes(scores_rgb, scores_flow, epsilon, prior_epsilon, iterations, cycles, s,
                                   group, keep_last)
     with _autocast_off(scores_rgb.device):
@@ -276,7 +277,6 @@ def _use_kernel(backend: str, scores: torch.Tensor, group) -> bool:
     if backend == "auto" and _group_size(group) > 1:
         raise ValueError("backend='auto' with a process group lets each rank choose on its own (a rank whose kernel "
                          "is unusable would issue other collectives); decide once with resolve_backend()")
-    from goca_fast.method import cuda_kernel as kernels
     if backend == "cuda":
         if not scores.is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors")
@@ -289,7 +289,6 @@ def _use_kernel(backend: str, scores: torch.Tensor, group) -> bool:
 
 def _kernel_usable_here(device: torch.device, num_prototypes: Optional[int]) -> tuple[bool, str]:
     """Whether this process can run the kernel on `device` for K = num_prototypes (an empty probe: no work)."""
-    from goca_fast.method import cuda_kernel as kernels
     probe = torch.empty(0, num_prototypes or 1, device=device)
     return kernels.available(probe)
 

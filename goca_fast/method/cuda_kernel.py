@@ -39,8 +39,14 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported only when a build is needed: importing it warns on machines without CUDA."""
+    from torch.utils import cpp_extension
+    return cpp_extension
+
+
 def _nvcc() -> Optional[str]:
-    from torch.utils.cpp_extension import CUDA_HOME
+    CUDA_HOME = _cpp_extension().CUDA_HOME
     if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return os.path.join(CUDA_HOME, "bin", "nvcc")
     return shutil.which("nvcc")
@@ -52,14 +58,14 @@ def _jit_build() -> tuple[Optional[object], str]:
         return None, f"not prebuilt, and the kernel sources for a JIT build are not in {SOURCES}"
     if _nvcc() is None:
         return None, "not prebuilt, and no nvcc for a JIT build (set CUDA_HOME or put nvcc on PATH)"
-    from torch.utils.cpp_extension import load
     build = cache_dir() / re.sub(r"[^\w.]+", "_", f"torch{torch.__version__}-cuda{torch.version.cuda}")
     build.mkdir(parents=True, exist_ok=True)
     print(f"goca_fast: building the CUDA Sinkhorn kernel in {build} (first use only, about a minute)",
           file=sys.stderr, flush=True)
     try:
-        ext = load(name="goca_fast_sinkhorn_cuda", sources=[str(s) for s in sources], build_directory=str(build),
-                   extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"])
+        ext = _cpp_extension().load(name="goca_fast_sinkhorn_cuda", sources=[str(s) for s in sources],
+                                    build_directory=str(build),
+                                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"])
     except (RuntimeError, OSError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"JIT build failed ({first}); build log in {build}"

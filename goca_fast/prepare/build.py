@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Optional, Sequence
 
+import cv2
 import numpy as np
 
 from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
@@ -80,7 +82,6 @@ def process_one(job: Job, opts: PrepareOptions, check: bool = False) -> dict:
 def _worker_init() -> None:
     set_decoder_threads(1)
     try:
-        import cv2
         cv2.setNumThreads(1)
     except ImportError:  # pragma: no cover
         pass
@@ -103,7 +104,6 @@ def _check_params(out: str, opts: PrepareOptions, force: bool) -> None:
             raise ValueError(f"{out} was prepared with other parameters {diff} (old, new); "
                              f"use another --out, or --force to re-encode everything")
         if have != want and force:
-            import shutil
             shutil.rmtree(os.path.join(out, "rgb"), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     write_atomic(path, json.dumps(want, indent=1) + "\n")

@@ -22,20 +22,22 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Iterator, Optional
 
 import numpy as np
+import cv2
+import torch
+from tqdm import tqdm
 
 from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
 from goca_fast.video.io import VideoReadError, read_all_frames, set_decoder_threads
 from goca_fast.video.flow_codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
 from goca_fast.prepare.flow_files import REPORT_FILE, FlowJob, finalise_index, flow_rel_path, load_master, pending_jobs
 from goca_fast.runtime.parallel import process_pool
-from goca_fast.video.tvl1 import TVL1Params
+from goca_fast.video.tvl1 import TVL1Params, opencv_tvl1, tvl1_flow
 
 # ----------------------------------------------------------------------------- per-video work
 
 
 def grey_frames(rgb: np.ndarray) -> np.ndarray:
     """T×H×W×3 RGB uint8 -> T×H×W grey uint8 (OpenCV's BT.601 weights, what MemDPC/GOCA used via BGR2GRAY)."""
-    import cv2
     return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb])
 
 
@@ -61,13 +63,11 @@ def _cv_init(params: TVL1Params) -> None:
     global _CV_PARAMS
     _CV_PARAMS = params
     set_decoder_threads(1)
-    import cv2
     cv2.setNumThreads(1)
 
 
 def opencv_job(job: FlowJob) -> dict:
     """One video with OpenCV DualTVL1 (a fresh object per video: OpenCV shrinks nscales for small images)."""
-    from goca_fast.video.tvl1 import opencv_tvl1
     t0 = time.perf_counter()
     try:
         g = load_grey(job)
@@ -94,8 +94,6 @@ def _run_opencv(jobs: list[FlowJob], params: TVL1Params, workers: int) -> Iterat
 def _run_torch(jobs: list[FlowJob], params: TVL1Params, device: str, batch: int, compile: bool,
                io_threads: int) -> Iterator[dict]:
     """Decode ahead and encode behind in threads; the solver takes `batch` frame pairs at a time."""
-    import torch
-    from goca_fast.video.tvl1 import tvl1_flow
     dev = torch.device(device)
     loader = ThreadPoolExecutor(max(1, io_threads))
     writer = ThreadPoolExecutor(max(1, io_threads))
@@ -148,7 +146,6 @@ def _progress(it: Iterator[dict], total: int, enabled: bool, desc: str) -> Itera
     if not enabled:
         yield from it
         return
-    from tqdm import tqdm
     with tqdm(total=total, desc=desc, unit="video", file=sys.stderr) as bar:
         for r in it:
             bar.update(1)

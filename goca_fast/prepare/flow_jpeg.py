@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from typing import Iterator
 
 import numpy as np
+import cv2
 
 from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
 from goca_fast.prepare.sources import SPLIT_DIR_NAMES
@@ -58,7 +59,6 @@ def list_flow_jpegs(folder: str) -> tuple[str, list]:
 
 def read_flow_jpegs(layout: str, files: list) -> np.ndarray:
     """The JPEG folder -> T×H×W×2 uint8 (u, v) in the MemDPC quantisation."""
-    import cv2
     if layout == "xy":
         out = []
         for xp, yp in files:
@@ -81,7 +81,6 @@ def read_flow_jpegs(layout: str, files: list) -> np.ndarray:
 
 def resize_flow_u8(flow_u8: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize quantised flow to width×height, scaling the vectors with the image (u by W ratio, v by H ratio)."""
-    import cv2
     t, h, w, _ = flow_u8.shape
     if (w, h) == (width, height):
         return flow_u8

@@ -3,8 +3,11 @@ a forkserver process pool and a progress bar, results yielded as they complete."
 from __future__ import annotations
 
 import sys
+import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterator, Sequence
+
+from tqdm import tqdm
 
 
 def process_pool(workers: int, initializer=None, initargs: tuple = (),
@@ -14,7 +17,6 @@ def process_pool(workers: int, initializer=None, initargs: tuple = (),
     Plain fork copies thread-pool state whose threads do not exist in the child (a deadlock we hit in practice);
     forkserver forks workers from a clean server that imports the `preload` modules once.
     """
-    import multiprocessing as mp
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["goca_fast.runtime.parallel", *preload])
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs)
@@ -29,7 +31,6 @@ def run_parallel(fn: Callable, args: Sequence[tuple], workers: int, desc: str, p
     """
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(args), desc=desc, unit="video", file=sys.stderr)
     try:
         if workers <= 1:

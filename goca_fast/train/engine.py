@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 from goca_fast.train import checkpoint as ckpt
 from goca_fast.data.batch import ClipBatch
@@ -310,7 +311,6 @@ class Trainer:
         n = self.iters_per_epoch
         bar = None
         if self.info.is_main and lp.progress and sys.stderr.isatty():  # a log file gets the epoch line
-            from tqdm import tqdm
             bar = tqdm(total=n, initial=s.iteration, desc=f"epoch {s.epoch + 1}/{lp.epochs}",
                        dynamic_ncols=True, leave=True)
         losses: list[float] = []

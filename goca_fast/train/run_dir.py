@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
 
 from goca_fast.train import checkpoint as ckpt
 from goca_fast.runtime.distributed import DistInfo, barrier
@@ -82,7 +83,6 @@ class RunDirectory:
         run rewrites."""
         if not self.info.is_main:
             return None
-        from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(self.path / "tensorboard"), purge_step=purge_step)
 
     def append_metrics(self, entry: dict) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,6 @@ class TVL1Params:
 
 def opencv_tvl1(params: TVL1Params = TVL1Params()):
     """The matching cv2.optflow DualTVL1 object (needs opencv-contrib)."""
-    import cv2
     t = cv2.optflow.DualTVL1OpticalFlow_create()
     t.setTau(params.tau)
     t.setLambda(params.lambda_)
