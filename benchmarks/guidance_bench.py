@@ -1,5 +1,5 @@
 """Does the guidance matter? GOCA with the KL prior against the same recipe without a prior and with the official
-prior sign, on real photographs whose only label is motion (issue #16), over several seeds.
+prior sign, on real photographs whose only label is motion, over several seeds.
 
 The data (benchmarks/guidance_data.py): scikit-image photographs seen through 8 camera motions, appearance carrying
 no label, written in UCF101 layout and taken through `goca-prepare` and `goca-flow` exactly like user data. Every

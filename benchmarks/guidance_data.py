@@ -1,4 +1,4 @@
-"""Camera-motion videos of real photographs in UCF101 layout: the data of the guidance benchmark (issue #16).
+"""Camera-motion videos of real photographs in UCF101 layout: the data of the guidance benchmark.
 
 Each video is a virtual camera looking at one of scikit-image's bundled sample photographs and moving in one of
 eight ways (the class): pan left/right, tilt up/down, zoom in/out, roll clockwise/counter-clockwise. Appearance

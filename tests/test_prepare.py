@@ -196,7 +196,7 @@ def test_scan_folders_plain_and_split_layout(tmp_path):
 
 
 def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
-    """Issue #12.3 end to end: train/<c>/x.mp4 and test/<c>/x.mp4 are two videos, both prepared."""
+    """End to end: train/<c>/x.mp4 and test/<c>/x.mp4 are two videos, both prepared."""
     from goca_fast.cli.prepare import main
     src = tmp_path / "src"
     for k, rel in enumerate(["train/a/x.avi", "test/a/x.avi", "train/b/y.avi", "test/b/y.avi", "test/b/z.avi"]):
@@ -440,7 +440,7 @@ def _folders_src(root, n_videos, frames=16):
 
 
 def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
-    """Issue #12.5: a prepare rerun on a dataset with flow keeps the valid flow paths."""
+    """A prepare rerun on a dataset with flow keeps the valid flow paths."""
     from goca_fast.cli.prepare import main
     from goca_fast.prepare.flow import extract_flow
     from goca_fast.video.tvl1 import TVL1Params
@@ -469,7 +469,7 @@ def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
 
 
 def test_exit_codes(tmp_path, capsys):
-    """Issue #12.4: 0 = something usable, 1 = nothing usable (one line), 2 = usage error; goca-flow too."""
+    """Exit codes: 0 = something usable, 1 = nothing usable (one line), 2 = usage error; goca-flow too."""
     from goca_fast.cli.prepare import main
     from goca_fast.cli.flow import main as flow_main
     bad = tmp_path / "bad"
@@ -527,7 +527,7 @@ print(json.dumps({"base": base, "peak": mb("VmHWM"), "status": r["status"], "fra
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the peak RSS")
 def test_peak_memory_does_not_grow_with_video_length(tmp_path):
-    """Issue #12.6: 3,000 frames of 640x480 (2 min at 25 fps) prepare in bounded memory.
+    """3,000 frames of 640x480 (2 min at 25 fps) prepare in bounded memory.
 
     Holding the decoded frames (214x160 RGB each) would take 308 MB, twice that with the final stack.
     """

@@ -37,7 +37,7 @@ PY = sys.executable
 STAGES = ("kernel", "train", "flow", "dali")
 TAIL = 40
 SKIP_RC = 77
-SITE = Path(os.environ.get("GOCA_GPU_SITE", "/tmp/site"))  # carried DALI unpacks here (../shared/tools/gpu-wheels)
+SITE = Path(os.environ.get("GOCA_GPU_SITE", "/tmp/site"))  # carried DALI unpacks here (see docs/gpu.md)
 
 
 @dataclass
@@ -138,7 +138,7 @@ def stage_steps(stage: str, c: Ctx) -> list[Step]:
     if stage == "dali":
         parts = sorted(ROOT.glob(".gpu-store/part.*")) or sorted(ROOT.glob(".gpu-parts/p*/part.*"))
         wheels = sorted(ROOT.glob(".gpu-wheels/*.whl"))
-        if parts:  # the format of ../shared/tools/gpu-wheels: one tar.xz of a site folder, split into parts
+        if parts:  # the packed DALI site (docs/gpu.md): one tar.xz of a site folder, split into parts
             unpack = ["bash", "-c", f'mkdir -p {SITE} && {{ [ -f {SITE}/.ok ] || {{ cat "$@" | xz -d | tar -x -C '
                                     f'{SITE} && touch {SITE}/.ok; }}; }} && echo "DALI site ready in {SITE}"',
                       "unpack", *map(str, parts)]

@@ -2,7 +2,7 @@
 
 The official "both" feature averages the two streams' normalised features, so its cosine contains cross terms
 (RGB feature of one video · flow feature of another) between two unrelated feature spaces, and a weak stream pulls
-the fused ranking below the strong one (issue #16: 79 % RGB+flow against 100 % flow alone). Concatenating
+the fused ranking below the strong one (on the guidance benchmark: 79 % RGB+flow against 100 % flow alone). Concatenating
 √w_s·f̂_s instead gives exactly the weighted sum of the per-stream cosines, Σ_s w_s cos_s (Σ w_s = 1):
 
   concat    equal weights (w = 1/2 each);
