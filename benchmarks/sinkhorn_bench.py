@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import device_name, write_results  # noqa: E402
 from goca_fast.method.assign import goca_codes  # noqa: E402
+from goca_fast.method.guidance import GuidanceParams  # noqa: E402
 
 EPS, EPS2, ITERS = 0.05, 0.03, 3
 
@@ -112,7 +113,7 @@ def time_methods(methods: dict, inputs, device: torch.device, repeats: int, warm
 
 METHODS = {
     "official-style eager": lambda r, f: official_goca_reference(r, f, EPS, EPS2, ITERS),
-    "goca_fast torch": lambda r, f: goca_codes(r, f, EPS, EPS2, ITERS, backend="torch"),
+    "goca_fast torch": lambda r, f: goca_codes(r, f, GuidanceParams(EPS, EPS2, ITERS), backend="torch"),
 }
 
 
@@ -152,8 +153,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 2
 def kernel_method(variant: int, per_sweep: bool = False):
     """One kernel variant (fused, or one launch per sweep: the process-group path minus its all-reduces)."""
     from goca_fast.method import cuda_kernel as kernels
-    return lambda r, f: kernels.goca_codes(r, f, EPS, EPS2, ITERS, 1, 1.0, keep_last=KEEP, per_sweep=per_sweep,
-                                           variant=variant)
+    return lambda r, f: kernels.goca_codes(r, f, GuidanceParams(EPS, EPS2, ITERS), keep_last=KEEP,
+                                           per_sweep=per_sweep, variant=variant)
 
 
 KERNEL = "cuda kernel v2"  # the default variant: the one the targets are judged on
@@ -163,7 +164,7 @@ def cuda_methods(compile_torch: bool) -> dict:
     """Both kernel variants (fused and per sweep), the torch path (eager, torch.compile) and the official-style
     baseline."""
     def torch_path(r, f):
-        return goca_codes(r, f, EPS, EPS2, ITERS, backend="torch", keep_last=KEEP)
+        return goca_codes(r, f, GuidanceParams(EPS, EPS2, ITERS), backend="torch", keep_last=KEEP)
 
     methods = {OFFICIAL: lambda r, f: official_goca_reference(r.float(), f.float(), EPS, EPS2, ITERS)}
     for variant in (2, 1):

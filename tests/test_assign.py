@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from goca_fast.method.assign import goca_codes, resolve_backend, sinkhorn
+from goca_fast.method.guidance import GuidanceParams
 from helpers import cosine_scores, free_port, goca64, plain_iterate64, rel_err
 
 
@@ -32,7 +33,7 @@ def test_goca_codes_matches_float64_official(sign, cycles):
     Sr, emb, protos = cosine_scores(300, 500, seed=3)
     Sf = F.normalize(emb + 0.7 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(4)), dim=1) @ protos.t()
     s = 1.0 if sign == "kl" else -1.0
-    qr, qf = goca_codes(Sr, Sf, 0.02, 0.03, 3, cycles=cycles, prior_sign=sign, backend="torch")
+    qr, qf = goca_codes(Sr, Sf, GuidanceParams(0.02, 0.03, 3, cycles=cycles, prior_sign=sign), backend="torch")
     rr, rf = goca64(Sr.numpy(), Sf.numpy(), 0.02, 0.03, 3, cycles, s)
     assert rel_err(qr, rr) <= 1e-5 and rel_err(qf, rf) <= 1e-5
     assert qr.dtype == torch.float32 and torch.allclose(qr.sum(1), torch.ones(300), atol=1e-5)
@@ -90,7 +91,7 @@ def test_finite_at_small_epsilon_with_scores_near_one(dtype):
         q = sinkhorn(scores, 0.01, 3)
         assert q.dtype == torch.float32 and torch.isfinite(q).all()
         assert torch.allclose(q.sum(1), torch.ones(300), atol=1e-4)
-        qr, qf = goca_codes(scores, scores.flip(0), 0.01, 0.03, 3, backend="torch")
+        qr, qf = goca_codes(scores, scores.flip(0), GuidanceParams(0.01, 0.03, 3), backend="torch")
         assert torch.isfinite(qr).all() and torch.isfinite(qf).all()
     # the log-domain result is the float64 iterate's (which does not overflow in float64)
     assert rel_err(sinkhorn(S, 0.01, 3), plain_iterate64(S.numpy(), 0.01, 3)) <= 1e-4
@@ -116,9 +117,9 @@ def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="prior_sign"):
         sinkhorn(S, 0.1, 3, prior=torch.full((8, 4), 0.25), prior_epsilon=0.1, prior_sign="plus")
     with pytest.raises(ValueError, match="cycles"):
-        goca_codes(S, S, 0.1, 0.1, 3, cycles=3)
+        goca_codes(S, S, GuidanceParams(0.1, 0.1, 3, cycles=3))
     with pytest.raises((RuntimeError, ValueError), match="CUDA"):
-        goca_codes(S, S, 0.1, 0.1, 3, backend="cuda")   # CPU tensors, or no extension
+        goca_codes(S, S, GuidanceParams(0.1, 0.1, 3), backend="cuda")   # CPU tensors, or no extension
     from goca_fast.method import cuda_kernel as kernels
     ok, why = kernels.available()
     assert ok or why  # unavailable always comes with a reason
@@ -131,7 +132,7 @@ def _worker(rank, world, port, Sr, Sf, out_dir):
     rows = np.array_split(np.arange(Sr.shape[0]), world)[rank]
     g = dist.group.WORLD
     q = sinkhorn(Sr[rows], 0.03, 3, group=g)
-    qr, qf = goca_codes(Sr[rows], Sf[rows], 0.03, 0.02, 3, cycles=2, backend="torch", group=g)
+    qr, qf = goca_codes(Sr[rows], Sf[rows], GuidanceParams(0.03, 0.02, 3, cycles=2), backend="torch", group=g)
     extreme = sinkhorn((Sr[rows] > 0.2).float() * 2 - 1, 0.005, 3, group=g)  # forces the log-domain path
     torch.save({"q": q, "qr": qr, "qf": qf, "ext": extreme}, os.path.join(out_dir, f"r{rank}.pt"))
     dist.destroy_process_group()
@@ -144,7 +145,7 @@ def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), Sr, Sf, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
     whole = {"q": sinkhorn(Sr, 0.03, 3), "ext": sinkhorn((Sr > 0.2).float() * 2 - 1, 0.005, 3)}
-    whole["qr"], whole["qf"] = goca_codes(Sr, Sf, 0.03, 0.02, 3, cycles=2, backend="torch")
+    whole["qr"], whole["qf"] = goca_codes(Sr, Sf, GuidanceParams(0.03, 0.02, 3, cycles=2), backend="torch")
     for key in ("q", "qr", "qf", "ext"):
         got = torch.cat([p[key] for p in parts])
         assert torch.allclose(got, whole[key], rtol=1e-5, atol=1e-7), key
@@ -172,7 +173,7 @@ def test_one_host_read_per_call_in_the_normal_case(monkeypatch, cycles):
     Sf = F.normalize(emb + 0.7 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(32)), dim=1) @ protos.t()
     with monkeypatch.context() as m:
         reads = _count_host_reads(m)
-        qr, qf = goca_codes(Sr, Sf, 0.02, 0.03, 3, cycles=cycles, backend="torch")
+        qr, qf = goca_codes(Sr, Sf, GuidanceParams(0.02, 0.03, 3, cycles=cycles), backend="torch")
         per_goca_call = len(reads)
         q = sinkhorn(Sr, 0.02, 3, prior=qf, prior_epsilon=0.03)
         per_sinkhorn_call = len(reads) - per_goca_call
@@ -193,7 +194,7 @@ def test_unrepresentable_pass_redoes_the_call_in_the_log_domain(monkeypatch):
     assert float(shifted[:, :15].sum()) == 0.0  # these column sums are not representable in fp32
     with monkeypatch.context() as m:
         reads = _count_host_reads(m)
-        qr, qf = goca_codes(Sr, Sf, 0.01, 0.03, 3, cycles=2, backend="torch")
+        qr, qf = goca_codes(Sr, Sf, GuidanceParams(0.01, 0.03, 3, cycles=2), backend="torch")
     assert len(reads) <= 1, reads
     assert torch.isfinite(qr).all() and torch.isfinite(qf).all()
     rr, rf = goca64(Sr.numpy(), Sf.numpy(), 0.01, 0.03, 3, 2, 1.0)  # float64: e^100 does not overflow
@@ -227,7 +228,7 @@ def _backend_worker(rank, world, port, out_dir):
             out[case + " cuda"] = f"error: {e}"
     out["torch"] = resolve_backend("torch", cpu, g)
     try:  # the per-call "auto" would let this rank choose alone
-        goca_codes(torch.rand(4, 3), torch.rand(4, 3), 0.1, 0.1, 3, backend="auto", group=g)
+        goca_codes(torch.rand(4, 3), torch.rand(4, 3), GuidanceParams(0.1, 0.1, 3), backend="auto", group=g)
         out["per-call auto"] = "ran"
     except ValueError as e:
         out["per-call auto"] = f"error: {e}"

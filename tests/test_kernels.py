@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from goca_fast.method import cuda_kernel as kernels
 from goca_fast.method import sweep_plan as sweep_plan_mod
 from goca_fast.method.assign import goca_codes
+from goca_fast.method.guidance import GuidanceParams
 from goca_fast.method.sweep_plan import sweep_plan
 from helpers import cosine_scores, free_port, goca64, rel_err
 
@@ -218,7 +219,7 @@ def test_kernel_algorithm_matches_torch_path_and_float64(sign, cycles, B, K, blo
     s = 1.0 if sign == "kl" else -1.0
     got = _sweep_model(Sr, Sf, _plan(eps, 0.03, 3, cycles, s), keep=B, blocks=blocks, owners=owners)
     ref = goca64(Sr.numpy(), Sf.numpy(), eps, 0.03, 3, cycles, s)
-    torch_path = goca_codes(Sr, Sf, eps, 0.03, 3, cycles=cycles, prior_sign=sign, backend="torch")
+    torch_path = goca_codes(Sr, Sf, GuidanceParams(eps, 0.03, 3, cycles=cycles, prior_sign=sign), backend="torch")
     for st in (0, 1):
         assert rel_err(got[st], ref[st]) <= 1e-5
         assert rel_err(got[st], torch_path[st]) <= 1e-5
@@ -262,15 +263,15 @@ def test_auto_backend_on_cpu_tensors_uses_the_torch_path(monkeypatch):
         raise AssertionError("the kernel ran on CPU tensors")
     monkeypatch.setattr(kernels, "goca_codes", must_not_run)
     Sr, Sf = _correlated_scores(64, 40, seed=3)
-    auto = goca_codes(Sr, Sf, 0.05, 0.03, 3, backend="auto")
-    ref = goca_codes(Sr, Sf, 0.05, 0.03, 3, backend="torch")
+    auto = goca_codes(Sr, Sf, GuidanceParams(0.05, 0.03, 3), backend="auto")
+    ref = goca_codes(Sr, Sf, GuidanceParams(0.05, 0.03, 3), backend="torch")
     assert torch.equal(auto[0], ref[0]) and torch.equal(auto[1], ref[1])
 
 
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     S = torch.rand(8, 4)
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
-        goca_codes(S, S, 0.1, 0.1, 3, backend="cuda")
+        goca_codes(S, S, GuidanceParams(0.1, 0.1, 3), backend="cuda")
 
 
 def test_unavailable_reason_is_one_clear_line(fresh_load, monkeypatch):
@@ -286,7 +287,7 @@ def test_kernel_entry_without_extension_raises_with_the_reason(monkeypatch):
     monkeypatch.setattr(kernels, "_load", lambda: (None, "no device here"))
     S = torch.rand(8, 4)
     with pytest.raises(RuntimeError, match="unavailable: no device here"):
-        kernels.goca_codes(S, S, 0.1, 0.1, 3, 1, 1.0)
+        kernels.goca_codes(S, S, GuidanceParams(0.1, 0.1, 3))
 
 
 def test_jit_build_reports_what_is_missing(monkeypatch, tmp_path):
@@ -393,10 +394,10 @@ def _rel(a, b) -> float:
 def _kernel(sr, sf, eps=EPS, eps2=EPS2, iters=3, cycles=1, sign="kl", keep_last=None, variant=None):
     """The kernel through goca_codes(backend="cuda") (the default variant), or one variant directly."""
     if variant is None:
-        return goca_codes(sr, sf, eps, eps2, iters, cycles=cycles, prior_sign=sign, backend="cuda",
+        return goca_codes(sr, sf, GuidanceParams(eps, eps2, iters, cycles=cycles, prior_sign=sign), backend="cuda",
                           keep_last=keep_last)
-    return kernels.goca_codes(sr, sf, eps, eps2, iters, cycles, 1.0 if sign == "kl" else -1.0, None, keep_last,
-                              variant=variant)
+    return kernels.goca_codes(sr, sf, GuidanceParams(eps, eps2, iters, cycles=cycles, prior_sign=sign), None,
+                              keep_last, variant=variant)
 
 
 def _check_codes(codes, ref, tol, msg):
@@ -439,7 +440,8 @@ def test_kernel_matches_torch_path_and_float64(dtype, sign, cycles, B, K, varian
     msg = f"seed={seed} B={B} K={K} {dtype} {sign} cycles={cycles} v{variant}"
     got = _kernel(sr, sf, cycles=cycles, sign=sign, variant=variant)
     _check_codes(got, _goca64(sr, sf, EPS, EPS2, 3, cycles, s), 1e-5, msg + " vs float64")
-    _check_codes(got, goca_codes(sr, sf, EPS, EPS2, 3, cycles=cycles, prior_sign=sign, backend="torch"), 1e-5,
+    _check_codes(got, goca_codes(sr, sf, GuidanceParams(EPS, EPS2, 3, cycles=cycles, prior_sign=sign),
+                                 backend="torch"), 1e-5,
                  msg + " vs torch path")
 
 
@@ -470,7 +472,8 @@ def test_kernel_small_epsilon_scores_near_pm_one_stays_finite(cycles, variant):
     # the fp32 floor at exponents near 300: on CPU the kernel's algorithm measures <= 8.7e-6 from float64 here and
     # the torch path 1.1e-5 to 1.4e-5, so they differ by up to ~1.7e-5 (test_kernel_algorithm_is_finite_...)
     _check_codes(got, _goca64(sr, sf, 0.01, EPS2, 3, cycles, 1.0), 2e-5, msg + " vs float64")
-    _check_codes(got, goca_codes(sr, sf, 0.01, EPS2, 3, cycles=cycles, backend="torch"), 3e-5, msg + " vs torch")
+    _check_codes(got, goca_codes(sr, sf, GuidanceParams(0.01, EPS2, 3, cycles=cycles), backend="torch"), 3e-5,
+                                 msg + " vs torch")
 
 
 @gpu_test
@@ -535,8 +538,8 @@ def test_kernel_per_sweep_launches_equal_the_fused_launch(ctas, variant):
     """The process-group path's phases (one launch per sweep, no shared-memory residency) on one process."""
     seed = _seed("per sweep", ctas)
     sr, sf = _gpu_scores(999, 2000, seed, torch.bfloat16)
-    fused = kernels.goca_codes(sr, sf, EPS, EPS2, 3, 1, 1.0, ctas=ctas, variant=variant)
-    per_sweep = kernels.goca_codes(sr, sf, EPS, EPS2, 3, 1, 1.0, ctas=ctas, per_sweep=True, variant=variant)
+    fused = kernels.goca_codes(sr, sf, GuidanceParams(EPS, EPS2, 3), ctas=ctas, variant=variant)
+    per_sweep = kernels.goca_codes(sr, sf, GuidanceParams(EPS, EPS2, 3), ctas=ctas, per_sweep=True, variant=variant)
     assert torch.equal(fused[0], per_sweep[0]) and torch.equal(fused[1], per_sweep[1]), f"seed={seed}"
     ref = _kernel(sr, sf, variant=variant)  # one block per SM: another summation order
     assert _rel(fused[0], ref[0]) <= 1e-5 and _rel(fused[1], ref[1]) <= 1e-5, f"seed={seed}"
@@ -572,8 +575,8 @@ def test_backend_cuda_without_the_extension_is_a_clear_error_and_auto_falls_back
     sr, sf = _gpu_scores(64, 50, _seed("no extension"))
     with pytest.raises(RuntimeError, match="unavailable: disabled for this test"):
         _kernel(sr, sf)
-    auto = goca_codes(sr, sf, EPS, EPS2, 3, backend="auto")
-    ref = goca_codes(sr, sf, EPS, EPS2, 3, backend="torch")
+    auto = goca_codes(sr, sf, GuidanceParams(EPS, EPS2, 3), backend="auto")
+    ref = goca_codes(sr, sf, GuidanceParams(EPS, EPS2, 3), backend="torch")
     assert torch.equal(auto[0], ref[0])
 
 
@@ -585,8 +588,8 @@ def test_k_beyond_the_kernel_limit_falls_back_or_says_why():
     assert not ok and f"K={kmax + 1} exceeds" in why
     with pytest.raises(RuntimeError, match="exceeds the kernel's limit"):
         _kernel(sr, sf)
-    auto = goca_codes(sr, sf, EPS, EPS2, 3, backend="auto")
-    assert torch.equal(auto[0], goca_codes(sr, sf, EPS, EPS2, 3, backend="torch")[0])
+    auto = goca_codes(sr, sf, GuidanceParams(EPS, EPS2, 3), backend="auto")
+    assert torch.equal(auto[0], goca_codes(sr, sf, GuidanceParams(EPS, EPS2, 3), backend="torch")[0])
 
 
 def _dist_worker(rank, world, port, backend, sr, sf, out_dir):
@@ -596,8 +599,8 @@ def _dist_worker(rank, world, port, backend, sr, sf, out_dir):
     dist.init_process_group(backend, rank=rank, world_size=world)
     rows = np.array_split(np.arange(sr.shape[0]), world)[rank]
     r, f = sr[rows].to(device), sf[rows].to(device)
-    out = {"c1": goca_codes(r, f, EPS, EPS2, 3, cycles=1, backend="cuda", group=dist.group.WORLD),
-           "c2": goca_codes(r, f, EPS, EPS2, 3, cycles=2, prior_sign="official", backend="cuda",
+    out = {"c1": goca_codes(r, f, GuidanceParams(EPS, EPS2, 3, cycles=1), backend="cuda", group=dist.group.WORLD),
+           "c2": goca_codes(r, f, GuidanceParams(EPS, EPS2, 3, cycles=2, prior_sign="official"), backend="cuda",
                             group=dist.group.WORLD)}
     torch.save({k: [t.cpu() for t in v] for k, v in out.items()}, os.path.join(out_dir, f"r{rank}.pt"))
     dist.destroy_process_group()

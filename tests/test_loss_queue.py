@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from goca_fast.method.guidance import GuidanceParams
 from goca_fast.method.loss import swapped_prediction
 from goca_fast.models.goca_model import StreamOutput
 from goca_fast.method.objective import GocaObjective
@@ -95,7 +96,8 @@ def test_prior_mode_loss_is_the_mean_of_per_stream_losses_with_goca_codes():
     expect = 0.0
     codes = {s: {} for s in out}
     for i in (0, 1):
-        codes["rgb"][i], codes["flow"][i] = goca_codes(blocks["rgb"][i], blocks["flow"][i], 0.05, 0.03, 3)
+        codes["rgb"][i], codes["flow"][i] = goca_codes(blocks["rgb"][i], blocks["flow"][i], GuidanceParams(0.05,
+                                                       0.03, 3))
     for s in out:
         expect += loss_by_hand([b.detach() for b in blocks[s]], codes[s], 0.1) / 2
     assert abs(res.loss.item() - expect) < 1e-4

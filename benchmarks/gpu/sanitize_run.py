@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from goca_fast.method import cuda_kernel as kernels  # noqa: E402
+from goca_fast.method.guidance import GuidanceParams  # noqa: E402
 
 CASES = [(37, 33, torch.float32, 1), (129, 3001, torch.bfloat16, 2), (65, 5000, torch.float16, 1),
          (17, 10000, torch.float32, 2)]
@@ -33,8 +34,10 @@ def main() -> int:
         for B, K, dtype, cycles in CASES:
             sr = torch.randn(B, K + 5, device="cuda").to(dtype)[:, :K]  # row stride K + 5
             sf = torch.randn(B, K, device="cuda").to(dtype)
-            fused = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, 1.0, None, B // 2 + 1, variant=variant)
-            per_sweep = kernels.goca_codes(sr, sf, 0.05, 0.03, 3, cycles, -1.0, per_sweep=True, variant=variant)
+            fused = kernels.goca_codes(sr, sf, GuidanceParams(0.05, 0.03, 3, cycles=cycles), None, B // 2 + 1,
+                                       variant=variant)
+            per_sweep = kernels.goca_codes(sr, sf, GuidanceParams(0.05, 0.03, 3, cycles=cycles,
+                                           prior_sign="official"), per_sweep=True, variant=variant)
             torch.cuda.synchronize()
             finite = all(bool(torch.isfinite(c).all()) for c in (*fused, *per_sweep))
             bad += not finite

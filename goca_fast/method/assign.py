@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 from goca_fast.method import cuda_kernel as kernels
+from goca_fast.method.guidance import GuidanceParams, PriorSign, sign_value
 
-PriorSign = Literal["kl", "official"]
 Backend = Literal["auto", "torch", "cuda"]
 ResolvedBackend = Literal["torch", "cuda"]
 
@@ -42,14 +42,6 @@ log = logging.getLogger("goca_fast")
 
 # A row sum below this may be built from denormal fp32 terms: the call is then redone in the log domain.
 _TINY_ROW_SUM = 1e-25
-
-
-def _sign(prior_sign: str) -> float:
-    if prior_sign == "kl":
-        return 1.0
-    if prior_sign == "official":
-        return -1.0
-    raise ValueError(f"prior_sign must be 'kl' or 'official', got {prior_sign!r}")
 
 
 def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -209,7 +201,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int, prior: Optio
         if prior is not None and prior_epsilon != 0.0:
             if prior.shape != scores.shape:
                 raise ValueError(f"prior shape {tuple(prior.shape)} differs from scores {tuple(scores.shape)}")
-            s = _sign(prior_sign)
+            s = sign_value(prior_sign)
             # log P with P's zeros clamped to the smallest normal fp32: the official iterate would give ±inf there.
             logp = torch.log(prior.detach().float().clamp_min(torch.finfo(torch.float32).tiny))
             denom = epsilon + prior_epsilon
@@ -219,22 +211,20 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int, prior: Optio
 
 
 @torch.no_grad()
-def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, epsilon: float, prior_epsilon: float,
-               iterations: int, cycles: int = 1, prior_sign: PriorSign = "kl", backend: Backend = "auto",
-               group=None, keep_last: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, params: GuidanceParams, *,
+               backend: Backend = "auto", group=None, keep_last: Optional[int] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prior-guided codes for both streams (docs/official_behaviour.md#prior-and-cycles).
 
     P_f = SK(S_f), P_r = SK(S_r); then `cycles` times: Q_r = SK(S_r | P_f), Q_f = SK(S_f | P_r); P_r, P_f = Q_r, Q_f.
     Returns (codes_rgb, codes_flow), float32, rows summing to 1 (only the last `keep_last` rows when given).
     """
-    if cycles not in (1, 2):
-        raise ValueError(f"cycles must be 1 or 2, got {cycles}")
     if scores_rgb.shape != scores_flow.shape:
         raise ValueError(f"RGB scores {tuple(scores_rgb.shape)} and flow scores {tuple(scores_flow.shape)} differ")
-    s = _sign(prior_sign)
     if _use_kernel(backend, scores_rgb, group):
-        return kernels.goca_codes(scores_rgb, scores_flow, epsilon, prior_epsilon, iterations, cycles, s,
-                                  group, keep_last)
+        return kernels.goca_codes(scores_rgb, scores_flow, params, group, keep_last)
+    epsilon, prior_epsilon, iterations, cycles, s = (params.epsilon, params.prior_epsilon, params.iterations,
+                                                     params.cycles, params.sign)
     with _autocast_off(scores_rgb.device):
         S_r, batch_global = _prep(scores_rgb, epsilon, iterations, group)
         S_f = scores_flow.detach().float()

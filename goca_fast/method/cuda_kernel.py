@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from goca_fast.method.guidance import GuidanceParams
 from goca_fast.method.sweep_plan import STATS_MAX_SUM, STATS_SUM, sweep_plan
 
 SOURCES = Path(__file__).resolve().parents[1] / "kernels"
@@ -125,11 +126,10 @@ def _all_reduce_stats(state: list[torch.Tensor], kind: int, group) -> None:
         dist.all_reduce(colacc, group=group)
 
 
-def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, epsilon: float, prior_epsilon: float,
-               iterations: int, cycles: int, sign: float, group=None, keep_last: Optional[int] = None, *,
-               per_sweep: bool = False, ctas: int = 0, variant: int = DEFAULT_VARIANT
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """goca_fast.method.assign.goca_codes on the CUDA kernel; same arguments, sign = +1 ("kl") or -1 ("official").
+def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, params: GuidanceParams, group=None,
+               keep_last: Optional[int] = None, *, per_sweep: bool = False, ctas: int = 0,
+               variant: int = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor]:
+    """goca_fast.method.assign.goca_codes on the CUDA kernel; same arguments.
 
     per_sweep: one launch per sweep even without a process group (the group path minus its all-reduces; for
     benchmarks and tests). ctas: blocks per launch, 0 = one per SM (a tuning knob). variant: kernel design 1 or 2."""
@@ -141,8 +141,8 @@ def goca_codes(scores_rgb: torch.Tensor, scores_flow: torch.Tensor, epsilon: flo
                          f"{tuple(scores_flow.shape)}")
     if variant not in (1, 2):
         raise ValueError(f"kernel variant must be 1 or 2, got {variant!r}")
-    plan = sweep_plan(iterations=iterations, cycles=cycles, epsilon=epsilon, prior_epsilon=prior_epsilon,
-                      sign=sign)
+    plan = sweep_plan(iterations=params.iterations, cycles=params.cycles, epsilon=params.epsilon,
+                      prior_epsilon=params.prior_epsilon, sign=params.sign)
     sr, sf = _kernel_inputs(scores_rgb, scores_flow)
     B, K = sr.shape
     keep = min(keep_last, B) if keep_last else B

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from goca_fast.method.assign import goca_codes, sinkhorn
+from goca_fast.method.guidance import GuidanceParams
 from goca_fast.method.loss import swapped_prediction
 from goca_fast.models.goca_model import StreamOutput
 from goca_fast.method.queue import FeatureQueue
@@ -63,6 +64,11 @@ class GocaObjective:
             raise ValueError("prior_to='rgb' has one guided pass: cycles must be 1")
         object.__setattr__(self, "assign_clips", tuple(self.assign_clips))
 
+    @property
+    def guidance(self) -> GuidanceParams:
+        """The guided assignment's numbers, as goca_codes takes them."""
+        return GuidanceParams(self.epsilon, self.prior_epsilon, self.iterations, self.cycles, self.prior_sign)
+
     def queue_shape(self, streams: int) -> tuple[int, int]:
         """(streams, slots) of the feature queue for this mode."""
         return (streams if self.merge != "avg" else 1), len(self.assign_clips)
@@ -90,8 +96,8 @@ class GocaObjective:
                                            group=self.group, keep_last=bs)
                 codes["flow"][i] = p_f[-bs:]
             elif prior_on:
-                q_r, q_f = goca_codes(ext["rgb"], ext["flow"], self.epsilon, self.prior_epsilon, self.iterations,
-                                      self.cycles, self.prior_sign, self.backend, self.group, keep_last=bs)
+                q_r, q_f = goca_codes(ext["rgb"], ext["flow"], self.guidance, backend=self.backend, group=self.group,
+                                      keep_last=bs)
                 codes["rgb"][i], codes["flow"][i] = q_r, q_f
             else:
                 for s in names:
