@@ -199,17 +199,16 @@ def endless(factory):
 def dali_decode_only(spec):
     """Endless DALI CPU batches of the training source and its two decoders only (same files, frames, threads as
     the training pipeline `spec` builds)."""
+    import dataclasses
     from nvidia.dali import fn, pipeline_def, types
     from dali_pipelines import graph
     from dali_pipelines.source import TrainSource
     from dali_pipelines.train import source_dtypes
-    src = TrainSource(metas=spec.metas, clip_lengths=spec.clip_lengths, stride=spec.stride,
-                      min_distance=spec.min_distance, augment=spec.augment, with_flow=True, seed=spec.seed,
-                      rank=spec.rank, world_size=spec.world_size, batch_size=spec.batch_size,
-                      batches_per_epoch=spec.batches_per_epoch, start_epoch=0, start_batch=0)
-    dtypes = source_dtypes(len(spec.clip_lengths), True, [types.INT32, types.FLOAT] * 2)
+    sp = dataclasses.replace(spec.sampling, with_flow=True)
+    src = TrainSource(sp, start_epoch=0, start_batch=0)
+    dtypes = source_dtypes(len(sp.clip_lengths), True, [types.INT32, types.FLOAT] * 2)
 
-    @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.threads), device_id=None,
+    @pipeline_def(batch_size=sp.batch_size, num_threads=max(1, spec.threads), device_id=None,
                   prefetch_queue_depth=2)
     def pipe():
         outs = list(fn.external_source(source=src, num_outputs=len(dtypes), batch=False, dtype=dtypes))
@@ -227,23 +226,24 @@ def graph_only(pipe):
 def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress: int = 0) -> dict:
     from goca_fast.data.index import read_index
     from goca_fast.runtime.distributed import DistInfo
-    from goca_fast.plan import build_dali_train_loader, build_train_loader, train_augment
+    from goca_fast.plan.run import cpu_train_loader, dali_train_loader, plan_run
+    from goca_fast.plan.settings import train_augment
     clips = len(cfg.clip_lengths)
     bs = cfg.data.batch_size
     every = max(1, n_batches // 500)
     if kind in ("dali_cpu", "dali_gpu"):
         dev = torch.device("cuda", 0) if kind == "dali_gpu" else torch.device("cpu")
-        factory, _ = build_dali_train_loader(cfg, DistInfo(device=dev), root, train_augment(cfg.data))
+        factory = dali_train_loader(plan_run(cfg, DistInfo(device=dev))).make
         res = measure(kind, endless(factory), n_batches, warmup, clips, bs, dev.type == "cuda", rss_every=every,
                       progress=progress)
         factory.close()
         return res
     if kind in ("dali_graph", "dali_decode"):
-        factory, _ = build_dali_train_loader(cfg, DistInfo(), root, train_augment(cfg.data))
+        factory = dali_train_loader(plan_run(cfg, DistInfo())).make
         batches = graph_only(factory.spec.pipeline(0, 0)) if kind == "dali_graph" else dali_decode_only(factory.spec)
         return measure(kind, batches, n_batches, warmup, clips, bs, False, rss_every=every)
     if kind == "cpu":
-        factory, _ = build_train_loader(cfg, DistInfo(), root)
+        factory = cpu_train_loader(plan_run(cfg, DistInfo())).make
         return measure(kind, endless(factory), n_batches, warmup, clips, bs, False, rss_every=every)
     if kind == "official":
         recs, _ = read_index(root)

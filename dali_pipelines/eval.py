@@ -22,6 +22,7 @@ from dali_pipelines.train import error_reason, device_index, source_dtypes, to_t
 from dali_pipelines.validate import validate_for_dali
 from goca_fast.data.cpu_loader import EvalBatch, EvalClipDataset, collate_eval
 from goca_fast.data.index import VideoRecord
+from goca_fast.data.views import ViewSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,9 @@ class DaliEvalLoader:
     at the next batch.
     """
 
-    def __init__(self, root: str | os.PathLike, records: Sequence[VideoRecord], clip_length: int, stride: int,
-                 num_clips: int, crop_size: int, short_side: int, with_flow: bool, crops: int = 3,
-                 flow_mode: str = "shared", batch_size: int = 8, workers: int = 2,
-                 device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1):
+    def __init__(self, root: str | os.PathLike, records: Sequence[VideoRecord], views: ViewSpec, with_flow: bool, *,
+                 batch_size: int = 8, workers: int = 2, device: Optional[torch.device] = None, rank: int = 0,
+                 world_size: int = 1):
         self.device = device or torch.device("cpu")
         good, _ = validate_for_dali(root, records, with_flow, workers=max(1, workers))
         good_ids = {r.id for r in good}
@@ -71,23 +71,20 @@ class DaliEvalLoader:
         self.indices = [i for i in shard if records[i].id in good_ids]
         self.excluded = len(shard) - len(self.indices)
         self.metas = video_metas(root, records)
-        self.args = (clip_length, stride, num_clips, crops, crop_size, short_side, with_flow)
-        self.num_views = num_clips * (1 if crops == 1 else crops)
+        self.views, self.num_views = views, views.num_clips * (1 if views.crops == 1 else views.crops)
         self.with_flow, self.batch_size, self.workers = with_flow, int(batch_size), int(workers)
-        self.official_flow = flow_mode == "official"
+        self.official_flow = views.flow_mode == "official"
         self.batches = math.ceil(len(self.indices) / self.batch_size)
-        self.cpu = EvalClipDataset(root, records, clip_length=clip_length, stride=stride, num_clips=num_clips,
-                                   crop_size=crop_size, short_side=short_side, with_flow=with_flow, crops=crops,
-                                   flow_mode=flow_mode)
+        self.cpu = EvalClipDataset(root, records, views, with_flow)
         self._used = False
 
     def __len__(self) -> int:
         return self.batches
 
     def _pipeline(self, start: int):
-        source = EvalSource(self.metas, self.indices, *self.args, start=start)
-        pipe = eval_pipeline(source, self.args[2], len(source.positions), self.args[4], self.with_flow,
-                             self.official_flow, types.FLOAT, self.device.type == "cuda",
+        source = EvalSource(self.metas, self.indices, self.views, self.with_flow, start=start)
+        pipe = eval_pipeline(source, self.views.num_clips, len(source.positions), self.views.crop_size,
+                             self.with_flow, self.official_flow, types.FLOAT, self.device.type == "cuda",
                              batch_size=self.batch_size, num_threads=max(1, self.workers),
                              device_id=device_index(self.device), prefetch_queue_depth=2)
         pipe.build()

@@ -23,6 +23,7 @@ from goca_fast.data.augment import AugParams, ClipAugment, _eval_offsets, resize
 from goca_fast.data.cpu_loader import EpochSampler, item_seeds
 from goca_fast.data.index import VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
+from goca_fast.data.views import ViewSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,25 @@ def clip_params(p: AugParams, height: int, width: int, crop: tuple[int, int],
     return v
 
 
+@dataclass
+class TrainSampling:
+    """What the training source samples: this rank's share of `metas`, the clips of each video and their
+    augmentation draws (the CPU loader's `TrainClipDataset` and `EpochSampler` settings, so both give the same
+    batches)."""
+
+    metas: list[VideoMeta]
+    clip_lengths: list[int]
+    stride: int
+    min_distance: int
+    augment: ClipAugment
+    with_flow: bool
+    seed: int
+    rank: int
+    world_size: int
+    batch_size: int
+    batches_per_epoch: int
+
+
 class TrainSource:
     """Sample-mode callable for `fn.external_source(batch=False)`.
 
@@ -102,15 +122,14 @@ class TrainSource:
     decodes that batch with the CPU loader).
     """
 
-    def __init__(self, metas: Sequence[VideoMeta], clip_lengths: Sequence[int], stride: int, min_distance: int,
-                 augment: ClipAugment, with_flow: bool, seed: int, rank: int, world_size: int, batch_size: int,
-                 batches_per_epoch: int, start_epoch: int, start_batch: int):
-        self.metas = list(metas)
-        self.clip_lengths = [int(L) for L in clip_lengths]
-        self.stride, self.min_distance = int(stride), int(min_distance)
-        self.augment, self.with_flow, self.seed = augment, bool(with_flow), int(seed)
-        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
-        self.per_epoch = int(batches_per_epoch) * self.batch_size
+    def __init__(self, sampling: TrainSampling, start_epoch: int, start_batch: int):
+        sp = sampling
+        self.metas = list(sp.metas)
+        self.clip_lengths = [int(L) for L in sp.clip_lengths]
+        self.stride, self.min_distance = int(sp.stride), int(sp.min_distance)
+        self.augment, self.with_flow, self.seed = sp.augment, bool(sp.with_flow), int(sp.seed)
+        self.rank, self.world_size, self.batch_size = int(sp.rank), int(sp.world_size), int(sp.batch_size)
+        self.per_epoch = int(sp.batches_per_epoch) * self.batch_size
         self.base = int(start_epoch) * self.per_epoch + int(start_batch) * self.batch_size
         self.min_frames = max(self.clip_lengths)
         self._order_epoch, self._order = -1, []
@@ -173,12 +192,11 @@ class EvalSource:
     positions, then per crop: float32 anchor [top, left], then float32 [resized h, resized w]).
     """
 
-    def __init__(self, metas: Sequence[VideoMeta], indices: Sequence[int], clip_length: int, stride: int,
-                 num_clips: int, crops: int, crop_size: int, short_side: int, with_flow: bool, start: int = 0):
+    def __init__(self, metas: Sequence[VideoMeta], indices: Sequence[int], views: ViewSpec, with_flow: bool,
+                 start: int = 0):
         self.metas, self.indices, self.start = list(metas), list(indices), int(start)
-        self.clip_length, self.stride, self.num_clips = int(clip_length), int(stride), int(num_clips)
-        self.positions = (1,) if crops == 1 else tuple(range(crops))
-        self.crop_size, self.short_side, self.with_flow = int(crop_size), int(short_side), bool(with_flow)
+        self.views, self.with_flow = views, bool(with_flow)
+        self.positions = (1,) if views.crops == 1 else tuple(range(views.crops))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -188,11 +206,12 @@ class EvalSource:
         valid = k < len(self.indices)
         index = self.indices[min(k, len(self.indices) - 1)]
         meta = self.metas[index]
-        ev = uniform_eval_clips(meta.frames, self.clip_length, self.stride, self.num_clips)
+        v = self.views
+        ev = uniform_eval_clips(meta.frames, v.clip_length, v.stride, v.num_clips)
         frames, positions = frame_plan(ev.indices)
         out = [read_encoded(meta.rgb)] + ([read_encoded(meta.flow)] if self.with_flow else [])
         out += [frames, np.array([meta.label, index, int(valid), int(ev.padded)], np.int64), *positions]
-        rh, rw = resized_size(meta.height, meta.width, self.short_side)
-        out += [np.array(_eval_offsets(rh, rw, self.crop_size, pos), np.float32) for pos in self.positions]
+        rh, rw = resized_size(meta.height, meta.width, v.short_side)
+        out += [np.array(_eval_offsets(rh, rw, v.crop_size, pos), np.float32) for pos in self.positions]
         out.append(np.array([rh, rw], np.float32))
         return tuple(out)

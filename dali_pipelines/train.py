@@ -19,8 +19,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines import graph
-from dali_pipelines.source import TrainSource
-from goca_fast.data.augment import ClipAugment
+from dali_pipelines.source import TrainSampling, TrainSource
 from goca_fast.data.batch import ClipBatch
 from goca_fast.data.cpu_loader import EpochSampler, TrainClipDataset, collate_clips
 
@@ -92,19 +91,9 @@ def outputs_to_batch(outs, num_clips: int, with_flow: bool, device: torch.device
 
 @dataclass(kw_only=True)
 class TrainPipelineSpec:
-    """Everything needed to build the training pipeline at any position."""
+    """Everything needed to build the training pipeline at any position: what to sample, and how DALI runs."""
 
-    metas: list
-    clip_lengths: list[int]
-    stride: int
-    min_distance: int
-    augment: ClipAugment
-    with_flow: bool
-    seed: int
-    rank: int
-    world_size: int
-    batch_size: int
-    batches_per_epoch: int
+    sampling: TrainSampling
     official_flow: bool
     blur_window: int
     half_output: bool          # DALI writes fp16 (GPU + AMP), else fp32
@@ -113,18 +102,16 @@ class TrainPipelineSpec:
     threads: int
 
     def pipeline(self, epoch: int, start_batch: int):
-        src = TrainSource(self.metas, self.clip_lengths, stride=self.stride, min_distance=self.min_distance,
-                          augment=self.augment, with_flow=self.with_flow, seed=self.seed, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size,
-                          batches_per_epoch=self.batches_per_epoch, start_epoch=epoch, start_batch=start_batch)
-        return train_pipeline(src, len(self.clip_lengths), self.with_flow, self.augment.crop, self.official_flow,
+        sp = self.sampling
+        src = TrainSource(sp, start_epoch=epoch, start_batch=start_batch)
+        return train_pipeline(src, len(sp.clip_lengths), sp.with_flow, sp.augment.crop, self.official_flow,
                               self.blur_window, types.FLOAT16 if self.half_output else types.FLOAT,
-                              self.device.type == "cuda", batch_size=self.batch_size,
+                              self.device.type == "cuda", batch_size=sp.batch_size,
                               num_threads=max(1, self.threads), device_id=device_index(self.device),
-                              seed=self.seed, prefetch_queue_depth=2)
+                              seed=sp.seed, prefetch_queue_depth=2)
 
     def next_position(self, epoch: int, batch: int) -> tuple[int, int]:
-        return (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
+        return (epoch, batch + 1) if batch + 1 < self.sampling.batches_per_epoch else (epoch + 1, 0)
 
     def produce(self, epoch: int, batch: int) -> Iterator[tuple]:
         """Endless ("batch", epoch, b, ClipBatch) or ("error", epoch, b, reason) from (epoch, batch) on. A DALI
@@ -141,8 +128,9 @@ class TrainPipelineSpec:
                 pipe = None
                 yield ("error", epoch, batch, error_reason(e))
             else:
-                yield ("batch", epoch, batch, outputs_to_batch(outs, len(self.clip_lengths), self.with_flow,
-                                                                 self.device, self.torch_dtype))
+                sp = self.sampling
+                yield ("batch", epoch, batch, outputs_to_batch(outs, len(sp.clip_lengths), sp.with_flow, self.device,
+                                                                 self.torch_dtype))
             epoch, batch = self.next_position(epoch, batch)
 
 
@@ -156,7 +144,7 @@ class DaliTrainLoaders:
 
     def __init__(self, spec: TrainPipelineSpec, batch_indices: Callable[[int, int], list[int]],
                  fallback: Optional[Callable[[int, list[int]], Optional[ClipBatch]]] = None):
-        self.spec, self.batches = spec, spec.batches_per_epoch
+        self.spec, self.batches = spec, spec.sampling.batches_per_epoch
         self.batch_indices, self.fallback = batch_indices, fallback
         self._stream: Optional[Iterator[tuple]] = None
         self._next: Optional[tuple[int, int]] = None
@@ -218,10 +206,12 @@ def output_dtype(device: torch.device, amp: Optional[torch.dtype]) -> tuple[bool
 def dali_train_loaders(spec: TrainPipelineSpec, cpu_dataset: TrainClipDataset) -> DaliTrainLoaders:
     """The training loader factory of `spec`; a batch DALI fails on is decoded by `cpu_dataset` (the same videos,
     augmentation and seed) instead."""
+    sp = spec.sampling
+
     def batch_indices(epoch: int, b: int) -> list[int]:
-        sampler = EpochSampler(len(cpu_dataset), spec.rank, spec.world_size, spec.seed, drop_last=True)
+        sampler = EpochSampler(len(cpu_dataset), sp.rank, sp.world_size, sp.seed, drop_last=True)
         sampler.set_epoch(epoch)
-        return sampler.rank_indices()[b * spec.batch_size:(b + 1) * spec.batch_size]
+        return sampler.rank_indices()[b * sp.batch_size:(b + 1) * sp.batch_size]
 
     def fallback(epoch: int, indices: list[int]) -> Optional[ClipBatch]:
         cpu_dataset.set_epoch(epoch)

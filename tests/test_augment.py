@@ -75,7 +75,7 @@ def test_draw_statistics_and_ranges():
 def test_config_hflip_p_sets_the_training_flip_rate(hflip_p, expect):
     """data.hflip_p reaches the training augmentation (0 for classes that a mirror changes: left/right motion)."""
     from pathlib import Path
-    from goca_fast.plan import train_augment
+    from goca_fast.plan.settings import train_augment
     from goca_fast.config import load_config
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     aug = train_augment(load_config(demo, [f"data.hflip_p={hflip_p}"]).data)
@@ -220,7 +220,7 @@ def test_eval_crops_landscape_portrait_flow():
 
 def test_train_augment_takes_every_field_from_the_data_section():
     from goca_fast.config import load_config
-    from goca_fast.plan import train_augment
+    from goca_fast.plan.settings import train_augment
     d = load_config(None, ["data.blur_p=0.5", "data.time_reverse_p=0.3", "data.flow_mode=official",
                            "data.crop_size=96", "data.scale_range=[100,140]", "data.color_jitter_p=0.7",
                            "data.grayscale_p=0.1"]).data

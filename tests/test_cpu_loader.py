@@ -19,6 +19,7 @@ from goca_fast.data.cpu_loader import (
 )
 from goca_fast.data.index import read_index
 from goca_fast.data.sampling import uniform_eval_clips
+from goca_fast.data.views import ViewSpec
 from goca_fast.video.io import write_video
 from helpers import decode_frame_index, make_frame_index_dataset
 
@@ -174,8 +175,8 @@ def test_loader_resume_exact(idx_root):
 
 def test_eval_dataset_views_and_alignment(idx_root):
     records, _ = read_index(idx_root)
-    ds = EvalClipDataset(idx_root, records, clip_length=8, stride=4, num_clips=3, crop_size=64,
-                         short_side=64, with_flow=True, crops=3)
+    ds = EvalClipDataset(idx_root, records, ViewSpec(clip_length=8, stride=4, num_clips=3, crops=3, crop_size=64,
+                                                     short_side=64), with_flow=True)
     item = ds[3]
     assert item.rgb.shape == (9, 3, 8, 64, 64) and item.flow.shape == (9, 2, 8, 64, 64)
     ev = uniform_eval_clips(records[3].frames, 8, 4, 3)
@@ -186,7 +187,8 @@ def test_eval_dataset_views_and_alignment(idx_root):
     batches = list(make_eval_loader(ds, 3, 0))
     assert sum(b.rgb.shape[0] for b in batches) == len(FRAMES)
     assert batches[0].rgb.shape == (3, 9, 3, 8, 64, 64) and batches[0].padded.dtype == torch.bool
-    one = EvalClipDataset(idx_root, records, 8, 4, 2, 56, 64, False, crops=1)
+    one = EvalClipDataset(idx_root, records, ViewSpec(clip_length=8, stride=4, num_clips=2, crops=1, crop_size=56,
+                                                      short_side=64), with_flow=False)
     it = one[0]
     assert it.rgb.shape == (2, 3, 8, 56, 56) and it.flow is None
     assert list(ShardSampler(7, 1, 3)) == [1, 4]
@@ -195,7 +197,8 @@ def test_eval_dataset_views_and_alignment(idx_root):
 def test_eval_padded_short_video(tmp_path):
     root = make_frame_index_dataset(tmp_path / "s", [5], height=64, width=80)
     records, _ = read_index(root)
-    ds = EvalClipDataset(root, records, 8, 2, 2, 64, 64, True, crops=1)
+    ds = EvalClipDataset(root, records, ViewSpec(clip_length=8, stride=2, num_clips=2, crops=1, crop_size=64,
+                                                 short_side=64), with_flow=True)
     item = ds[0]
     assert item.padded and _decoded(item.rgb[0]) == [0, 1, 2, 3, 4, 4, 4, 4]
     assert _decoded(item.flow[1]) == [0, 1, 2, 3, 4, 4, 4, 4]

@@ -14,14 +14,16 @@ import torch
 dali = pytest.importorskip("nvidia.dali", reason="DALI is part of the [dali] extra installed by CI")
 
 from dali_pipelines.eval import DaliEvalLoader  # noqa: E402
-from dali_pipelines.source import P_FLIP, TrainSource, frame_plan, video_metas  # noqa: E402
+from dali_pipelines.source import P_FLIP, TrainSampling, TrainSource, frame_plan, video_metas  # noqa: E402
 from dali_pipelines.validate import validate_for_dali  # noqa: E402
-from goca_fast.plan import build_dali_train_loader, train_augment  # noqa: E402
+from goca_fast.plan.run import dali_train_loader, plan_run  # noqa: E402
+from goca_fast.plan.settings import train_augment  # noqa: E402
 from goca_fast.config import load_config  # noqa: E402
 from goca_fast.data.cpu_loader import EvalClipDataset, TrainClipDataset, make_eval_loader, make_train_loader  # noqa: E402
+from goca_fast.data.views import ViewSpec  # noqa: E402
 from goca_fast.data.index import read_index, write_index  # noqa: E402
 from goca_fast.data.sampling import uniform_eval_clips  # noqa: E402
-from goca_fast.data.synthetic import make_synthetic_dataset  # noqa: E402
+from goca_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset  # noqa: E402
 from goca_fast.video.io import write_video  # noqa: E402
 from goca_fast.runtime.distributed import DistInfo  # noqa: E402
 from goca_fast.video.flow_codec import read_flow_frames, write_flow_video  # noqa: E402
@@ -31,6 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 10 and 12 frames: the stride shrinks; 6 frames (< the 8-frame clips): the last frame repeats
 FRAME_COUNTS = [40, 57, 64, 33, 80, 48, 45, 70, 36, 12, 6, 10]
 CUDA = torch.device("cuda", 0)
+# 2 uniform clips of 8 frames (stride 2) × the centre crop, 64² of a 64 short side
+TWO_CENTRE_CLIPS = ViewSpec(clip_length=8, stride=2, num_clips=2, crops=1, crop_size=64, short_side=64)
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +46,22 @@ def index_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def motion_root(tmp_path_factory):
     """Small textured motion dataset (real pictures, for comparing values with the CPU loader)."""
-    return make_synthetic_dataset(tmp_path_factory.mktemp("motion"), num_classes=2, videos_per_class=4, frames=36,
-                                  height=64, width=80, seed=3, workers=1)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("motion"), SyntheticSpec(num_classes=2, videos_per_class=4,
+                                  frames=36, height=64, width=80, seed=3), workers=1)
+
+
+def _sampling(root, recs, cfg, batches_per_epoch):
+    """The sampling of rank 0 of 1, batches of 4 RGB + flow clips, as `cfg` trains."""
+    return TrainSampling(metas=video_metas(root, recs), clip_lengths=cfg.clip_lengths, stride=cfg.data.stride,
+                         min_distance=cfg.data.min_distance, augment=train_augment(cfg.data), with_flow=True,
+                         seed=cfg.seed, rank=0, world_size=1, batch_size=4, batches_per_epoch=batches_per_epoch)
 
 
 def cfg_for(root, *overrides):
     # the official flip rate (the demo trains without flips), so the parity tests see mirrored clips too
     return load_config(os.path.join(REPO, "configs", "demo.yaml"),
                        [f"data.root={root}", "data.loader=dali", "data.workers=0", "data.batch_size=4",
-                        "data.min_distance=2", "data.hflip_p=0.5", *overrides])
+                        "data.min_distance=2", "data.hflip_p=0.5", "eval.knn_after_training=false", *overrides])
 
 
 # frames survive crops only when the whole height is kept: short side = crop = full height
@@ -58,8 +69,14 @@ INDEX_AUG = ("data.scale_range=[64,64]", "data.crop_size=64")
 
 
 def batches(cfg, root, epoch=0, start=0, info=None):
-    factory, n = build_dali_train_loader(cfg, info or DistInfo(), root)
+    factory, n = dali_loader(cfg, info)
     return list(factory(epoch, start)), n
+
+
+def dali_loader(cfg, info=None):
+    """(loader factory, batches per epoch) of the DALI training loader of `cfg` (its data.root)."""
+    loader = dali_train_loader(plan_run(cfg, info or DistInfo()))
+    return loader.make, loader.batches_per_epoch
 
 
 def frame_ids(clip_nctHW: torch.Tensor, n: int, channel=None) -> list[int]:
@@ -149,8 +166,7 @@ def check_alignment(cfg, root, device=None):
     recs, _ = read_index(root)
     cpu = TrainClipDataset(root, recs, cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
                            train_augment(cfg.data), True, cfg.seed)
-    src = TrainSource(video_metas(root, recs), cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                      train_augment(cfg.data), True, cfg.seed, 0, 1, 4, 1, 0, 0)
+    src = TrainSource(_sampling(root, recs, cfg, batches_per_epoch=1), 0, 0)
     short = {i for i, r in enumerate(recs) if r.frames < max(cfg.clip_lengths)}  # the CPU loader drops them
     seen_reversed, seen_shrunk = False, False
     for epoch in (0, 1):
@@ -215,8 +231,7 @@ def test_flip_negates_u(tmp_path):
     write_index(root, recs, ["c0", "c1"])
     u_px, v_px = dequantise_flow(flow[0, 0, 0])
     cfg = cfg_for(root, "data.scale_range=[48,56]", "data.crop_size=40")
-    src = TrainSource(video_metas(root, recs), cfg.clip_lengths, cfg.data.stride, cfg.data.min_distance,
-                      train_augment(cfg.data), True, cfg.seed, 0, 1, 4, 2, 0, 0)
+    src = TrainSource(_sampling(root, recs, cfg, batches_per_epoch=2), 0, 0)
     got, _ = batches(cfg, root)
     seen = set()
     for b, batch in enumerate(got):
@@ -266,7 +281,7 @@ def test_thread_count_does_not_change_the_batches(index_root):
 
 def test_factory_reuses_the_pipeline_across_epochs_and_reshuffles(index_root):
     cfg = cfg_for(index_root, *INDEX_AUG)
-    factory, n = build_dali_train_loader(cfg, DistInfo(), index_root)
+    factory, n = dali_loader(cfg)
     first = [list(factory(e, 0)) for e in range(3)]
     assert factory.rebuilds == 1  # prefetching ran on across epoch boundaries
     again, _ = batches(cfg, index_root, epoch=2)
@@ -300,7 +315,7 @@ def rss_slope_kb_per_sample(root: str) -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
     cfg = cfg_for(root, *INDEX_AUG, "data.workers=2", "data.batch_size=8")
-    factory, n = build_dali_train_loader(cfg, DistInfo(), root)
+    factory, n = dali_loader(cfg)
     rss, samples = [], []
     state = {"epoch": 0, "done": 0}
 
@@ -369,11 +384,11 @@ def test_bad_videos_are_excluded_with_a_report(broken_root):
     assert [r.id for r in good] == [r.id for r in recs[5:]]
     # training runs on what is left, never touching the excluded files
     cfg = cfg_for(root, *INDEX_AUG, "data.batch_size=2")
-    factory, n = build_dali_train_loader(cfg, DistInfo(), root)
+    factory, n = dali_loader(cfg)
     got = list(factory(0, 0))
     assert n == 3 and all(b.batch_size + b.skipped == 2 for b in got) and factory.failed_batches == 0
     # evaluation: every readable video once, the excluded ones counted as unreadable
-    out = list(DaliEvalLoader(root, recs, 8, 2, 2, 64, 64, True, crops=1, batch_size=4))
+    out = list(DaliEvalLoader(root, recs, TWO_CENTRE_CLIPS, True, batch_size=4))
     assert sorted(i for b in out for i in b.index.tolist()) == list(range(5, len(recs)))
     assert sum(b.skipped for b in out) == 5
 
@@ -386,7 +401,7 @@ def test_a_video_that_breaks_during_a_run_costs_one_sample(index_root, tmp_path,
     shutil.copytree(index_root, root)
     recs, _ = read_index(root)
     cfg = cfg_for(root, *INDEX_AUG)
-    factory, n = build_dali_train_loader(cfg, DistInfo(), root)
+    factory, n = dali_loader(cfg)
     path = root / recs[2].rgb
     data = path.read_bytes()
     if damage == "delete":
@@ -410,9 +425,10 @@ def test_a_video_that_breaks_during_a_run_costs_one_sample(index_root, tmp_path,
 def test_eval_pipeline_matches_the_cpu_eval_loader(motion_root):
     recs, _ = read_index(motion_root)
     test = [r for r in recs if "test" in r.splits] + [r for r in recs if "train" in r.splits][:3]
-    ds = EvalClipDataset(motion_root, test, 4, 2, 3, 48, 56, True, crops=3)
+    views = ViewSpec(clip_length=4, stride=2, num_clips=3, crops=3, crop_size=48, short_side=56)
+    ds = EvalClipDataset(motion_root, test, views, True)
     cpu = [b for b in make_eval_loader(ds, 2, 0)]
-    dl = [b for b in DaliEvalLoader(motion_root, test, 4, 2, 3, 48, 56, True, crops=3, batch_size=2)]
+    dl = [b for b in DaliEvalLoader(motion_root, test, views, True, batch_size=2)]
     assert [b.index.tolist() for b in dl] == [b.index.tolist() for b in cpu]  # every video once, in order
     for a, b in zip(dl, cpu):
         assert a.rgb.shape == b.rgb.shape and a.flow.shape == b.flow.shape  # N×V×C×T×h×w, V = 3 clips × 3 crops
@@ -426,8 +442,7 @@ def test_eval_frames_and_shards_cover_every_video_exactly_once(index_root):
     recs, _ = read_index(index_root)
     seen = []
     for rank in (0, 1):
-        ev = DaliEvalLoader(index_root, recs, 8, 2, 2, 64, 64, True, crops=1, batch_size=4, rank=rank,
-                            world_size=2)
+        ev = DaliEvalLoader(index_root, recs, TWO_CENTRE_CLIPS, True, batch_size=4, rank=rank, world_size=2)
         for b in ev:
             for row, idx in enumerate(b.index.tolist()):
                 clips = uniform_eval_clips(recs[idx].frames, 8, 2, 2)
@@ -487,8 +502,9 @@ def test_gpu_flow_video_full_range_round_trip(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_eval_matches_the_cpu_backend(motion_root):
     recs, _ = read_index(motion_root)
-    a = list(DaliEvalLoader(motion_root, recs, 4, 2, 2, 48, 56, True, crops=3, batch_size=4, device=CUDA))
-    b = list(DaliEvalLoader(motion_root, recs, 4, 2, 2, 48, 56, True, crops=3, batch_size=4))
+    views = ViewSpec(clip_length=4, stride=2, num_clips=2, crops=3, crop_size=48, short_side=56)
+    a = list(DaliEvalLoader(motion_root, recs, views, True, batch_size=4, device=CUDA))
+    b = list(DaliEvalLoader(motion_root, recs, views, True, batch_size=4))
     assert [x.index.tolist() for x in a] == [y.index.tolist() for y in b]
     for x, y in zip(a, b):
         assert x.rgb.is_cuda and (x.rgb.cpu() - y.rgb).abs().mean() < 0.05

@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from goca_fast.plan import finetune_start, load_eval_model
+from goca_fast.plan.evaluation import CheckpointRequest, EvalOverrides, finetune_start, load_eval_model
 from goca_fast.eval import EvalError
 from goca_fast.eval.finetune import Finetuner
 from goca_fast.eval.finetune_recipe import FinetuneSettings
@@ -58,8 +58,9 @@ def test_finetune_resume_continues_and_equals_uninterrupted(tmp_path, monkeypatc
 
 
 def test_finetune_backbone_lr_is_a_tenth(tmp_path):
-    ft = Finetuner.fresh(finetune_start(str(tiny_run()), out_dir=str(tmp_path / "ft"), streams=["rgb"], workers=0,
-                                        device="cpu"), settings(1))
+    start = finetune_start(CheckpointRequest(str(tiny_run()), streams=["rgb"]), EvalOverrides(workers=0),
+                           out_dir=str(tmp_path / "ft"), device="cpu")
+    ft = Finetuner.fresh(start, settings(1))
     lrs = [g["base_lr"] for g in ft.optimizer.param_groups]
     assert lrs == [pytest.approx(0.005), pytest.approx(0.05)] and ft.streams == ["rgb"]
 

@@ -3,13 +3,16 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from goca_fast.plan import knn_recall, load_eval_model
+from goca_fast.data.index import read_index, select_split
+from goca_fast.plan.evaluation import load_eval_model
+from goca_fast.plan.run import RunData, knn_recall, plan_settings
 from goca_fast.eval import EvalError, features, knn
 from goca_fast.cli.eval import main as cli_main
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
@@ -62,7 +65,9 @@ def test_in_memory_evaluation_equals_cli_numbers(tmp_path):
     run = make_run(tmp_path / "run", seed=1)
     cli = run_eval(knn.run_knn, run, use_cache=False)
     loaded, cfg = load_eval_model(run)
-    mem = knn_recall(loaded.model, cfg, tiny_dataset(), torch.device("cpu"))
+    records = read_index(tiny_dataset())[0]
+    plan = replace(plan_settings(cfg), data=RunData(tiny_dataset(), records, select_split(records, "train")))
+    mem = knn_recall(loaded.model, plan)
     assert mem == cli.recall
 
 

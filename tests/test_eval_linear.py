@@ -89,6 +89,6 @@ def test_short_run_warns_once_about_unreached_milestones_and_counts_are_singular
 
 
 def test_plural():
-    from goca_fast.eval import plural
+    from goca_fast.data.views import plural
     assert [plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
     assert plural(1, "query video") == "1 query video" and plural(3, "query video") == "3 query videos"

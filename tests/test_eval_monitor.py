@@ -6,31 +6,35 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from goca_fast.plan import load_eval_model
+from goca_fast.plan.evaluation import load_eval_model
 from goca_fast.data.index import read_index
-from goca_fast.eval.features import compute_split_features
+from goca_fast.eval.features import ExtractSettings, compute_split_features
 from goca_fast.eval.knn import knn_scores
-from goca_fast.eval.monitor import KnnMonitor, stratified_subset
-from goca_fast.eval.splits import SplitRecords, ViewSpec
+from goca_fast.eval.monitor import KnnMonitor, MonitorSettings, stratified_subset
+from goca_fast.data.views import ViewSpec
+from goca_fast.eval.splits import SplitRecords
 from helpers import one_torch_thread, tiny_dataset, tiny_run  # noqa: F401 (autouse fixture)
 
 
-def _monitor(every=2, **kw):
-    return KnnMonitor(tiny_dataset(), "train", "test", subset_size=kw.pop("subset_size", 8), clip_length=8,
-                      stride=1, crop_size=24, short_side=32, every=every, batch_size=4, **kw)
+# the monitor's views: 1 centre clip of 8 frames × 1 centre crop
+VIEWS = ViewSpec(clip_length=8, stride=1, num_clips=1, crops=1, crop_size=24, short_side=32)
+
+
+def _monitor(every=2, streams=("rgb", "flow"), **kw):
+    settings = MonitorSettings(subset_size=kw.pop("subset_size", 8), every=every, batch_size=4, **kw)
+    return KnnMonitor(tiny_dataset(), read_index(tiny_dataset())[0], VIEWS, settings, streams=streams)
 
 
 def _offline_r1(model, train: int, test: int) -> float:
     """R@1 ("both") of the monitor's class-balanced subsets and views (1 centre clip of 8 frames, 1 crop), computed
     by the offline kNN evaluation."""
     records, classes = read_index(tiny_dataset())
-    spec = ViewSpec(clip_length=8, stride=1, num_clips=1, crops=1, crop_size=24, short_side=32)
     feats = []
     for split, size in (("train", train), ("test", test)):
         recs = [r for r in records if split in r.splits]
         recs = [recs[i] for i in stratified_subset([r.label for r in recs], size, 0)]
         feats.append(compute_split_features(model, tiny_dataset(), SplitRecords(split, recs, len(recs), [], classes),
-                                            spec, torch.device("cpu"), batch_size=4, loader="cpu"))
+                                            VIEWS, ExtractSettings(torch.device("cpu"), 4, 0, loader="cpu")))
     return knn_scores(feats[0], feats[1], model.streams, ks=(1,))["both"][1]
 
 

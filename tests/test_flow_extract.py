@@ -21,7 +21,7 @@ from goca_fast.video.io import probe_video, read_all_frames, write_video
 from goca_fast.video.flow_codec import dequantise_flow, quantise_flow, read_flow_frames, write_flow_video
 from goca_fast.prepare.flow_files import flow_rel_path
 from goca_fast.cli.flow import main
-from goca_fast.prepare.flow import extract_flow, grey_frames
+from goca_fast.prepare.flow import FlowSettings, extract_flow, grey_frames
 from goca_fast.video.tvl1 import TVL1Params, opencv_tvl1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def prepared(tmp_path):
 
 
 def test_extract_opencv_and_torch_agree_and_index_is_updated(prepared, tmp_path):
-    rep = extract_flow(str(prepared), "opencv", workers=2, params=SMALL)
+    rep = extract_flow(str(prepared), FlowSettings(params=SMALL), workers=2)
     assert rep["computed"] == 5 and rep["with_flow"] == 5 and rep["failed"] == 0
     records, _ = read_index(prepared)
     for r in records:
@@ -92,12 +92,12 @@ def test_extract_opencv_and_torch_agree_and_index_is_updated(prepared, tmp_path)
     # the torch backend on the same dataset (fresh copy of the flow dir) gives the same flow
     import shutil
     shutil.rmtree(prepared / "flow")
-    rep = extract_flow(str(prepared), "torch", workers=1, device="cpu", batch=4, params=SMALL, limit=1)
+    rep = extract_flow(str(prepared), FlowSettings("torch", batch=4, params=SMALL), workers=1, limit=1)
     assert rep["computed"] == 1 and rep["with_flow"] == 1          # the others are listed as missing flow
     stored_t = read_flow_frames(prepared / r.flow, list(range(r.frames)))
     assert np.abs(stored_t.astype(int) - stored.astype(int)).mean() <= 1.0
-    assert extract_flow(str(prepared), "opencv", workers=1, params=SMALL)["computed"] == 4
-    rep = extract_flow(str(prepared), "torch", device="cpu", params=SMALL)
+    assert extract_flow(str(prepared), FlowSettings(params=SMALL), workers=1)["computed"] == 4
+    rep = extract_flow(str(prepared), FlowSettings("torch", params=SMALL))
     assert rep["computed"] == 0 and rep["already_done"] == 5 and rep["with_flow"] == 5
 
 
@@ -106,7 +106,7 @@ def test_bad_rgb_and_mismatched_flow_are_reported_not_fatal(prepared):
     os.unlink(prepared / records[1].rgb)                       # RGB vanished after prepare
     bogus = prepared / flow_rel_path(records[2])               # a stale flow video with the wrong frame count
     write_flow_video(bogus, np.full((3, records[2].height, records[2].width, 2), 128, np.uint8), fps=25)
-    rep = extract_flow(str(prepared), "opencv", workers=1, params=SMALL)
+    rep = extract_flow(str(prepared), FlowSettings(params=SMALL), workers=1)
     assert rep["failed"] == 1 and rep["with_flow"] == 4 and rep["computed"] == 4
     recs, _ = read_index(prepared)
     assert records[1].id not in {r.id for r in recs}

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from goca_fast.method.assign import sinkhorn
-from goca_fast.models import GocaModel, build_backbone, prototype_separation, run_grouped
+from goca_fast.models import GocaModel, ModelSpec, build_backbone, prototype_separation, run_grouped
 from goca_fast.models.heads import Prototypes
 from helpers import plain_iterate64, rel_err
 
@@ -37,7 +37,7 @@ def test_grouped_forward_equals_one_pass_per_group():
 
 
 def test_model_outputs_unit_embeddings_and_cosine_scores():
-    m = GocaModel("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10)
+    m = GocaModel(ModelSpec("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10))
     m.prototypes.normalize_()
     clips = {"rgb": [torch.randn(3, 3, 4, 32, 32)] * 2, "flow": [torch.randn(3, 2, 4, 32, 32)] * 2}
     out = m(clips)
@@ -47,23 +47,25 @@ def test_model_outputs_unit_embeddings_and_cosine_scores():
         assert out[s].scores.abs().max() <= 1.0 + 1e-5
         assert torch.allclose(out[s].scores, z @ m.prototypes.weight.t())
     assert m.head("rgb") is not m.head("flow")
-    shared = GocaModel("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10, shared_head=True)
+    shared = GocaModel(ModelSpec("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10,
+                                 shared_head=True))
     assert shared.head("rgb") is shared.head("flow")
 
 
 def test_avg_merge_gives_one_normalised_stream():
-    m = GocaModel("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10, merge="avg")
+    m = GocaModel(ModelSpec("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10, merge="avg"))
     out = m({"rgb": [torch.randn(2, 3, 4, 32, 32)] * 2, "flow": [torch.randn(2, 2, 4, 32, 32)] * 2})
     assert list(out) == ["avg"] and torch.allclose(out["avg"].embeddings.norm(dim=1), torch.ones(4), atol=1e-5)
 
 
 def test_precomputed_prototypes_are_loaded_and_frozen():
     init = np.random.default_rng(0).normal(size=(10, 16)).astype(np.float32)
-    m = GocaModel("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10, prototypes_init=init)
+    m = GocaModel(ModelSpec("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10),
+                  prototypes_init=init)
     assert m.prototypes.frozen and not m.prototypes.weight.requires_grad
     assert np.allclose(m.prototypes.weight.detach().numpy(), init)
     with pytest.raises(ValueError, match="expected"):
-        GocaModel("tiny", pool="global", embed_dim=8, num_prototypes=10, prototypes_init=init)
+        GocaModel(ModelSpec("tiny", pool="global", embed_dim=8, num_prototypes=10), prototypes_init=init)
 
 
 def test_prototype_separation_by_hand():
@@ -93,7 +95,7 @@ def test_scores_are_fp32_under_bf16_autocast_so_the_codes_are_fp32_accurate():
 
 def test_model_under_bf16_autocast_keeps_the_network_bf16_and_the_scores_fp32():
     torch.manual_seed(1)
-    m = GocaModel("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10).eval()
+    m = GocaModel(ModelSpec("tiny", pool="global", hidden_dim=32, embed_dim=16, num_prototypes=10)).eval()
     m.prototypes.normalize_()
     clips = {"rgb": [torch.randn(3, 3, 4, 32, 32)] * 2, "flow": [torch.randn(3, 2, 4, 32, 32)] * 2}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -111,11 +113,11 @@ def test_model_under_bf16_autocast_keeps_the_network_bf16_and_the_scores_fp32():
 def test_linear_head_is_one_linear_map_of_the_pooled_features():
     """model.head=linear: embedding = normalise(W·f + b) of the backbone features f, by hand; the default stays the
     official 3-linear MLP; an unknown head is a config error."""
-    from goca_fast.plan import build_model
+    from goca_fast.plan.run import build_model, plan_settings
     from goca_fast.config import ConfigError, load_config
     torch.manual_seed(0)
     cfg = load_config("configs/guidance.yaml", ["model.head=linear"])
-    m = build_model(cfg).eval()
+    m = build_model(plan_settings(cfg)).eval()
     clips = {"rgb": [torch.randn(2, 3, 8, 32, 32)] * 2, "flow": [torch.randn(2, 2, 8, 32, 32)] * 2}
     out = m(clips)
     feats = m.features(clips)
@@ -126,7 +128,7 @@ def test_linear_head_is_one_linear_map_of_the_pooled_features():
         z = z / z.norm(dim=1, keepdim=True)
         assert torch.allclose(out[s].embeddings, z, atol=1e-6)
         assert torch.allclose(out[s].scores, z @ m.prototypes.weight.T, atol=1e-6)
-    mlp = build_model(load_config("configs/demo.yaml")).head("rgb")  # no model.head: the default
+    mlp = build_model(plan_settings(load_config("configs/demo.yaml"))).head("rgb")  # no model.head: the default
     assert [type(x).__name__ for x in mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU",
                                                "Linear"]
     with pytest.raises(ConfigError, match="model.head"):

@@ -442,14 +442,14 @@ def _folders_src(root, n_videos, frames=16):
 def test_rerun_keeps_flow_and_says_when_it_must_be_recomputed(tmp_path, capsys):
     """A prepare rerun on a dataset with flow keeps the valid flow paths."""
     from goca_fast.cli.prepare import main
-    from goca_fast.prepare.flow import extract_flow
+    from goca_fast.prepare.flow import FlowSettings, extract_flow
     from goca_fast.video.tvl1 import TVL1Params
     src, out = tmp_path / "src", tmp_path / "out"
     _folders_src(src, 2)
     args = ["--dataset", "folders", "--src", str(src), "--out", str(out), "--short-side", "32", "--min-frames", "8",
             "--workers", "1", "--no-progress"]
     assert main(args) == 0
-    extract_flow(str(out), "opencv", params=TVL1Params(nscales=2, warps=2, outer_iterations=2))
+    extract_flow(str(out), FlowSettings(params=TVL1Params(nscales=2, warps=2, outer_iterations=2)))
     flows = {r.id: r.flow for r in read_index(out)[0]}
     assert set(flows) == {"v0", "v1"} and all(flows.values())
     capsys.readouterr()

@@ -16,6 +16,7 @@ from goca_fast.data.index import (
 )
 from goca_fast.data.synthetic import (
     MOTION_CLASSES,
+    SyntheticSpec,
     camera_shake,
     class_motion,
     make_synthetic_dataset,
@@ -83,8 +84,8 @@ def test_flow_direction_matches_class():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn") / "ds"
-    make_synthetic_dataset(root, num_classes=8, videos_per_class=4, frames=10, height=H, width=W,
-                           seed=5, workers=2, pan_speed=2.0)
+    make_synthetic_dataset(root, SyntheticSpec(num_classes=8, videos_per_class=4, frames=10, height=H, width=W,
+                           seed=5, pan_speed=2.0), workers=2)
     return root
 
 
@@ -136,12 +137,14 @@ def test_dataset_files_carry_exact_flow(dataset):
 
 def test_idempotent_and_regenerates(dataset, tmp_path):
     stamp = os.path.getmtime(os.path.join(dataset, "index.jsonl"))
-    make_synthetic_dataset(dataset, num_classes=8, videos_per_class=4, frames=10, height=H, width=W, seed=5,
-                           pan_speed=2.0)
+    make_synthetic_dataset(dataset, SyntheticSpec(num_classes=8, videos_per_class=4, frames=10, height=H, width=W,
+                           seed=5, pan_speed=2.0))
     assert os.path.getmtime(os.path.join(dataset, "index.jsonl")) == stamp
     other = tmp_path / "o"
-    make_synthetic_dataset(other, num_classes=2, videos_per_class=2, frames=4, height=16, width=16, workers=1)
-    make_synthetic_dataset(other, num_classes=3, videos_per_class=2, frames=4, height=16, width=16, workers=1)
+    make_synthetic_dataset(other, SyntheticSpec(num_classes=2, videos_per_class=2, frames=4, height=16, width=16),
+                           workers=1)
+    make_synthetic_dataset(other, SyntheticSpec(num_classes=3, videos_per_class=2, frames=4, height=16, width=16),
+                           workers=1)
     recs, classes = read_index(other)
     assert len(classes) == 3 and len(recs) == 6
     assert sorted(os.listdir(other / "rgb")) == sorted(MOTION_CLASSES[:3])
@@ -149,7 +152,7 @@ def test_idempotent_and_regenerates(dataset, tmp_path):
     foreign.mkdir()
     (foreign / "x.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        make_synthetic_dataset(foreign, num_classes=1, videos_per_class=1, frames=4, height=16, width=16)
+        make_synthetic_dataset(foreign, SyntheticSpec(num_classes=1, videos_per_class=1, frames=4, height=16, width=16))
 
 
 def _object_mask(scene, t, h=H, w=W):
@@ -218,8 +221,8 @@ def test_scene_choice():
     with pytest.raises(ValueError, match="scene"):
         render_dataset_video("rotate_cw", 3, 16, 16, rng, "bogus")
     with pytest.raises(ValueError, match="scene"):
-        make_synthetic_dataset("/nonexistent-never-written", num_classes=1, videos_per_class=1, frames=4,
-                               height=16, width=16, scene="bogus")
+        make_synthetic_dataset("/nonexistent-never-written", SyntheticSpec(num_classes=1, videos_per_class=1,
+                               frames=4, height=16, width=16, scene="bogus"))
 
 
 def test_deterministic_render():

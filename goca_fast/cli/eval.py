@@ -9,18 +9,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from typing import Optional, Sequence
 
 from goca_fast.cli.help import HelpFormatter
 from goca_fast.config import ConfigError
 from goca_fast.data.index import DatasetIndexError
-from goca_fast.eval.export import run_export, run_export_weights
+from goca_fast.data.views import ViewOverrides
+from goca_fast.eval.export import ExportOptions, run_export, run_export_weights
 from goca_fast.eval.finetune import run_finetune
 from goca_fast.eval.finetune_recipe import FinetuneSettings
-from goca_fast.eval.knn import run_knn
-from goca_fast.eval.linear import ProbeSettings, run_linear
-from goca_fast.eval.plots import run_plots
-from goca_fast.plan import eval_setup, finetune_start, load_eval_model
+from goca_fast.eval.knn import KnnOptions, run_knn
+from goca_fast.eval.linear import LinearOptions, ProbeSettings, run_linear
+from goca_fast.eval.plots import PlotOptions, run_plots
+from goca_fast.plan.evaluation import CheckpointRequest, EvalOverrides, eval_setup, finetune_start, load_eval_model
 from goca_fast.runtime.device import resolve_device
 from goca_fast.runtime.stop_signals import RunStopped
 from goca_fast.train.checkpoint import CheckpointError
@@ -176,27 +178,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _request(a: argparse.Namespace, need_heads: bool = False) -> CheckpointRequest:
+    """The checkpoint the command names and what of it is evaluated."""
+    return CheckpointRequest(a.source, streams=getattr(a, "streams", None), need_heads=need_heads,
+                             expect_arch=getattr(a, "arch", None), config_path=a.config)
+
+
+def _eval_overrides(a: argparse.Namespace) -> EvalOverrides:
+    """The command line's changes to the pretraining config's evaluation defaults."""
+    return EvalOverrides(data_root=a.data_root, train_split=getattr(a, "train_split", None),
+                         test_split=getattr(a, "test_split", None), batch_size=getattr(a, "batch_size", None),
+                         workers=a.workers)
+
+
 def _setup(a: argparse.Namespace, need_heads: bool = False):
     """The evaluation setup of the checkpoint the command names, with its overrides (`goca_fast.plan`)."""
-    return eval_setup(a.source, device=a.device, streams=getattr(a, "streams", None), need_heads=need_heads,
-                      expect_arch=getattr(a, "arch", None), config_path=a.config, data_root=a.data_root,
-                      train_split=getattr(a, "train_split", None), test_split=getattr(a, "test_split", None),
-                      batch_size=getattr(a, "batch_size", None), workers=a.workers)
+    return eval_setup(_request(a, need_heads), _eval_overrides(a), device=a.device)
+
+
+def _overrides(a: argparse.Namespace) -> ViewOverrides:
+    """--clips/--crops/--clip-length/--stride (None: the checkpoint config's protocol)."""
+    return ViewOverrides(clips=a.clips, crops=a.crops, clip_length=a.clip_length, stride=a.stride)
 
 
 def dispatch(a: argparse.Namespace) -> None:
-    """Map parsed arguments onto the runners' keyword arguments (namespaces stop here)."""
+    """Map parsed arguments onto the runners' option objects (namespaces stop here)."""
     if a.command == "knn":
-        run_knn(_setup(a, need_heads=a.feature == "head"), clips=a.clips, crops=a.crops, clip_length=a.clip_length,
-                stride=a.stride, feature=a.feature, ks=a.ks, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache,
-                plots=a.plots, fusion=a.fusion)
+        options = KnnOptions(overrides=_overrides(a), feature=a.feature, ks=a.ks, amp=a.amp, plots=a.plots,
+                             fusion=a.fusion)
+        run_knn(_setup(a, need_heads=a.feature == "head"), options, out_dir=a.out, use_cache=not a.no_cache)
     elif a.command == "linear":
         settings = ProbeSettings(epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.wd,
                                  milestones=tuple(a.milestones), gamma=a.gamma, batch_size=a.probe_batch_size,
                                  l2norm=a.l2norm, use_bn=not a.no_bn, dropout=a.dropout, seed=a.seed)
-        run_linear(_setup(a), settings=settings, augment=a.augment, train_clips=a.train_clips,
-                   train_crops=a.train_crops, test_clips=a.test_clips, test_crops=a.test_crops,
-                   clip_length=a.clip_length, stride=a.stride, amp=a.amp, out_dir=a.out, use_cache=not a.no_cache)
+        options = LinearOptions(settings=settings, augment=a.augment, train_clips=a.train_clips,
+                                train_crops=a.train_crops, test_clips=a.test_clips, test_crops=a.test_crops,
+                                clip_length=a.clip_length, stride=a.stride, amp=a.amp)
+        run_linear(_setup(a), options, out_dir=a.out, use_cache=not a.no_cache)
     elif a.command == "finetune":
         settings = FinetuneSettings(epochs=a.epochs, lr=a.lr, backbone_lr_ratio=a.backbone_lr_ratio,
                                     momentum=a.momentum, weight_decay=a.wd, batch_size=a.batch_size,
@@ -204,21 +222,21 @@ def dispatch(a: argparse.Namespace) -> None:
                                     milestones=tuple(a.milestones), gamma=a.gamma, dropout=a.dropout,
                                     test_clips=a.test_clips, test_crops=a.test_crops, eval_every=a.eval_every,
                                     amp=a.amp, seed=a.seed, max_iters_per_epoch=a.max_iters_per_epoch)
-        start = finetune_start(a.source, out_dir=a.out, fresh=a.fresh, device=a.device, streams=a.streams,
-                               expect_arch=a.arch, config_path=a.config, data_root=a.data_root,
-                               train_split=a.train_split, test_split=a.test_split, workers=a.workers)
+        overrides = replace(_eval_overrides(a), batch_size=None)  # its --batch-size is the training batch
+        start = finetune_start(_request(a), overrides, out_dir=a.out, fresh=a.fresh, device=a.device)
         run_finetune(start, settings)
     elif a.command == "export" and a.weights:
         loaded, cfg = load_eval_model(a.source, device=resolve_device(a.device, "--device"), config_path=a.config)
         run_export_weights(loaded, cfg.model.arch, out_path=a.weights, stream=a.stream)
     elif a.command == "export":
-        run_export(_setup(a, need_heads=a.feature == "head"), splits=a.split, fmt=a.format, out_dir=a.out,
-                   views=a.views, feature=a.feature, clips=a.clips, crops=a.crops, clip_length=a.clip_length,
-                   stride=a.stride, amp=a.amp, use_cache=not a.no_cache)
+        options = ExportOptions(splits=a.split, fmt=a.format, keep_views=a.views, feature=a.feature,
+                                overrides=_overrides(a), amp=a.amp)
+        run_export(_setup(a, need_heads=a.feature == "head"), options, out_dir=a.out, use_cache=not a.no_cache)
     elif a.command == "plots":
         what = [w.strip() for w in a.what.split(",") if w.strip()]
-        run_plots(_setup(a), what=what, out_dir=a.out, stream=a.stream, method=a.method, num_queries=a.queries,
-                  use_cache=not a.no_cache, tensorboard=not a.no_tensorboard)
+        options = PlotOptions(what=what, stream=a.stream, method=a.method, num_queries=a.queries,
+                              tensorboard=not a.no_tensorboard)
+        run_plots(_setup(a), options, out_dir=a.out, use_cache=not a.no_cache)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from goca_fast.cli.help import HelpFormatter
 from goca_fast.data.index import DatasetIndexError
-from goca_fast.prepare.flow import extract_flow
+from goca_fast.prepare.flow import FlowSettings, extract_flow
 from goca_fast.prepare.flow_jpeg import import_jpeg_flow
 from goca_fast.runtime.device import resolve_device
 from goca_fast.video.flow_codec import FLOW_CRF
@@ -78,8 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device = a.device
             if a.backend == "torch":
                 device = str(resolve_device(device, "--device"))  # a ConfigError is a ValueError
-            report = extract_flow(a.root, a.backend, a.workers, device, a.batch, a.compile, params, shard,
-                                  a.gop, a.crf, a.limit, progress=not a.no_progress)
+            settings = FlowSettings(backend=a.backend, device=device, batch=a.batch, compile=a.compile,
+                                    params=params, gop=a.gop, crf=a.crf)
+            report = extract_flow(a.root, settings, workers=a.workers, shard=shard, limit=a.limit,
+                                  progress=not a.no_progress)
     except (ValueError, DatasetIndexError) as e:
         parser.error(str(e))
     print(f"goca-flow: {report['with_flow']} of {report['videos']} videos have flow "

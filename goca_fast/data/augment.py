@@ -94,28 +94,46 @@ def official_flow_image(flow_u8: torch.Tensor) -> torch.Tensor:
     return torch.cat([const, flow_u8[:, 1:2], flow_u8[:, 0:1]], dim=1)
 
 
+@dataclass(frozen=True, kw_only=True)
 class ClipAugment:
     """Training augmentation of one clip; all randomness from the torch.Generator passed in."""
 
-    def __init__(self, crop_size: int | tuple[int, int] = 112, scale_range: tuple[int, int] = (128, 160),
-                 hflip_prob: float = 0.5, jitter_prob: float = 0.8,
-                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-                 grayscale_prob: float = 0.2, blur_prob: float = 0.0, time_reverse_prob: float = 0.0,
-                 flow_mode: str = "shared", scale_flow: bool = False,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-        self.scale_range = (int(scale_range[0]), int(scale_range[1]))
+    crop_size: int | tuple[int, int] = 112
+    scale_range: tuple[int, int] = (128, 160)   # the resized short side is drawn from this range
+    hflip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)   # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    time_reverse_prob: float = 0.0
+    flow_mode: str = "shared"
+    scale_flow: bool = False
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        normalised = {"scale_range": (int(self.scale_range[0]), int(self.scale_range[1])),
+                      "jitter": tuple(self.jitter), "mean": tuple(self.mean), "std": tuple(self.std),
+                      "crop_size": self.crop_size if isinstance(self.crop_size, int) else tuple(self.crop_size)}
+        for name, value in normalised.items():  # frozen: lists from YAML become tuples once, here
+            object.__setattr__(self, name, value)
         if self.scale_range[0] > self.scale_range[1]:
-            raise ValueError(f"scale_range must be (low, high), got {scale_range}")
+            raise ValueError(f"scale_range must be (low, high), got {self.scale_range}")
         if self.scale_range[0] < min(self.crop):
-            raise ValueError(f"scale_range {scale_range} has a short side below the crop {self.crop}")
-        if flow_mode not in FLOW_MODES:
-            raise ValueError(f"flow_mode must be one of {FLOW_MODES}, got {flow_mode!r}")
-        self.hflip_prob, self.jitter_prob, self.jitter = hflip_prob, jitter_prob, tuple(jitter)
-        self.grayscale_prob, self.blur_prob, self.time_reverse_prob = grayscale_prob, blur_prob, time_reverse_prob
-        self.flow_mode, self.scale_flow = flow_mode, scale_flow
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.blur_kernel = min(self.crop) // 20 * 2 + 1
+            raise ValueError(f"scale_range {self.scale_range} has a short side below the crop {self.crop}")
+        if self.flow_mode not in FLOW_MODES:
+            raise ValueError(f"flow_mode must be one of {FLOW_MODES}, got {self.flow_mode!r}")
+
+    @property
+    def crop(self) -> tuple[int, int]:
+        """(height, width) of the crop."""
+        c = self.crop_size
+        return (c, c) if isinstance(c, int) else (int(c[0]), int(c[1]))
+
+    @property
+    def blur_kernel(self) -> int:
+        """Odd Gaussian-blur window, about a tenth of the crop (SimCLR's choice)."""
+        return min(self.crop) // 20 * 2 + 1
 
     # ------------------------------------------------------------------ random draws
 

@@ -23,6 +23,7 @@ from goca_fast.data.augment import ClipAugment, eval_crops
 from goca_fast.data.batch import ClipBatch
 from goca_fast.data.index import VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
+from goca_fast.data.views import ViewSpec
 from goca_fast.video.io import VideoReadError, read_frames, set_decoder_threads
 from goca_fast.video.flow_codec import read_flow_frames
 from goca_fast.runtime.stop_signals import ignore_interrupts_in_worker
@@ -274,16 +275,12 @@ class EvalBatch:
 class EvalClipDataset(_SkipMixin, Dataset):
     """Deterministic eval views: num_clips uniform clips × crops spatial crops per video."""
 
-    def __init__(self, root: str | os.PathLike, records: Sequence[VideoRecord], clip_length: int, stride: int,
-                 num_clips: int, crop_size: int, short_side: int, with_flow: bool, crops: int = 3,
-                 flow_mode: str = "shared"):
-        if crops not in (1, 3):
-            raise ValueError(f"crops must be 1 (centre) or 3 (left/centre/right), got {crops}")
+    def __init__(self, root: str | os.PathLike, records: Sequence[VideoRecord], views: ViewSpec, with_flow: bool):
+        if views.crops not in (1, 3):
+            raise ValueError(f"crops must be 1 (centre) or 3 (left/centre/right), got {views.crops}")
         self.root, self.records = os.fspath(root), list(records)
-        self.clip_length, self.stride, self.num_clips = int(clip_length), int(stride), int(num_clips)
-        self.crop_size, self.short_side, self.with_flow = int(crop_size), int(short_side), bool(with_flow)
-        self.positions = (1,) if crops == 1 else (0, 1, 2)
-        self.flow_mode = flow_mode
+        self.views, self.with_flow = views, bool(with_flow)
+        self.positions = (1,) if views.crops == 1 else (0, 1, 2)
         self._init_skip()
 
     def __len__(self) -> int:
@@ -294,19 +291,20 @@ class EvalClipDataset(_SkipMixin, Dataset):
         if self.with_flow and rec.flow is None:
             self._skip(rec, "no flow video in the index")
             return None
-        ev = uniform_eval_clips(rec.frames, self.clip_length, self.stride, self.num_clips)
+        v = self.views
+        ev = uniform_eval_clips(rec.frames, v.clip_length, v.stride, v.num_clips)
         try:
             rgb, flow = _read_clip_frames(self.root, rec, np.concatenate(ev.indices), self.with_flow)
         except VideoReadError as e:
             self._skip(rec, str(e))
             return None
-        L, views_rgb, views_flow = self.clip_length, [], []
+        L, views_rgb, views_flow = v.clip_length, [], []
         for c in range(len(ev.indices)):
             sl = slice(c * L, (c + 1) * L)
-            views_rgb.append(eval_crops(rgb[sl], self.short_side, self.crop_size, self.positions))
+            views_rgb.append(eval_crops(rgb[sl], v.short_side, v.crop_size, self.positions))
             if flow is not None:
-                views_flow.append(eval_crops(flow[sl], self.short_side, self.crop_size, self.positions,
-                                             kind="flow", flow_mode=self.flow_mode))
+                views_flow.append(eval_crops(flow[sl], v.short_side, v.crop_size, self.positions,
+                                             kind="flow", flow_mode=v.flow_mode))
         return EvalItem(torch.cat(views_rgb), torch.cat(views_flow) if flow is not None else None,
                         rec.label, index, ev.padded, ev.indices)
 

@@ -291,20 +291,36 @@ def _make_one(job: dict) -> dict:
     return job
 
 
-def make_synthetic_dataset(root: str | os.PathLike, *, num_classes: int = 8, videos_per_class: int = 24,
-                           frames: int = 48, height: int = 64, width: int = 80, fps: float = 25,
-                           seed: int = 0, test_fraction: float = 0.25, with_flow: bool = True,
-                           gop: int = 16, workers: Optional[int] = None, pan_speed: float = 0.0,
-                           scene: str = "object") -> str:
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What the motion dataset holds. scene: "object" (a moving actor over a camera-shaken background; `pan_speed`
+    is the shake's top speed in px/frame) or "full" (whole-frame class motion; `pan_speed` is the turning camera
+    pan's top speed)."""
+
+    num_classes: int = 8
+    videos_per_class: int = 24
+    frames: int = 48
+    height: int = 64
+    width: int = 80
+    fps: float = 25
+    seed: int = 0
+    test_fraction: float = 0.25
+    gop: int = 16
+    pan_speed: float = 0.0
+    scene: str = "object"
+
+
+def make_synthetic_dataset(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), *, with_flow: bool = True,
+                           workers: Optional[int] = None) -> str:
     """Write the motion dataset in the on-disk format; returns root.
 
-    scene: "object" (moving actor over a camera-shaken background; `pan_speed` is the shake's top speed in
-    px/frame) or "full" (whole-frame class motion; `pan_speed` is the turning camera pan's top speed).
-
-    Deterministic from the parameters. Idempotent: a complete dataset with the same
-    parameters is reused; one we made with other parameters (or left incomplete) is
-    regenerated; a non-empty directory that is not ours is an error.
+    Deterministic from the spec. Idempotent: a complete dataset with the same spec is reused; one we made with
+    another spec (or left incomplete) is regenerated; a non-empty directory that is not ours is an error.
     """
+    num_classes, videos_per_class, frames, height, width = (spec.num_classes, spec.videos_per_class, spec.frames,
+                                                            spec.height, spec.width)
+    fps, seed, test_fraction, gop, pan_speed, scene = (spec.fps, spec.seed, spec.test_fraction, spec.gop,
+                                                       spec.pan_speed, spec.scene)
     root = os.fspath(root)
     if not 1 <= num_classes <= len(MOTION_CLASSES):
         raise ValueError(f"num_classes must be in 1..{len(MOTION_CLASSES)}, got {num_classes}")

@@ -28,7 +28,8 @@ import torch
 from goca_fast.eval import features
 from goca_fast.eval.features import SplitFeatures
 from goca_fast.eval.loading import LoadedModel
-from goca_fast.eval.splits import SplitRecords, ViewSpec
+from goca_fast.data.views import ViewSpec
+from goca_fast.eval.splits import SplitRecords
 
 log = logging.getLogger("goca_fast.eval")
 
@@ -90,18 +91,17 @@ class FeatureCache:
         return d
 
 
-def split_features(loaded: LoadedModel, root: Path, split: SplitRecords, spec: ViewSpec, device: torch.device, *,
-                   batch_size: int, workers: int, source: str = "backbone", keep_views: bool = False,
-                   amp: Optional[torch.dtype] = None, cache: Optional[FeatureCache] = None) -> SplitFeatures:
+def split_features(loaded: LoadedModel, root: Path, split: SplitRecords, spec: ViewSpec,
+                   extract: features.ExtractSettings, cache: Optional[FeatureCache] = None) -> SplitFeatures:
     """Features of a split for a loaded checkpoint, from the cache when it holds them, else extracted (and cached)."""
+    source = extract.source
     key = FeatureCache.key(loaded.checkpoint_key, root, split.name, spec, source, loaded.streams) if cache else None
     if cache is not None:
-        hit = cache.load(key, need_views=keep_views)
+        hit = cache.load(key, need_views=extract.keep_views)
         if hit is not None:
             log.info("split %r: features from cache %s", split.name, cache.folder(key))
             return hit
-    out = features.compute_split_features(loaded.model, root, split, spec, device, batch_size=batch_size,
-                                          workers=workers, source=source, keep_views=keep_views, amp=amp)
+    out = features.compute_split_features(loaded.model, root, split, spec, extract)
     if cache is not None:
         cache.save(key, out)
     return out

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from goca_fast.data.views import ViewOverrides, plural
 from goca_fast.runtime.device import resolve_amp
-from goca_fast.eval import EvalError, plural
+from goca_fast.eval import EvalError
 from goca_fast.eval.cache import FeatureCache, split_features
-from goca_fast.eval.features import SplitFeatures
+from goca_fast.eval.features import ExtractSettings, SplitFeatures
 from goca_fast.eval.loading import EvalSetup, LoadedModel, default_output_dir
 from goca_fast.eval.splits import split_records
 
@@ -100,28 +101,41 @@ def write_features(f: SplitFeatures, out: Path, fmt: str, protocol: dict) -> lis
     return written
 
 
-def run_export(setup: EvalSetup, *, splits: Sequence[str] = (), fmt: str = "npy", out_dir: Optional[str] = None,
-               views: bool = False, feature: str = "backbone", clips: Optional[int] = None,
-               crops: Optional[int] = None, clip_length: Optional[int] = None, stride: Optional[int] = None,
-               amp: str = "off", use_cache: bool = True, quiet: bool = False) -> list[Path]:
-    """Export the features of `splits` (default: the config's train and test splits)."""
+@dataclass(frozen=True)
+class ExportOptions:
+    """`goca-eval export`'s own knobs (features; `run_export_weights` writes backbone weights instead)."""
+
+    splits: Sequence[str] = ()         # default: the setup's train and test splits
+    fmt: str = "npy"                   # npy | pt
+    keep_views: bool = False           # also write the per-view features (--views)
+    feature: str = "backbone"          # backbone | head
+    overrides: ViewOverrides = ViewOverrides()
+    amp: str = "off"
+
+
+def run_export(setup: EvalSetup, options: Optional[ExportOptions] = None, *, out_dir: Optional[str] = None,
+               use_cache: bool = True, quiet: bool = False) -> list[Path]:
+    """Export the features of `options.splits` (default: the config's train and test splits)."""
     t0 = time.time()
+    o = options or ExportOptions()
+    feature = o.feature
     loaded, dev, root = setup.loaded, setup.device, setup.root
-    spec = setup.views.with_overrides(clips, crops, clip_length, stride)
+    spec = setup.views.with_overrides(o.overrides)
     base = default_output_dir(loaded.run_dir)
     out = Path(out_dir) if out_dir else base / "export"
     cache = FeatureCache(base / "features") if use_cache else None
+    extract = ExtractSettings(dev, setup.batch_size, setup.workers, amp=resolve_amp(o.amp, dev, "--amp"),
+                              source=feature, keep_views=o.keep_views)
     written = []
-    names = list(dict.fromkeys(splits or [setup.train_split, setup.test_split]))  # a split named twice: once
+    names = list(dict.fromkeys(o.splits or [setup.train_split, setup.test_split]))  # a split named twice: once
     all_recs = [split_records(root, split, loaded.streams) for split in names]  # every split checked before extracting
     for recs in all_recs:
         split = recs.name
-        f = split_features(loaded, root, recs, spec, dev, batch_size=setup.batch_size, workers=setup.workers,
-                           source=feature, keep_views=views, amp=resolve_amp(amp, dev, "--amp"), cache=cache)
+        f = split_features(loaded, root, recs, spec, extract, cache)
         protocol = {**asdict(spec), "feature": feature, "checkpoint": str(loaded.checkpoint),
                     "epoch": loaded.epoch, "arch": setup.arch, "dataset": str(root),
                     "averaging": "mean over views of L2-normalised view features"}
-        written += write_features(f, out, fmt, protocol)
+        written += write_features(f, out, o.fmt, protocol)
         if not quiet:
             c = f.counts()
             print(f"{split}: {c['evaluated']} of {plural(c['videos'], 'video')} exported "

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
 from goca_fast.runtime.device import choose_loader
-from goca_fast.eval import EvalError, plural
-from goca_fast.eval.splits import SplitRecords, ViewSpec
+from goca_fast.data.views import ViewSpec, plural
+from goca_fast.eval import EvalError
+from goca_fast.eval.splits import SplitRecords
 from goca_fast.models.goca_model import GocaModel
 
 log = logging.getLogger("goca_fast.eval")
@@ -135,32 +136,40 @@ class SplitFeatures:
                 "unreadable": len(self.unreadable), "padded_short": int(self.padded.sum())}
 
 
-def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool, batch_size: int, workers: int,
-                device: torch.device, loader: str = "auto"):
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How features are extracted (not what: that is the ViewSpec), so it stays out of the feature cache's key.
+
+    loader: "cpu" (PyAV), "dali", or "auto" (DALI on a CUDA device when the pipelines import). amp: autocast
+    dtype or None (fp32). source: "backbone" or "head". keep_views: also keep the raw per-view features."""
+
+    device: torch.device
+    batch_size: int
+    workers: int
+    loader: str = "auto"
+    amp: Optional[torch.dtype] = None
+    source: str = "backbone"
+    keep_views: bool = False
+
+
+def eval_loader(root: Path, split: SplitRecords, spec: ViewSpec, with_flow: bool, extract: ExtractSettings):
     """Iterable of EvalBatch over a split, from the CPU loader or the DALI pipeline (same views, same batches);
-    `loader` auto = DALI on a GPU when its pipelines import (`goca_fast.runtime.device.choose_loader`)."""
-    if choose_loader(loader, device, "loader") == "dali":
+    `extract.loader` auto = DALI on a GPU when its pipelines import (`goca_fast.runtime.device.choose_loader`)."""
+    if choose_loader(extract.loader, extract.device, "loader") == "dali":
         from dali_pipelines.eval import DaliEvalLoader
-        return DaliEvalLoader(root, split.records, clip_length=spec.clip_length, stride=spec.stride,
-                              num_clips=spec.num_clips, crop_size=spec.crop_size, short_side=spec.short_side,
-                              with_flow=with_flow, crops=spec.crops, flow_mode=spec.flow_mode, batch_size=batch_size,
-                              workers=workers, device=device)
-    ds = EvalClipDataset(root, split.records, clip_length=spec.clip_length, stride=spec.stride,
-                         num_clips=spec.num_clips, crop_size=spec.crop_size, short_side=spec.short_side,
-                         with_flow=with_flow, crops=spec.crops, flow_mode=spec.flow_mode)
-    return make_eval_loader(ds, batch_size, workers)
+        return DaliEvalLoader(root, split.records, spec, with_flow, batch_size=extract.batch_size,
+                              workers=extract.workers, device=extract.device)
+    return make_eval_loader(EvalClipDataset(root, split.records, spec, with_flow), extract.batch_size,
+                            extract.workers)
 
 
 def compute_split_features(model: GocaModel, root: Path, split: SplitRecords, spec: ViewSpec,
-                           device: torch.device, *, batch_size: int = 8, workers: int = 0, source: str = "backbone",
-                           keep_views: bool = False, amp: Optional[torch.dtype] = None,
-                           loader: str = "auto") -> SplitFeatures:
-    """Extract the features of one split under the view protocol `spec` (no cache).
-
-    loader: "cpu" (PyAV), "dali", or "auto" (DALI on a CUDA device when the pipelines import)."""
+                           extract: ExtractSettings) -> SplitFeatures:
+    """Extract the features of one split under the view protocol `spec` (no cache)."""
     streams = list(model.streams)
-    out = extract_features(model, eval_loader(root, split, spec, "flow" in streams, batch_size, workers, device, loader),
-                           device, amp, source, keep_views)
+    x = extract
+    out = extract_features(model, eval_loader(root, split, spec, "flow" in streams, x), x.device, x.amp, x.source,
+                           x.keep_views)
     order = torch.argsort(out.index)  # loader order is already record order; sorting makes it a guarantee
     got = set(out.index.tolist())
     unreadable = [r.id for i, r in enumerate(split.records) if i not in got]

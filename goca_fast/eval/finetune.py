@@ -19,7 +19,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +36,8 @@ from goca_fast.data.cpu_loader import (EvalClipDataset, TrainClipDataset, batche
                                        make_train_loader)
 from goca_fast.runtime.device import resolve_amp
 from goca_fast.runtime.distributed import DistInfo, cleanup
-from goca_fast.eval import EvalError, plural
+from goca_fast.data.views import plural
+from goca_fast.eval import EvalError
 from goca_fast.eval.finetune_recipe import (FinetuneModel, FinetuneResult, FinetuneSettings, finetune_lr,
                                             param_groups)
 from goca_fast.eval.linear import BOTH, fuse_probabilities, topk_accuracy
@@ -50,7 +51,7 @@ log = logging.getLogger("goca_fast.eval")
 
 @dataclass
 class FinetuneStart:
-    """Where a fine-tuning run starts (made by `goca_fast.plan.finetune_start`)."""
+    """Where a fine-tuning run starts (made by `goca_fast.plan.evaluation.finetune_start`)."""
 
     info: DistInfo
     setup: EvalSetup                          # the pretrained checkpoint (fresh) and its config's defaults
@@ -265,10 +266,8 @@ class Finetuner:
     @torch.no_grad()
     def evaluate(self, clips: int, crops: int) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
         """Top-1/5 per stream and late-fused over `clips` × `crops` views per test video (sharded over ranks)."""
-        sp = self.setup.views
-        ds = EvalClipDataset(self.setup.root, self.test_recs.records, clip_length=sp.clip_length, stride=sp.stride,
-                             num_clips=clips, crop_size=sp.crop_size, short_side=sp.short_side,
-                             with_flow="flow" in self.streams, crops=crops, flow_mode=sp.flow_mode)
+        views = replace(self.setup.views, num_clips=clips, crops=crops)
+        ds = EvalClipDataset(self.setup.root, self.test_recs.records, views, with_flow="flow" in self.streams)
         loader = make_eval_loader(ds, max(1, self.settings.batch_size // max(1, clips * crops)), self.setup.workers,
                                   rank=self.info.rank, world_size=self.info.world_size)
         self.model.eval()

@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from goca_fast.eval import EvalError, plural
+from goca_fast.data.views import plural
+from goca_fast.eval import EvalError
 from goca_fast.eval.linear import RegLog, accuracy_json, accuracy_table
 
 

@@ -10,7 +10,7 @@ features, weights equal (concat) or chosen on the gallery alone (weighted), goca
     goca-eval knn RUN_DIR_OR_CHECKPOINT [--data-root DIR] [--clips 5 --crops 3] [--feature backbone|head] ...
     python -m goca_fast.eval knn ...        (same arguments)
 
-In-process users (the pretraining demo, through `goca_fast.plan.knn_recall`) call :func:`evaluate_knn` with a
+In-process users (the pretraining demo, through `goca_fast.plan.run.knn_recall`) call :func:`evaluate_knn` with a
 live model.
 """
 from __future__ import annotations
@@ -22,17 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
+from goca_fast.data.index import VideoRecord
+from goca_fast.data.views import ViewOverrides, ViewSpec, plural
 from goca_fast.runtime.device import resolve_amp
-from goca_fast.eval import plural
 from goca_fast.eval.cache import FeatureCache, split_features
-from goca_fast.eval.features import SplitFeatures, compute_split_features
+from goca_fast.eval.features import ExtractSettings, SplitFeatures, compute_split_features
 from goca_fast.eval.fusion import fusion_weights, weighted_concat
 from goca_fast.eval.loading import EvalSetup, default_output_dir
 from goca_fast.eval.plots import embedding_plot, retrieval_grid
 from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
-from goca_fast.eval.splits import ViewSpec, check_disjoint_records, class_check, split_records
+from goca_fast.eval.splits import check_disjoint_records, class_check, split_records
 from goca_fast.models.goca_model import GocaModel
 
 log = logging.getLogger("goca_fast.eval")
@@ -114,50 +113,60 @@ def knn_from_features(gallery: SplitFeatures, query: SplitFeatures, streams: Seq
     return KnnResult(recall, gallery.counts(), query.counts(), protocol, warnings)
 
 
-def evaluate_knn(model: GocaModel, root: Path, views: ViewSpec, device: torch.device, *, train_split: str,
-                 test_split: str, batch_size: int, workers: int, loader: str = "auto", source: str = "backbone",
-                 ks: Sequence[int] = DEFAULT_KS, amp: Optional[torch.dtype] = None,
-                 fusion: Optional[str] = None) -> KnnResult:
+def evaluate_knn(model: GocaModel, root: Path, views: ViewSpec, extract: ExtractSettings, *, train_split: str,
+                 test_split: str, ks: Sequence[int] = DEFAULT_KS, fusion: Optional[str] = None,
+                 records: Optional[Sequence[VideoRecord]] = None) -> KnnResult:
     """kNN retrieval of a live model on the dataset at `root`: `test_split` queries against the `train_split`
-    gallery under the protocol `views` (no cache); `fusion` adds the "fused" RGB+flow row."""
+    gallery under the protocol `views` (no cache); `fusion` adds the "fused" RGB+flow row. `records`: the dataset
+    index when the caller has read it already (`read_index(root)[0]`)."""
     t0 = time.time()
     streams = list(model.streams)
-    recs = [split_records(Path(root), split, streams) for split in (train_split, test_split)]
+    recs = [split_records(Path(root), split, streams, records) for split in (train_split, test_split)]
     check_disjoint_records(recs[0], recs[1])
-    feats = [compute_split_features(model, Path(root), r, views, device, batch_size=batch_size, workers=workers,
-                                    source=source, amp=amp, loader=loader) for r in recs]
-    res = knn_from_features(feats[0], feats[1], streams, views, source, ks, fusion)
+    feats = [compute_split_features(model, Path(root), r, views, extract) for r in recs]
+    res = knn_from_features(feats[0], feats[1], streams, views, extract.source, ks, fusion)
     res.seconds = time.time() - t0
     return res
 
 
-def run_knn(setup: EvalSetup, *, clips: Optional[int] = None, crops: Optional[int] = None,
-            clip_length: Optional[int] = None, stride: Optional[int] = None, feature: str = "backbone",
-            ks: Sequence[int] = DEFAULT_KS, amp: str = "off", out_dir: Optional[str] = None, use_cache: bool = True,
-            plots: bool = False, quiet: bool = False, fusion: Optional[str] = None) -> KnnResult:
+@dataclass(frozen=True)
+class KnnOptions:
+    """`goca-eval knn`'s own knobs (the setup holds the checkpoint's, the runner's keywords the output's)."""
+
+    overrides: ViewOverrides = ViewOverrides()   # --clips/--crops/--clip-length/--stride
+    feature: str = "backbone"          # backbone | head
+    ks: Sequence[int] = DEFAULT_KS
+    amp: str = "off"                   # auto | bf16 | fp16 | off
+    plots: bool = False                # also draw the retrieval grid and PCA map
+    fusion: Optional[str] = None       # None | concat | weighted
+
+
+def run_knn(setup: EvalSetup, options: Optional[KnnOptions] = None, *, out_dir: Optional[str] = None,
+            use_cache: bool = True, quiet: bool = False) -> KnnResult:
     """`goca-eval knn`: extract (or reuse cached) features, score, print the table, write knn.json."""
     t0 = time.time()
+    o = options or KnnOptions()
     loaded, dev, root = setup.loaded, setup.device, setup.root
-    spec = setup.views.with_overrides(clips, crops, clip_length, stride)
+    spec = setup.views.with_overrides(o.overrides)
     out = Path(out_dir) if out_dir else default_output_dir(loaded.run_dir)
     cache = FeatureCache(out / "features") if use_cache else None
     recs = {role: split_records(root, split, loaded.streams)  # both checked before any extraction
             for role, split in (("gallery", setup.train_split), ("query", setup.test_split))}
     check_disjoint_records(recs["gallery"], recs["query"])
-    feats = {role: split_features(loaded, root, r, spec, dev, batch_size=setup.batch_size, workers=setup.workers,
-                                  source=feature, amp=resolve_amp(amp, dev, "--amp"), cache=cache)
-             for role, r in recs.items()}
-    res = knn_from_features(feats["gallery"], feats["query"], loaded.streams, spec, feature, ks, fusion)
+    extract = ExtractSettings(dev, setup.batch_size, setup.workers, amp=resolve_amp(o.amp, dev, "--amp"),
+                              source=o.feature)
+    feats = {role: split_features(loaded, root, r, spec, extract, cache) for role, r in recs.items()}
+    res = knn_from_features(feats["gallery"], feats["query"], loaded.streams, spec, o.feature, o.ks, o.fusion)
     res.seconds = time.time() - t0
     res.protocol.update({"checkpoint": str(loaded.checkpoint), "epoch": loaded.epoch, "arch": setup.arch,
                          "dataset": str(root)})
     out.mkdir(parents=True, exist_ok=True)
     (out / "knn.json").write_text(json.dumps(res.to_json(), indent=2))
-    if plots:
+    if o.plots:
         s = BOTH if len(loaded.streams) == 2 else loaded.streams[0]
         retrieval_grid(feats["gallery"], feats["query"], root, out / "plots" / "retrieval_grid.png", stream=s)
         embedding_plot(feats["query"], out / "plots" / "embedding_pca.png", stream=s)
     if not quiet:
-        print(f"kNN retrieval, {spec.describe()}, {feature} features "
+        print(f"kNN retrieval, {spec.describe()}, {o.feature} features "
               f"({res.protocol['feature_dim']}-d), cosine:\n{res.table(setup.name)}\nwritten: {out / 'knn.json'}")
     return res

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 from goca_fast.data.augment import ClipAugment
 from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
+from goca_fast.data.views import ViewOverrides, ViewSpec, plural
 from goca_fast.runtime.device import resolve_amp
-from goca_fast.eval import EvalError, plural
+from goca_fast.eval import EvalError
 from goca_fast.eval.cache import FeatureCache, split_features
-from goca_fast.eval.features import SplitFeatures
+from goca_fast.eval.features import ExtractSettings, SplitFeatures
 from goca_fast.eval.loading import EvalSetup, default_output_dir
-from goca_fast.eval.splits import SplitRecords, ViewSpec, check_disjoint_records, class_check, split_records
+from goca_fast.eval.splits import SplitRecords, check_disjoint_records, class_check, split_records
 
 log = logging.getLogger("goca_fast.eval")
 
@@ -247,21 +248,22 @@ def linear_probe_features(train: SplitFeatures, test: SplitFeatures, streams: Se
     return acc, probes
 
 
-def linear_probe_clips(model, root: Path, train_recs: SplitRecords, test: SplitFeatures, num_classes: int,
-                       spec: ViewSpec, *, crop_size: int, scale_range: Sequence[int], settings: ProbeSettings,
-                       device: torch.device, batch_size: int, workers: int, seed: int,
-                       amp: Optional[torch.dtype] = None) -> tuple[dict[str, dict[int, float]], dict[str, RegLog]]:
-    """The augmented path: random clip + resized crop + flip per train video every epoch, frozen backbone."""
+def linear_probe_clips(model, setup: EvalSetup, train_recs: SplitRecords, test: SplitFeatures, num_classes: int,
+                       spec: ViewSpec, *, settings: ProbeSettings, amp: Optional[torch.dtype] = None
+                       ) -> tuple[dict[str, dict[int, float]], dict[str, RegLog]]:
+    """The augmented path: random clip + resized crop + flip per train video every epoch, frozen backbone; the
+    augmentation geometry, device, loader and seed are the setup's (its pretraining config's)."""
     s = settings.check()
     streams = list(model.streams)
-    aug = ClipAugment(crop_size=crop_size, scale_range=tuple(scale_range), jitter_prob=0.0, grayscale_prob=0.0,
-                      flow_mode=spec.flow_mode)
-    ds = TrainClipDataset(root, train_recs.records, clip_lengths=[spec.clip_length], stride=spec.stride,
+    device, workers, seed = setup.device, setup.workers, setup.seed
+    aug = ClipAugment(crop_size=setup.crop_size, scale_range=tuple(setup.scale_range), jitter_prob=0.0,
+                      grayscale_prob=0.0, flow_mode=spec.flow_mode)
+    ds = TrainClipDataset(setup.root, train_recs.records, clip_lengths=[spec.clip_length], stride=spec.stride,
                           min_distance=0, augment=aug, with_flow="flow" in streams, seed=seed,
                           min_frames=1)  # short videos are padded (last frame repeated), as at test time
     if len(ds) < 2:
         raise EvalError("linear probe: the train split needs at least 2 videos")
-    bs = min(batch_size, len(ds))
+    bs = min(max(setup.batch_size, 2), len(ds))
     torch.manual_seed(s.seed)
     probes = {st: RegLog(model.feature_dim, num_classes, s.l2norm, s.use_bn, s.dropout).to(device) for st in streams}
     opts = {st: _sgd(p, s) for st, p in probes.items()}
@@ -297,37 +299,56 @@ def linear_probe_clips(model, root: Path, train_recs: SplitRecords, test: SplitF
     return acc, probes
 
 
-def run_linear(setup: EvalSetup, *, settings: Optional[ProbeSettings] = None, augment: bool = False,
-               train_clips: int = 5, train_crops: int = 3, test_clips: int = 10, test_crops: int = 3,
-               clip_length: Optional[int] = None, stride: Optional[int] = None, amp: str = "off",
-               out_dir: Optional[str] = None, use_cache: bool = True, quiet: bool = False) -> LinearResult:
+@dataclass(frozen=True)
+class LinearOptions:
+    """`goca-eval linear`'s own knobs: the probe's optimisation, the train/test views (fast path) and autocast."""
+
+    settings: ProbeSettings = field(default_factory=ProbeSettings)
+    augment: bool = False              # random augmented clips each epoch instead of cached view features
+    train_clips: int = 5
+    train_crops: int = 3
+    test_clips: int = 10
+    test_crops: int = 3
+    clip_length: Optional[int] = None  # None: the setup's protocol
+    stride: Optional[int] = None
+    amp: str = "off"
+
+    @property
+    def train_view(self) -> ViewOverrides:
+        return ViewOverrides(self.train_clips, self.train_crops, self.clip_length, self.stride)
+
+    @property
+    def test_view(self) -> ViewOverrides:
+        return ViewOverrides(self.test_clips, self.test_crops, self.clip_length, self.stride)
+
+
+def run_linear(setup: EvalSetup, options: Optional[LinearOptions] = None, *, out_dir: Optional[str] = None,
+               use_cache: bool = True, quiet: bool = False) -> LinearResult:
     """`goca-eval linear`: frozen-backbone linear probe; prints a table, writes linear.json and the probe weights."""
     t0 = time.time()
-    settings = (settings or ProbeSettings()).check()
+    o = options or LinearOptions()
+    settings, augment = o.settings.check(), o.augment
     unreached = [m for m in settings.milestones if m >= settings.epochs]
     if unreached:
         log.warning("linear probe: --milestones %s not below --epochs %d: the LR never drops there "
                     "(pass smaller --milestones for a short run)", ",".join(map(str, unreached)), settings.epochs)
     loaded, dev, root = setup.loaded, setup.device, setup.root
-    amp_dt = resolve_amp(amp, dev, "--amp")
+    amp_dt = resolve_amp(o.amp, dev, "--amp")
     out = Path(out_dir) if out_dir else default_output_dir(loaded.run_dir)
     cache = FeatureCache(out / "features") if use_cache else None
-    bs, nw = setup.batch_size, setup.workers
+    extract = ExtractSettings(dev, setup.batch_size, setup.workers, amp=amp_dt, keep_views=True)
     train_name, test_name = setup.train_split, setup.test_split
-    test_spec = setup.views.with_overrides(test_clips, test_crops, clip_length, stride)
+    test_spec = setup.views.with_overrides(o.test_view)
     train_recs = split_records(root, train_name, loaded.streams)
     test_recs = split_records(root, test_name, loaded.streams)
     check_disjoint_records(train_recs, test_recs, roles=("train", "test"))
     num_classes = len(test_recs.classes)
-    test = split_features(loaded, root, test_recs, test_spec, dev, batch_size=bs, workers=nw, keep_views=True,
-                          amp=amp_dt, cache=cache)
+    test = split_features(loaded, root, test_recs, test_spec, extract, cache)
     if augment:
         warnings = class_check([r.label for r in train_recs.records], test.labels.tolist(), test.classes,
                                train_name, test_name)
-        acc, probes = linear_probe_clips(loaded.model, root, train_recs, test, num_classes, test_spec,
-                                         crop_size=setup.crop_size, scale_range=setup.scale_range,
-                                         settings=settings, device=dev, batch_size=max(bs, 2), workers=nw,
-                                         seed=setup.seed, amp=amp_dt)
+        acc, probes = linear_probe_clips(loaded.model, setup, train_recs, test, num_classes, test_spec,
+                                         settings=settings, amp=amp_dt)
         n_train = len(train_recs.records)
         train_counts = {"videos": train_recs.total, "evaluated": n_train, "missing_files": len(train_recs.missing),
                         "unreadable": 0, "padded_short": sum(r.frames < test_spec.clip_length
@@ -335,9 +356,8 @@ def run_linear(setup: EvalSetup, *, settings: Optional[ProbeSettings] = None, au
         train_desc = (f"1 random clip of {plural(test_spec.clip_length, 'frame')} per video per epoch, "
                       f"resized crop + flip")
     else:
-        train_spec = setup.views.with_overrides(train_clips, train_crops, clip_length, stride)
-        train = split_features(loaded, root, train_recs, train_spec, dev, batch_size=bs, workers=nw,
-                               keep_views=True, amp=amp_dt, cache=cache)
+        train_spec = setup.views.with_overrides(o.train_view)
+        train = split_features(loaded, root, train_recs, train_spec, extract, cache)
         warnings = class_check(train.labels.tolist(), test.labels.tolist(), test.classes, train_name, test_name)
         acc, probes = linear_probe_features(train, test, loaded.streams, num_classes, settings, dev)
         train_counts = train.counts()

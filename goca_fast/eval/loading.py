@@ -12,7 +12,7 @@ import torch
 
 from goca_fast.train import checkpoint as ckpt
 from goca_fast.eval import EvalError
-from goca_fast.eval.splits import ViewSpec
+from goca_fast.data.views import ViewSpec
 from goca_fast.models.goca_model import STREAMS, GocaModel
 
 
@@ -117,7 +117,7 @@ def fit_checkpoint(model: GocaModel, path: Path, run_dir: Path, state: dict, *, 
 @dataclass
 class EvalSetup:
     """What an evaluation needs of a checkpoint and its pretraining config, as plain values (made by
-    `goca_fast.plan.eval_setup` from the checkpoint and the command line's overrides)."""
+    `goca_fast.plan.evaluation.eval_setup` from the checkpoint and the command line's overrides)."""
 
     loaded: Optional[LoadedModel]         # the checkpoint's network (None only for a fine-tuning run to resume)
     device: torch.device

@@ -5,13 +5,14 @@ centre clip × one centre crop, and the decoded, cropped clips are kept in memor
 a later run is only forward passes of the backbone in eval mode. It never touches the training's RNG streams
 (exact resume stays exact), nor BN statistics (eval mode), and restores the model's train/eval mode.
 
-The engine owns one instance (created by pretrain with plain numbers) and calls `maybe_run(model, epoch, writer)`
+The engine owns one instance (made by `goca_fast.plan.build_monitor`) and calls `maybe_run(model, epoch, writer)`
 after every epoch on rank 0.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,8 +21,9 @@ import torch
 
 from goca_fast.train.checkpoint import preserve_rng
 from goca_fast.data.cpu_loader import EvalClipDataset, make_eval_loader
-from goca_fast.data.index import read_index, select_split
-from goca_fast.eval import EvalError, plural
+from goca_fast.data.index import VideoRecord, read_index, select_split
+from goca_fast.data.views import ViewSpec, plural
+from goca_fast.eval import EvalError
 from goca_fast.eval.features import extract_features
 from goca_fast.eval.splits import check_disjoint
 from goca_fast.eval.retrieval import combine_streams, recall_at_k
@@ -57,25 +59,41 @@ class _Batch:
         self.skipped = 0
 
 
-class KnnMonitor:
-    """R@1 of a val subset against a train subset, logged to TensorBoard every `every` epochs."""
+@dataclass(frozen=True)
+class MonitorSettings:
+    """Which subsets the monitor scores, how often, and how it loads them."""
 
-    def __init__(self, root: str | Path, train_split: str = "train", val_split: str = "test",
-                 subset_size: int = 256, clip_length: int = 16, stride: int = 2, crop_size: int = 112,
-                 short_side: int = 128, every: int = 1, streams: Sequence[str] = ("rgb", "flow"),
-                 flow_mode: str = "shared", batch_size: int = 32, workers: int = 0,
-                 device: torch.device | str = "cpu", amp: Optional[torch.dtype] = None, seed: int = 0,
-                 max_preload_mb: float = 2048.0, tag: str = "monitor"):
-        if every < 0 or subset_size < 0 or batch_size < 1:
+    train_split: str = "train"         # gallery
+    val_split: str = "test"            # queries
+    subset_size: int = 256             # class-balanced videos per split (0 = all)
+    every: int = 1                     # epochs between runs (0 = never)
+    batch_size: int = 32
+    workers: int = 0
+    seed: int = 0                      # subset choice
+    max_preload_mb: float = 2048.0     # decoded clips kept in memory up to this size
+    tag: str = "monitor"               # TensorBoard prefix
+
+
+class KnnMonitor:
+    """R@1 of a val subset against a train subset, logged to TensorBoard every `every` epochs.
+
+    views: the monitor's protocol, normally one centre clip × one centre crop (num_clips=1, crops=1). records: the
+    dataset index when the caller has read it (`read_index(root)[0]`); None reads it at the first run."""
+
+    def __init__(self, root: str | Path, records: Optional[Sequence[VideoRecord]], views: ViewSpec,
+                 settings: MonitorSettings = MonitorSettings(), *, streams: Sequence[str] = ("rgb", "flow"),
+                 device: torch.device | str = "cpu", amp: Optional[torch.dtype] = None):
+        st = settings
+        if st.every < 0 or st.subset_size < 0 or st.batch_size < 1:
             raise EvalError("monitor: every and subset_size must be >= 0, batch_size >= 1")
-        self.root, self.every = Path(root), int(every)
-        self.splits = (train_split, val_split)
-        self.subset_size, self.seed = int(subset_size), int(seed)
-        self.clip_length, self.stride, self.crop_size, self.short_side = clip_length, stride, crop_size, short_side
-        self.streams, self.flow_mode = list(streams), flow_mode
-        self.batch_size, self.workers = int(batch_size), int(workers)
+        self.root, self.every = Path(root), int(st.every)
+        self.records = None if records is None else list(records)
+        self.splits = (st.train_split, st.val_split)
+        self.subset_size, self.seed = int(st.subset_size), int(st.seed)
+        self.views, self.streams = views, list(streams)
+        self.batch_size, self.workers = int(st.batch_size), int(st.workers)
         self.device, self.amp = torch.device(device), amp
-        self.max_preload_mb, self.tag = float(max_preload_mb), tag
+        self.max_preload_mb, self.tag = float(st.max_preload_mb), st.tag
         self._data: Optional[dict[str, list]] = None   # split → preloaded batches
         self._datasets: Optional[dict] = None
         self.counts: dict[str, int] = {}
@@ -85,7 +103,7 @@ class KnnMonitor:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_datasets(self) -> dict:
-        records, _ = read_index(self.root)
+        records = self.records if self.records is not None else read_index(self.root)[0]
         gallery, query = self.splits
         check_disjoint(gallery, [r.id for r in select_split(records, gallery, required=False)],
                        query, [r.id for r in select_split(records, query, required=False)],
@@ -99,16 +117,15 @@ class KnnMonitor:
                 raise EvalError(f"monitor: split {split!r} of {self.root} is empty (or has no flow)")
             keep = stratified_subset([r.label for r in recs], self.subset_size, self.seed)
             recs = [recs[i] for i in keep]
-            out[split] = EvalClipDataset(self.root, recs, clip_length=self.clip_length, stride=self.stride,
-                                         num_clips=1, crop_size=self.crop_size, short_side=self.short_side,
-                                         with_flow="flow" in self.streams, crops=1, flow_mode=self.flow_mode)
+            out[split] = EvalClipDataset(self.root, recs, self.views, with_flow="flow" in self.streams)
             self.counts[split] = len(recs)
         return out
 
     def preload_mb(self) -> float:
         """Memory the preloaded clips need (fp16)."""
-        per_video = self.clip_length * self.crop_size ** 2 * 2 * (3 * ("rgb" in self.streams)
-                                                                    + 3 * ("flow" in self.streams))
+        v = self.views
+        per_video = v.views * v.clip_length * v.crop_size ** 2 * 2 * (3 * ("rgb" in self.streams)
+                                                                      + 3 * ("flow" in self.streams))
         return sum(self.counts.values()) * per_video / 2 ** 20
 
     def prepare(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,9 +28,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from goca_fast.data.index import read_index
-from goca_fast.eval import EvalError, plural
+from goca_fast.data.views import plural
+from goca_fast.eval import EvalError
 from goca_fast.eval.cache import FeatureCache, split_features
-from goca_fast.eval.features import SplitFeatures
+from goca_fast.eval.features import ExtractSettings, SplitFeatures
 from goca_fast.eval.loading import EvalSetup, default_output_dir
 from goca_fast.eval.monitor import stratified_subset
 from goca_fast.eval.retrieval import combine_streams, nearest_neighbours
@@ -260,11 +262,23 @@ def log_images(log_dir: Path, images: dict[str, Path], step: int = 0) -> None:
         w.close()
 
 
-def run_plots(setup: EvalSetup, *, what: Sequence[str] = ("retrieval", "embedding", "curves"),
-              out_dir: Optional[str] = None, stream: Optional[str] = None, method: str = "pca",
-              num_queries: int = 8, feature: str = "backbone", use_cache: bool = True, tensorboard: bool = True,
-              quiet: bool = False) -> dict[str, Path]:
+@dataclass(frozen=True)
+class PlotOptions:
+    """`goca-eval plots`' own knobs."""
+
+    what: Sequence[str] = ("retrieval", "embedding", "curves")
+    stream: Optional[str] = None       # rgb | flow | both; default both with two streams
+    method: str = "pca"                # pca | tsne
+    num_queries: int = 8               # rows of the retrieval grid
+    feature: str = "backbone"
+    tensorboard: bool = True           # also add the images to TensorBoard
+
+
+def run_plots(setup: EvalSetup, options: Optional[PlotOptions] = None, *, out_dir: Optional[str] = None,
+              use_cache: bool = True, quiet: bool = False) -> dict[str, Path]:
     """`goca-eval plots`: the retrieval grid and embedding use the kNN protocol's (cached) features."""
+    o = options or PlotOptions()
+    what, method = o.what, o.method
     unknown = set(what) - {"retrieval", "embedding", "curves"}
     if unknown:
         raise EvalError(f"unknown plot(s) {', '.join(sorted(unknown))}; choose from retrieval, embedding, curves")
@@ -276,12 +290,12 @@ def run_plots(setup: EvalSetup, *, what: Sequence[str] = ("retrieval", "embeddin
         cache = FeatureCache(default_output_dir(loaded.run_dir) / "features") if use_cache else None
         recs = [split_records(root, split, loaded.streams) for split in (setup.train_split, setup.test_split)]
         check_disjoint_records(recs[0], recs[1])
-        feats = [split_features(loaded, root, r, setup.views, setup.device, batch_size=setup.batch_size,
-                                workers=setup.workers, source=feature, cache=cache) for r in recs]
-        s = stream or ("both" if len(loaded.streams) == 2 else loaded.streams[0])
+        extract = ExtractSettings(setup.device, setup.batch_size, setup.workers, source=o.feature)
+        feats = [split_features(loaded, root, r, setup.views, extract, cache) for r in recs]
+        s = o.stream or ("both" if len(loaded.streams) == 2 else loaded.streams[0])
         if "retrieval" in what:
             written["retrieval_grid"] = retrieval_grid(feats[0], feats[1], root, out / "retrieval_grid.png", s,
-                                                       num_queries)
+                                                       o.num_queries)
         if "embedding" in what:
             written[f"embedding_{method}"] = embedding_plot(feats[1], out / f"embedding_{method}.png", s, method)
     if "curves" in what:
@@ -291,7 +305,7 @@ def run_plots(setup: EvalSetup, *, what: Sequence[str] = ("retrieval", "embeddin
             if list(what) == ["curves"]:
                 raise
             print(f"no training curves: {e}")
-    if tensorboard:
+    if o.tensorboard:
         log_images(loaded.run_dir / "tensorboard" / "eval", {f"eval/{k}": p for k, p in written.items()},
                    int(loaded.epoch or 0))
     if not quiet:

@@ -1,52 +1,18 @@
-"""Which videos an evaluation uses and how it views them: the view protocol, the usable records of a split (missing
+"""Which videos an evaluation uses: the usable records of a split (missing
 files counted, never silently dropped), and the checks that keep queries out of their gallery."""
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from goca_fast.data.index import VideoRecord, read_index, select_split
-from goca_fast.eval import EvalError, plural
+from goca_fast.data.index import CLASSES_FILE, VideoRecord, read_index, select_split
+from goca_fast.data.views import plural
+from goca_fast.eval import EvalError
 
 log = logging.getLogger("goca_fast.eval")
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """The eval view protocol: num_clips uniformly spaced clips × crops spatial crops per video
-    (docs/official_behaviour.md#evaluation-views)."""
-
-    clip_length: int
-    stride: int
-    num_clips: int
-    crops: int
-    crop_size: int
-    short_side: int
-    flow_mode: str = "shared"
-
-    @property
-    def views(self) -> int:
-        return self.num_clips * self.crops
-
-    def describe(self) -> str:
-        return (f"{plural(self.num_clips, 'clip')} × {plural(self.crops, 'crop')} of "
-                f"{plural(self.clip_length, 'frame')} (stride {self.stride}), "
-                f"short side {self.short_side} → {self.crop_size}² crops")
-
-    def with_overrides(self, clips: Optional[int] = None, crops: Optional[int] = None,
-                       clip_length: Optional[int] = None, stride: Optional[int] = None) -> "ViewSpec":
-        """This protocol with the command line's overrides (None keeps a value), checked."""
-        spec = replace(self, clip_length=clip_length or self.clip_length, stride=stride or self.stride,
-                       num_clips=clips or self.num_clips, crops=crops or self.crops)
-        if spec.crops not in (1, 3):
-            raise EvalError(f"crops must be 1 (centre) or 3 (left/centre/right), got {spec.crops}")
-        if spec.num_clips < 1 or spec.clip_length < 1 or spec.stride < 1:
-            raise EvalError(f"clips, clip length and stride must be >= 1, got {spec.num_clips}, "
-                            f"{spec.clip_length}, {spec.stride}")
-        return spec
 
 
 @dataclass
@@ -60,13 +26,25 @@ class SplitRecords:
     classes: list[str]
 
 
-def split_records(root: Path, split: str, streams: Sequence[str]) -> SplitRecords:
+def class_names(root: Path) -> list[str]:
+    """The dataset's class names (classes.txt, one a line), without reading its video index."""
+    with open(os.path.join(root, CLASSES_FILE), encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def split_records(root: Path, split: str, streams: Sequence[str],
+                  records: Optional[Sequence[VideoRecord]] = None) -> SplitRecords:
     """Records of `split` whose RGB (and flow, when a flow stream is evaluated) files exist.
 
+    records: the dataset index already read (`read_index(root)[0]`), so a caller holding it does not read (and
+    check) the whole index again; only the class names are then read.
     Errors: unknown or empty split, or a split none of whose videos exist. Missing files are warned about (count and
     the first ids) and counted; they never silently shrink the evaluation.
     """
-    records, classes = read_index(root)
+    if records is None:
+        records, classes = read_index(root)
+    else:
+        classes = class_names(root)
     chosen = select_split(records, split)
     need_flow = "flow" in streams
     ok, missing = [], []

@@ -39,6 +39,22 @@ def run_grouped(backbone: nn.Module, clips: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(outs, dim=0)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network's shape (config section `model`, plus the input it sees)."""
+
+    arch: str                       # a goca_fast.models.BACKBONES name
+    modalities: str = "rgb_flow"    # rgb_flow | rgb | flow
+    pool: str = "1x2x2"
+    hidden_dim: int = 2048
+    embed_dim: int = 128
+    num_prototypes: int = 1000
+    shared_head: bool = False
+    flow_channels: int = 2          # 3 for the official flow encoding (u, v, magnitude)
+    merge: str = "prior"            # prior | mix | avg (avg: one merged stream)
+    head: str = "mlp"
+
+
 class GocaModel(nn.Module):
     """Separate RGB/flow backbones, shared or separate heads, one shared prototype layer.
 
@@ -47,22 +63,22 @@ class GocaModel(nn.Module):
     the official returns the unnormalised average, docs/official_behaviour.md#merge-modes).
     """
 
-    def __init__(self, arch: str, modalities: str = "rgb_flow", pool: str = "1x2x2", hidden_dim: int = 2048,
-                 embed_dim: int = 128, num_prototypes: int = 1000, shared_head: bool = False,
-                 flow_channels: int = 2, merge: str = "prior", prototypes_init: Optional[np.ndarray] = None,
-                 head: str = "mlp"):
+    def __init__(self, spec: ModelSpec, prototypes_init: Optional[np.ndarray] = None):
+        """`prototypes_init`: fixed prototypes (K×D, e.g. hyperspherical ones); they are then not trained."""
         super().__init__()
-        if modalities not in ("rgb_flow", "rgb", "flow"):
-            raise ValueError(f"modalities must be rgb_flow, rgb or flow, got {modalities!r}")
-        self.streams = [s for s in STREAMS if s in modalities.split("_")]
-        self.merge = merge
+        self.spec = spec
+        if spec.modalities not in ("rgb_flow", "rgb", "flow"):
+            raise ValueError(f"modalities must be rgb_flow, rgb or flow, got {spec.modalities!r}")
+        self.streams = [s for s in STREAMS if s in spec.modalities.split("_")]
+        self.merge = spec.merge
         self.backbones = nn.ModuleDict({
-            s: build_backbone(arch, 3 if s == "rgb" else flow_channels, pool) for s in self.streams})
+            s: build_backbone(spec.arch, 3 if s == "rgb" else spec.flow_channels, spec.pool) for s in self.streams})
         self.feature_dim = self.backbones[self.streams[0]].out_dim
-        n_heads = 1 if (shared_head or len(self.streams) == 1) else len(self.streams)
-        self.heads = nn.ModuleList([projection_head(self.feature_dim, hidden_dim, embed_dim, head)
+        n_heads = 1 if (spec.shared_head or len(self.streams) == 1) else len(self.streams)
+        self.heads = nn.ModuleList([projection_head(self.feature_dim, spec.hidden_dim, spec.embed_dim, spec.head)
                                     for _ in range(n_heads)])
-        self.prototypes = Prototypes(embed_dim, num_prototypes, prototypes_init, frozen=prototypes_init is not None)
+        self.prototypes = Prototypes(spec.embed_dim, spec.num_prototypes, prototypes_init,
+                                     frozen=prototypes_init is not None)
 
     def head(self, stream: str) -> nn.Module:
         return self.heads[0] if len(self.heads) == 1 else self.heads[self.streams.index(stream)]

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Iterator, Optional
 
@@ -154,11 +155,25 @@ def _progress(it: Iterator[dict], total: int, enabled: bool, desc: str) -> Itera
             yield r
 
 
-def extract_flow(root: str, backend: str = "opencv", workers: int = 1, device: str = "cpu", batch: int = 16,
-                 compile: bool = False, params: TVL1Params = TVL1Params(), shard: tuple[int, int] = (0, 1),
-                 gop: int = 16, crf: float = FLOW_CRF, limit: Optional[int] = None,
-                 progress: bool = False) -> dict:
+@dataclass(frozen=True)
+class FlowSettings:
+    """How flow is computed and stored: the TV-L1 backend (OpenCV on CPU processes, or the batched torch solver on
+    `device`, `batch` frame pairs at a time, optionally torch.compile'd), its parameters, and the flow video's
+    keyframe interval and quality."""
+
+    backend: str = "opencv"         # opencv | torch
+    device: str = "cpu"             # torch backend only
+    batch: int = 16
+    compile: bool = False
+    params: TVL1Params = TVL1Params()
+    gop: int = 16
+    crf: float = FLOW_CRF
+
+
+def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers: int = 1,
+                 shard: tuple[int, int] = (0, 1), limit: Optional[int] = None, progress: bool = False) -> dict:
     """Compute missing flow videos under `root`, rewrite the index, return the report."""
+    backend, device, params, gop, crf = settings.backend, settings.device, settings.params, settings.gop, settings.crf
     params.check()
     root = os.path.abspath(root)
     records, classes, excluded = load_master(root)
@@ -170,7 +185,7 @@ def extract_flow(root: str, backend: str = "opencv", workers: int = 1, device: s
     if backend == "opencv":
         it = _run_opencv(jobs, params, workers)
     elif backend == "torch":
-        it = _run_torch(jobs, params, device, batch, compile, io_threads=max(1, workers))
+        it = _run_torch(jobs, params, device, settings.batch, settings.compile, io_threads=max(1, workers))
     else:
         raise ValueError(f"unknown backend {backend!r}; use opencv or torch")
     results = list(_progress(it, len(jobs), progress, f"flow ({backend})"))
