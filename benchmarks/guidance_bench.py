@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.guidance_data import CLASSES, write_camera_motion_set  # noqa: E402
+from benchmarks.guidance_data import CLASSES, CameraMotionSpec, write_camera_motion_set  # noqa: E402
 from benchmarks.report import device_name, write_results  # noqa: E402
 
 CONFIG = ROOT / "configs" / "guidance.yaml"
@@ -55,19 +55,25 @@ QUICK_OVERRIDES = ["optim.epochs=1", "optim.warmup_epochs=0", "data.batch_size=4
                    "data.crop_size=28", "data.scale_range=[32,36]", "eval.clips=1", "data.workers=0"]
 
 
-def prepare_dataset(work: Path, train_per_class: int, test_per_class: int, frames: int, num_classes: int,
-                    height: int, width: int, short_side: int, seed: int = 0, workers: int | None = None) -> Path:
+def camera_spec(data: dict) -> CameraMotionSpec:
+    """The raw videos of a FULL_DATA / QUICK_DATA size (its first `num_classes` classes)."""
+    return CameraMotionSpec(train_per_class=data["train_per_class"], test_per_class=data["test_per_class"],
+                            frames=data["frames"], height=data["height"], width=data["width"],
+                            classes=CLASSES[:data["num_classes"]])
+
+
+def prepare_dataset(work: Path, spec: CameraMotionSpec, short_side: int, *, workers: int | None = None) -> Path:
     """Raw UCF101-layout videos -> goca-prepare -> goca-flow (each step skipped when its output is complete).
     `workers` None = the tools' default, one process per core; the count does not change how a video is encoded."""
     from goca_fast.cli import prepare
     from goca_fast.cli import flow as extract
     raw, prepared = work / "raw", work / "prepared"
     marker = raw / "generated.json"
-    params = dict(train_per_class=train_per_class, test_per_class=test_per_class, frames=frames,
-                  classes=list(CLASSES[:num_classes]), height=height, width=width, seed=seed)
+    frames = spec.frames
+    params = dict(train_per_class=spec.train_per_class, test_per_class=spec.test_per_class, frames=frames,
+                  classes=list(spec.classes), height=spec.height, width=spec.width, seed=spec.seed)
     if not marker.is_file() or json.loads(marker.read_text()) != params:
-        write_camera_motion_set(raw, train_per_class=train_per_class, test_per_class=test_per_class, frames=frames,
-                                height=height, width=width, classes=CLASSES[:num_classes], seed=seed)
+        write_camera_motion_set(raw, spec)
         marker.write_text(json.dumps(params))
     common = ["--no-progress"] + ([] if workers is None else ["--workers", str(workers)])
     if prepare.main(["--dataset", "ucf101", "--src", str(raw / "UCF-101"), "--splits-dir",
@@ -173,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = QUICK_DATA if a.quick else FULL_DATA
     work = Path(a.work).expanduser() / ("quick" if a.quick else "full")
     t0 = time.time()
-    root = prepare_dataset(work, **data, workers=a.prepare_workers)
+    root = prepare_dataset(work, camera_spec(data), data["short_side"], workers=a.prepare_workers)
     data_s = time.time() - t0
     extra = (QUICK_OVERRIDES if a.quick else []) + list(a.overrides)
     runs: dict[str, dict[int, dict]] = {}

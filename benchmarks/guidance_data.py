@@ -127,17 +127,32 @@ def _photo_pool(names: Sequence[str], short_side: int) -> list[np.ndarray]:
     return pool
 
 
-def write_camera_motion_set(out: str | os.PathLike, *, train_per_class: int = 16, test_per_class: int = 8,
-                            frames: int = 48, height: int = 96, width: int = 128, fps: float = 25,
-                            speed: tuple[float, float] = (1.5, 3.0), classes: Sequence[str] = CLASSES,
-                            seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class CameraMotionSpec:
+    """What the camera-motion set holds. speed: range of the on-screen motion, written-frame pixels per frame (at
+    the frame's corners for zoom/roll)."""
+
+    train_per_class: int = 16
+    test_per_class: int = 8
+    frames: int = 48
+    height: int = 96
+    width: int = 128
+    fps: float = 25
+    speed: tuple[float, float] = (1.5, 3.0)
+    classes: Sequence[str] = CLASSES
+    seed: int = 0
+
+
+def write_camera_motion_set(out: str | os.PathLike, spec: CameraMotionSpec = CameraMotionSpec()) -> Path:
     """Write the raw dataset (UCF101 layout, split 1) under `out`; returns `out`.
 
-    speed: range of the on-screen motion, written-frame pixels per frame (at the frame's corners for zoom/roll).
     Photograph k of a split is used by every class equally often (videos of a class cycle through the split's
     photographs from a random start), so the photograph says nothing about the class.
     """
     out = Path(out)
+    train_per_class, test_per_class, frames, height, width = (spec.train_per_class, spec.test_per_class, spec.frames,
+                                                              spec.height, spec.width)
+    fps, speed, classes, seed = spec.fps, spec.speed, spec.classes, spec.seed
     unknown = [c for c in classes if c not in SCREEN_MOTION]
     if unknown:
         raise ValueError(f"unknown classes {unknown}; known: {', '.join(CLASSES)}")
@@ -174,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--speed", type=float, nargs=2, default=(1.5, 3.0), help="on-screen px/frame range")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    write_camera_motion_set(a.out, train_per_class=a.train_per_class, test_per_class=a.test_per_class,
-                            frames=a.frames, height=a.height, width=a.width, speed=tuple(a.speed), seed=a.seed)
+    write_camera_motion_set(a.out, CameraMotionSpec(train_per_class=a.train_per_class, test_per_class=a.test_per_class,
+                                                    frames=a.frames, height=a.height, width=a.width,
+                                                    speed=tuple(a.speed), seed=a.seed))
     print(a.out)
     return 0
 

@@ -39,7 +39,10 @@ def run_case(arch: str, device: str, amp: str, channels_last: bool, steps: int, 
     from goca_fast.config import load_config
     from goca_fast.data.batch import ClipBatch
     from goca_fast.runtime.distributed import DistInfo
-    from goca_fast.plan import build_trainer
+    from dataclasses import replace
+
+    from goca_fast.plan.run import build_trainer, plan_settings
+    from goca_fast.train.engine import TrainLoader
 
     cfg_file, _, _, _ = ARCH_CONFIG[arch]
     cfg = load_config(ROOT / "configs" / cfg_file, [
@@ -54,7 +57,8 @@ def run_case(arch: str, device: str, amp: str, channels_last: bool, steps: int, 
     batch_obj = ClipBatch(clips_rgb, clips_flow, torch.zeros(batch, dtype=torch.long), torch.arange(batch))
     batch_obj = batch_obj.to(dev)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(cfg, DistInfo(device=dev), Path(tmp), lambda e, s: [], 1000)
+        plan = replace(plan_settings(cfg, DistInfo(device=dev)), run_dir=Path(tmp))
+        trainer = build_trainer(plan, TrainLoader(lambda e, s: [], 1000))
         if compile:  # in place (nn.Module.compile): the trainer keeps calling the same module
             trainer.model.compile()
         t_warm = time.perf_counter()

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -25,13 +26,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from goca_fast.plan import build_model, eval_setup, finetune_start
+from goca_fast.plan.evaluation import CheckpointRequest, EvalOverrides, eval_setup, finetune_start
+from goca_fast.plan.run import build_model, build_trainer, plan_settings
+from goca_fast.train.engine import TrainLoader
 from goca_fast.train.checkpoint import latest_path, save_checkpoint
 from goca_fast.config import Config, config_to_yaml, load_config
 from goca_fast.data.index import VideoRecord, write_index
-from goca_fast.data.synthetic import make_synthetic_dataset
+from goca_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from goca_fast.video.io import write_video
+from goca_fast.data.views import ViewOverrides
+from goca_fast.eval.export import ExportOptions, run_export
 from goca_fast.eval.finetune import run_finetune
+from goca_fast.eval.knn import KnnOptions, run_knn
+from goca_fast.eval.linear import LinearOptions, run_linear
+from goca_fast.eval.plots import PlotOptions, run_plots
 from goca_fast.video.flow_codec import write_flow_video
 
 # ------------------------------------------------------------------------------------------------ evaluation runs
@@ -51,7 +59,8 @@ def base_dir() -> Path:
 @functools.cache
 def tiny_dataset() -> Path:
     root = base_dir() / "ds"
-    make_synthetic_dataset(root, num_classes=4, videos_per_class=4, frames=16, height=32, width=40, workers=1)
+    make_synthetic_dataset(root, SyntheticSpec(num_classes=4, videos_per_class=4, frames=16, height=32, width=40),
+                           workers=1)
     return root
 
 
@@ -63,7 +72,7 @@ def make_run(run_dir: Path, *extra: str, seed: int = 0, epoch: int = 3) -> Path:
     """A run directory with checkpoints/latest.pth of a randomly initialised tiny model (and config.yaml)."""
     cfg = tiny_config(tiny_dataset(), *extra)
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(plan_settings(cfg))
     save_checkpoint(latest_path(run_dir), {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch})
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     return run_dir
@@ -91,22 +100,38 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-SETUP_KEYS = ("device", "streams", "expect_arch", "config_path", "data_root", "train_split", "test_split",
-              "batch_size", "workers")
+REQUEST_KEYS = ("streams", "expect_arch", "config_path")                 # a CheckpointRequest
+OVERRIDE_KEYS = ("data_root", "train_split", "test_split", "batch_size", "workers")   # EvalOverrides
+
+
+RUNNER_KEYS = ("out_dir", "use_cache")
+VIEW_KEYS = ("clips", "crops", "clip_length", "stride")   # a ViewOverrides, for the runners whose options take one
+RUNNER_OPTIONS = {run_knn: KnnOptions, run_linear: LinearOptions, run_export: ExportOptions, run_plots: PlotOptions}
 
 
 def run_eval(runner, source, **kw):
     """`runner` (run_knn, run_linear, run_export, run_plots) on a checkpoint as goca-eval runs it: the setup's
-    keywords go to `goca_fast.plan.eval_setup` (device cpu unless given), the others to the runner."""
-    setup = {k: kw.pop(k) for k in SETUP_KEYS if k in kw}
-    setup.setdefault("device", "cpu")
-    return runner(eval_setup(str(source), need_heads=kw.get("feature") == "head", **setup), quiet=True, **kw)
+    keywords go to `goca_fast.plan.evaluation.eval_setup` (device cpu unless given), out_dir/use_cache to the
+    runner, the others into its options object (clips/crops/clip_length/stride as its ViewOverrides where it has
+    one)."""
+    request = CheckpointRequest(str(source), need_heads=kw.get("feature") == "head",
+                                **{k: kw.pop(k) for k in REQUEST_KEYS if k in kw})
+    overrides = EvalOverrides(**{k: kw.pop(k) for k in OVERRIDE_KEYS if k in kw})
+    setup = eval_setup(request, overrides, device=kw.pop("device", "cpu"))
+    run_kw = {k: kw.pop(k) for k in RUNNER_KEYS if k in kw}
+    options = RUNNER_OPTIONS[runner]
+    if "overrides" in {f.name for f in fields(options)}:
+        kw["overrides"] = ViewOverrides(**{k: kw.pop(k) for k in VIEW_KEYS if k in kw})
+    return runner(setup, options(**kw), quiet=True, **run_kw)
 
 
 def finetune(source, out, settings, **kw):
     """`goca-eval finetune` of `source` into `out` on the CPU without loader workers (resumes `out` unless fresh)."""
-    kw = {"device": "cpu", "workers": 0, **kw}
-    return run_finetune(finetune_start(str(source), out_dir=str(out), **kw), settings, quiet=True)
+    kw = {"workers": 0, **kw}
+    request = CheckpointRequest(str(source), **{k: kw.pop(k) for k in REQUEST_KEYS if k in kw})
+    overrides = EvalOverrides(**{k: kw.pop(k) for k in OVERRIDE_KEYS if k in kw})
+    return run_finetune(finetune_start(request, overrides, out_dir=str(out), device=kw.pop("device", "cpu"), **kw),
+                        settings, quiet=True)
 
 
 def brute_force_recall(q, qy, g, gy, ks):
@@ -304,3 +329,9 @@ def make_frame_index_dataset(root: str | os.PathLike, frame_counts: Sequence[int
                                    splits=["train", "test"]))
     write_index(root, records, classes)
     return root
+
+
+def trainer_for(cfg, run_dir, make_batches, batches_per_epoch, info=None):
+    """A Trainer of `cfg` writing to `run_dir`, fed by `make_batches(epoch, start_batch)` instead of a dataset."""
+    plan = replace(plan_settings(cfg, info), run_dir=Path(run_dir))
+    return build_trainer(plan, TrainLoader(make_batches, batches_per_epoch))

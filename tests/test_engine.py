@@ -13,12 +13,13 @@ import torch
 
 from goca_fast.config import load_config
 from goca_fast.data.batch import ClipBatch
-from goca_fast.runtime.distributed import DistInfo
-from goca_fast.plan import build_model, build_trainer, eval_setup
+from goca_fast.plan.evaluation import CheckpointRequest, eval_setup
+from goca_fast.plan.run import build_model, plan_settings
 from goca_fast.train.checkpoint import latest_path, save_checkpoint
 from goca_fast.train.engine import TrainingDiverged
 from goca_fast.eval.knn import run_knn
 from goca_fast.cli.pretrain import seed_everything
+from helpers import trainer_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
@@ -43,13 +44,14 @@ def test_demo_smoke_run(tmp_path):
     # the table is goca-eval's kNN of the trained checkpoint, and of the network the same seed initialises
     cfg = load_config(run / "config.yaml")
     seed_everything(cfg.seed)
-    save_checkpoint(latest_path(tmp_path / "init"), {"model": build_model(cfg).state_dict(), "config": cfg.to_dict()})
+    save_checkpoint(latest_path(tmp_path / "init"),
+                    {"model": build_model(plan_settings(cfg)).state_dict(), "config": cfg.to_dict()})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the demo ran (OMP_NUM_THREADS=1)
     try:
         for model, source in (("GOCA", run), ("random init", tmp_path / "init")):
-            cli = run_knn(eval_setup(str(source), device="cpu"), use_cache=False, out_dir=str(tmp_path / "eval"),
-                          quiet=True)
+            cli = run_knn(eval_setup(CheckpointRequest(str(source)), device="cpu"), use_cache=False,
+                          out_dir=str(tmp_path / "eval"), quiet=True)
             assert result["knn"][model] == {s: {str(k): v for k, v in r.items()} for s, r in cli.recall.items()}
     finally:
         torch.set_num_threads(threads)
@@ -136,7 +138,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_identically(uninterrupted
 def _tiny_trainer(tmp_path, *overrides):
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["engine.tensorboard=false", "engine.progress=false",
                                                        "data.batch_size=4", *overrides])
-    return build_trainer(cfg, DistInfo(), tmp_path, lambda e, s: [], 100), cfg
+    return trainer_for(cfg, tmp_path, lambda e, s: [], 100), cfg
 
 
 def _batch(cfg, value=None):
@@ -193,7 +195,7 @@ def test_lr_is_indexed_by_the_absolute_iteration_despite_skipped_steps(tmp_path)
     good, nan = _batch(cfg), _batch(cfg, float("nan"))
     per_epoch = {0: [good, None, nan, good],          # ends one batch early
                  1: [good, nan, good, None, good]}
-    trainer = build_trainer(cfg, DistInfo(), tmp_path, lambda epoch, start: per_epoch[epoch][start:], iters)
+    trainer = trainer_for(cfg, tmp_path, lambda epoch, start: per_epoch[epoch][start:], iters)
     seen = []
     step = trainer.train_step
 

@@ -69,9 +69,9 @@ def test_flow_from_goca_flow_moves_as_the_class_says(quick_bench):
 def test_photographs_carry_no_label(tmp_path):
     """With as many videos per class as photographs, every class shows every photograph of its split exactly once,
     and the test split's photographs never occur in training."""
-    from benchmarks.guidance_data import CLASSES, TEST_IMAGES, TRAIN_IMAGES, write_camera_motion_set
-    write_camera_motion_set(tmp_path, train_per_class=len(TRAIN_IMAGES), test_per_class=len(TEST_IMAGES), frames=2,
-                            height=16, width=16)
+    from benchmarks.guidance_data import CLASSES, TEST_IMAGES, TRAIN_IMAGES, CameraMotionSpec, write_camera_motion_set
+    write_camera_motion_set(tmp_path, CameraMotionSpec(train_per_class=len(TRAIN_IMAGES),
+                                                       test_per_class=len(TEST_IMAGES), frames=2, height=16, width=16))
     group = re.compile(r"^(\w+)/v_\1_g(\d+)_c\d+\.mp4$")
     seen = {}
     for name in ("trainlist01.txt", "testlist01.txt"):

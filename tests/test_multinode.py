@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from goca_fast.train import checkpoint as ckpt
-from goca_fast.plan import build_trainer
 from goca_fast.config import ConfigError, load_config
-from goca_fast.runtime.distributed import DistInfo, env_rank_info, expand_slurm_nodelist, rendezvous_host, slurm_hostnames
-from helpers import descendants
+from goca_fast.runtime.distributed import env_rank_info, expand_slurm_nodelist, rendezvous_host, slurm_hostnames
+from helpers import descendants, trainer_for
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "multinode_worker.py")
@@ -346,7 +345,7 @@ def test_checkpoints_keep_every_ranks_queue_and_read_older_ones(tmp_path, caplog
     instead of handing every rank rank 0's rows."""
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["engine.tensorboard=false", "data.batch_size=4",
                                                        "goca.queue_length=8", "goca.queue_start_epoch=0"])
-    trainer = build_trainer(cfg, DistInfo(), tmp_path / "a", lambda e, s: [], 10)
+    trainer = trainer_for(cfg, tmp_path / "a", lambda e, s: [], 10)
     trainer._maybe_create_queue()
     trainer.queue.push(torch.randn(*trainer.queue.embeddings.shape[:2], 4, trainer.queue.embeddings.shape[3]))
     trainer.save()
@@ -355,7 +354,7 @@ def test_checkpoints_keep_every_ranks_queue_and_read_older_ones(tmp_path, caplog
 
     def resumed(queue):
         ckpt.save_checkpoint(ckpt.latest_path(tmp_path / "b"), {**state, "queue": queue})
-        other = build_trainer(cfg, DistInfo(), tmp_path / "b", lambda e, s: [], 10)
+        other = trainer_for(cfg, tmp_path / "b", lambda e, s: [], 10)
         assert other.resume()
         return other
 

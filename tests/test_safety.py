@@ -14,14 +14,12 @@ import pytest
 import torch
 
 from goca_fast.config import load_config
-from goca_fast.data.synthetic import make_synthetic_dataset
-from goca_fast.runtime.distributed import DistInfo
-from goca_fast.plan import build_trainer
+from goca_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from goca_fast.train.engine import NothingTrained
 from goca_fast.cli.eval import main as eval_main
 from goca_fast.eval import EvalError
 from goca_fast.eval.splits import check_disjoint
-from helpers import descendants, one_torch_thread, proc_stat_fields, tiny_run  # noqa: F401 (autouse fixture)
+from helpers import descendants, one_torch_thread, proc_stat_fields, tiny_run, trainer_for  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic.videos_per_class=6", "data.synthetic.frames=24", "data.batch_size=8", "data.workers=0",
@@ -51,16 +49,16 @@ def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
 @pytest.mark.slow
 def test_split_without_flow_is_refused_before_anything_is_written_then_trains_once_flow_exists(tmp_path):
     data = tmp_path / "data"
-    make_synthetic_dataset(data, num_classes=2, videos_per_class=6, frames=24, height=64, width=80, workers=1,
-                           with_flow=False)
+    make_synthetic_dataset(data, SyntheticSpec(num_classes=2, videos_per_class=6, frames=24, height=64, width=80),
+                           workers=1, with_flow=False)
     out = tmp_path / "out"
     cmd = pretrain_cmd(out, tmp_path / "cache", f"data.root={data}", "optim.epochs=1", "optim.warmup_epochs=0",
                        "data.batch_size=4", "eval.knn_after_training=false")
     line = one_line_error(run(cmd))
     assert "data error" in line and "no flow video" in line and "goca-flow" in line
     assert not (out / "run").exists()  # no checkpoint, no metrics line, no config.yaml
-    make_synthetic_dataset(data, num_classes=2, videos_per_class=6, frames=24, height=64, width=80, workers=1,
-                           with_flow=True)  # "after goca-flow": the same command now trains for real
+    make_synthetic_dataset(data, SyntheticSpec(num_classes=2, videos_per_class=6, frames=24, height=64, width=80),
+                           workers=1, with_flow=True)  # "after goca-flow": the same command now trains for real
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" not in r.stderr
@@ -72,7 +70,7 @@ def test_split_without_flow_is_refused_before_anything_is_written_then_trains_on
 def test_an_epoch_without_an_optimiser_step_is_an_error_and_saves_nothing(tmp_path):
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["engine.tensorboard=false", "engine.progress=false",
                                                        "data.batch_size=4", "engine.checkpoint_minutes=0"])
-    trainer = build_trainer(cfg, DistInfo(), tmp_path, lambda epoch, start: [None, None, None], 3)
+    trainer = trainer_for(cfg, tmp_path, lambda epoch, start: [None, None, None], 3)
     with pytest.raises(NothingTrained, match="epoch 1 made no optimiser step"):
         trainer.fit()
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from goca_fast.config import Config, ConfigError, config_to_yaml, load_config, resolve_config
-from goca_fast.data.index import DatasetIndexError, read_index, select_split, training_records
+from goca_fast.data.index import DatasetIndexError
 from goca_fast.eval.retrieval import DEFAULT_KS, format_table
-from goca_fast.eval.splits import check_disjoint
-from goca_fast.plan import build_model, build_monitor, build_trainer, dataset_root, knn_recall, train_loader
+from goca_fast.plan.run import build_model, build_monitor, build_trainer, knn_recall, plan_run, train_loader
 from goca_fast.runtime.distributed import (DistInfo, barrier, cleanup, env_rank_info, init_distributed,
                                            is_collective_failure, is_elastic_restart)
 from goca_fast.runtime.stop_signals import RunStopped
@@ -75,32 +74,21 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     if cfg.engine.torch_threads > 0:
         torch.set_num_threads(cfg.engine.torch_threads)
     seed_everything(cfg.seed + info.rank)
-    root = dataset_root(cfg, info)
-    # before anything is trained or written: a split that cannot fill one batch on every rank is an error, and so
-    # is an evaluation whose queries are in its gallery (each would retrieve itself)
-    records = read_index(root)[0]
-    training_records(records, cfg.data.train_split, with_flow=cfg.data.modalities != "rgb",
-                     batch=cfg.data.batch_size * info.world_size)
-    evaluated = ([cfg.data.test_split] if cfg.eval.knn_after_training else []) + (
-        [cfg.eval.monitor_val_split or cfg.data.test_split] if cfg.eval.monitor_every > 0 else [])
-    for split in evaluated:
-        check_disjoint(cfg.data.train_split, [r.id for r in select_split(records, cfg.data.train_split)],
-                       split, [r.id for r in select_split(records, split, required=False)],
-                       roles=("data.train_split", "test"))
-    factory, batches = train_loader(cfg, info, root)
+    plan = plan_run(cfg, info)
+    loader = train_loader(plan)
 
     # the random-init reference is built from the same seed as the trained network's initial weights
     seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
-    trainer = build_trainer(cfg, info, run_dir, factory, batches)
+    run_dir = plan.run_dir
+    trainer = build_trainer(plan, loader)
     init_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     seed_everything(cfg.seed + info.rank)
     prepare_run_dir(cfg, info, run_dir)
     if not fresh or is_elastic_restart():  # --fresh is for the job's first attempt, not for torchrun's restarts
         trainer.resume()
     trainer.install_signal_handlers()
-    if cfg.eval.monitor_every > 0 and info.is_main:
-        trainer.monitor = build_monitor(cfg, info, root, trainer.model.streams, trainer.amp)
+    if plan.monitor is not None and info.is_main:
+        trainer.monitor = build_monitor(plan, trainer.model.streams)
     t0 = time.time()
     try:
         summary = trainer.fit()
@@ -116,11 +104,11 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     cleanup(info)
     result = {"run_dir": str(run_dir), "train_seconds": round(train_seconds, 1), "last_epoch": summary}
     if cfg.eval.knn_after_training and info.is_main:
-        rows = {"GOCA": knn_recall(trainer.model, cfg, root, info.device)}
+        rows = {"GOCA": knn_recall(trainer.model, plan)}
         if cfg.eval.compare_random_init:
-            ref = build_model(cfg).to(info.device)
+            ref = build_model(plan).to(info.device)
             ref.load_state_dict(init_state)
-            rows["random init"] = knn_recall(ref, cfg, root, info.device)
+            rows["random init"] = knn_recall(ref, plan)
         ks = DEFAULT_KS
         table = format_table(rows, ks)
         result["knn"] = {m: {s: {str(k): v for k, v in r.items()} for s, r in per.items()} for m, per in rows.items()}

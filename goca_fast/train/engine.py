@@ -34,6 +34,14 @@ log = logging.getLogger("goca_fast")
 LoaderFactory = Callable[[int, int], Iterable[ClipBatch]]  # (epoch, start_batch) → batches of that epoch
 
 
+@dataclass(frozen=True)
+class TrainLoader:
+    """A training loader as the engine sees it: batches of any epoch from any position, and how many per epoch."""
+
+    make: LoaderFactory
+    batches_per_epoch: int          # per process
+
+
 class TrainingDiverged(RuntimeError):
     """Raised after `engine.max_bad_steps` consecutive non-finite losses."""
 
@@ -104,13 +112,12 @@ class Trainer:
     """Owns the model, optimiser and state of one pretraining run (one process of it)."""
 
     def __init__(self, *, model: GocaModel, objective: GocaObjective, optim: OptimSettings, loop: LoopSettings,
-                 info: DistInfo, run_dir: Path, make_loader: LoaderFactory, batches_per_epoch: int,
-                 amp: Optional[torch.dtype], config: dict):
+                 info: DistInfo, run_dir: Path, loader: TrainLoader, amp: Optional[torch.dtype], config: dict):
         """`model` freshly built (it is moved, converted and wrapped here); `config` is stored in checkpoints."""
         self.loop, self.info, self.run_dir, self.config = loop, info, Path(run_dir), config
-        self.make_loader = make_loader
-        limit = loop.max_iters_per_epoch
-        self.iters_per_epoch = min(batches_per_epoch, limit) if limit > 0 else batches_per_epoch
+        self.make_loader = loader.make
+        limit, batches = loop.max_iters_per_epoch, loader.batches_per_epoch
+        self.iters_per_epoch = min(batches, limit) if limit > 0 else batches
         if self.iters_per_epoch < 1:
             raise ValueError("the training split yields no full batch: lower data.batch_size or add videos")
         self.device = info.device
