@@ -226,7 +226,8 @@ def graph_only(pipe):
 def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress: int = 0) -> dict:
     from goca_fast.data.index import read_index
     from goca_fast.runtime.distributed import DistInfo
-    from goca_fast.plan.run import cpu_train_loader, dali_train_loader, plan_run
+    from goca_fast.plan.loaders import cpu_train_loader, dali_train_loader
+    from goca_fast.plan.run import plan_run
     from goca_fast.plan.settings import train_augment
     clips = len(cfg.clip_lengths)
     bs = cfg.data.batch_size

@@ -16,7 +16,8 @@ dali = pytest.importorskip("nvidia.dali", reason="DALI is part of the [dali] ext
 from dali_pipelines.eval import DaliEvalLoader  # noqa: E402
 from dali_pipelines.source import P_FLIP, TrainSampling, TrainSource, frame_plan, video_metas  # noqa: E402
 from dali_pipelines.validate import validate_for_dali  # noqa: E402
-from goca_fast.plan.run import dali_train_loader, plan_run  # noqa: E402
+from goca_fast.plan.loaders import dali_train_loader  # noqa: E402
+from goca_fast.plan.run import plan_run  # noqa: E402
 from goca_fast.plan.settings import train_augment  # noqa: E402
 from goca_fast.config import load_config  # noqa: E402
 from goca_fast.data.cpu_loader import EvalClipDataset, TrainClipDataset, make_eval_loader, make_train_loader  # noqa: E402

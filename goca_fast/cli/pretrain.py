@@ -23,7 +23,8 @@ import torch
 from goca_fast.config import Config, ConfigError, config_to_yaml, load_config, resolve_config
 from goca_fast.data.index import DatasetIndexError
 from goca_fast.eval.retrieval import DEFAULT_KS, format_table
-from goca_fast.plan.run import build_model, build_monitor, build_trainer, knn_recall, plan_run, train_loader
+from goca_fast.plan.loaders import train_loader
+from goca_fast.plan.run import build_model, build_monitor, build_trainer, knn_recall, plan_run
 from goca_fast.runtime.distributed import (DistInfo, barrier, cleanup, env_rank_info, init_distributed,
                                            is_collective_failure, is_elastic_restart)
 from goca_fast.runtime.stop_signals import RunStopped

@@ -16,7 +16,6 @@ import torch
 
 from goca_fast.config import Config, ConfigError
 from goca_fast.data.augment import ClipAugment
-from goca_fast.data.cpu_loader import TrainClipDataset, batches_per_rank, make_train_loader
 from goca_fast.data.index import VideoRecord, read_index, select_split, training_records
 from goca_fast.data.synthetic import make_synthetic_dataset
 from goca_fast.data.views import ViewSpec
@@ -27,7 +26,7 @@ from goca_fast.eval.splits import check_disjoint
 from goca_fast.method.assign import resolve_backend
 from goca_fast.models import GocaModel, ModelSpec, load_prototypes
 from goca_fast.plan import settings
-from goca_fast.runtime.device import choose_loader, resolve_amp
+from goca_fast.runtime.device import resolve_amp
 from goca_fast.runtime.distributed import DistInfo, barrier
 from goca_fast.train.engine import LoopSettings, Trainer, TrainLoader
 from goca_fast.train.optim import OptimSettings
@@ -142,71 +141,18 @@ def build_trainer(plan: RunPlan, loader: TrainLoader) -> Trainer:
                    config=cfg.to_dict())
 
 
-def _data(plan: RunPlan) -> RunData:
+def plan_data(plan: RunPlan) -> RunData:
+    """The plan's dataset (a plan made by plan_settings has none)."""
     if plan.data is None:
         raise ValueError("this plan has no data: make it with plan_run")
     return plan.data
-
-
-def _train_dataset(plan: RunPlan, records: Sequence[VideoRecord], augment: ClipAugment) -> TrainClipDataset:
-    cfg = plan.config
-    return TrainClipDataset(_data(plan).root, records, clip_lengths=cfg.clip_lengths, stride=cfg.data.stride,
-                            min_distance=cfg.data.min_distance, augment=augment,
-                            with_flow=cfg.data.modalities != "rgb", seed=cfg.seed)
-
-
-def cpu_train_loader(plan: RunPlan) -> TrainLoader:
-    """The CPU (PyAV) training loader."""
-    d, info = plan.config.data, plan.info
-    dataset = _train_dataset(plan, _data(plan).train, plan.augment)
-
-    def make(epoch: int, start_batch: int):
-        return make_train_loader(dataset, d.batch_size, d.workers, rank=info.rank, world_size=info.world_size,
-                                 seed=plan.config.seed, epoch=epoch, start_batch=start_batch)
-
-    return TrainLoader(make, batches_per_rank(len(dataset), info.world_size, d.batch_size))
-
-
-def dali_train_loader(plan: RunPlan, augment: Optional[ClipAugment] = None) -> TrainLoader:
-    """The DALI training loader (GPU, or DALI's CPU backend); videos DALI cannot read are left out first and
-    reported. `augment`: default the plan's."""
-    # DALI is optional: its pipelines are imported only when a run asks for them
-    from dali_pipelines import source as dali_source, train as dali_train, validate as dali_validate
-    d, info, cfg = plan.config.data, plan.info, plan.config
-    with_flow = d.modalities != "rgb"
-    train, _excluded = dali_validate.validate_for_dali(_data(plan).root, _data(plan).train, with_flow,
-                                                       workers=max(1, d.workers), progress=info.is_main)
-    batches = batches_per_rank(len(train), info.world_size, d.batch_size)
-    if batches < 1:
-        raise ConfigError(f"{len(train)} readable training videos cannot fill one batch of {d.batch_size} "
-                          f"on each of {info.world_size} ranks")
-    augment = augment if augment is not None else plan.augment
-    half_output, torch_dtype = dali_train.output_dtype(info.device, plan.amp)
-    sampling = dali_source.TrainSampling(
-        metas=dali_source.video_metas(_data(plan).root, train), clip_lengths=list(cfg.clip_lengths),
-        stride=d.stride, min_distance=d.min_distance, augment=augment, with_flow=with_flow, seed=cfg.seed,
-        rank=info.rank, world_size=info.world_size, batch_size=d.batch_size, batches_per_epoch=batches)
-    spec = dali_train.TrainPipelineSpec(
-        sampling=sampling, official_flow=d.flow_mode == "official",
-        blur_window=augment.blur_kernel if d.blur_p > 0 else 0, half_output=half_output, device=info.device,
-        torch_dtype=torch_dtype, threads=d.workers)
-    log.info("DALI %s loader: %d videos, %d batches per epoch per rank",
-             "GPU" if info.device.type == "cuda" else "CPU", len(train), batches)
-    return TrainLoader(dali_train.dali_train_loaders(spec, _train_dataset(plan, train, augment)), batches)
-
-
-def train_loader(plan: RunPlan) -> TrainLoader:
-    """The loader `data.loader` picks for this device (DALI on a GPU by default, else the CPU loader)."""
-    if choose_loader(plan.config.data.loader, plan.info.device) == "dali":
-        return dali_train_loader(plan)
-    return cpu_train_loader(plan)
 
 
 def build_monitor(plan: RunPlan, streams: Sequence[str]) -> KnnMonitor:
     """The online kNN monitor of `eval.monitor_*` (rank 0 runs it) on the plan's index."""
     if plan.monitor is None:
         raise ValueError("this plan has no monitor (eval.monitor_every = 0)")
-    data, cfg = _data(plan), plan.config
+    data, cfg = plan_data(plan), plan.config
     views = replace(plan.views, clip_length=cfg.eval.monitor_clip_length or min(cfg.data.frames_per_group),
                     num_clips=1, crops=1)
     return KnnMonitor(data.root, data.records, views, plan.monitor, streams=streams, device=plan.info.device,
@@ -216,7 +162,7 @@ def build_monitor(plan: RunPlan, streams: Sequence[str]) -> KnnMonitor:
 def knn_recall(model: GocaModel, plan: RunPlan) -> dict[str, dict[int, float]]:
     """R@k of the test split's videos against the train split's with a live model, the config's protocol (the
     pretraining run's closing table), on the plan's index."""
-    cfg, data = plan.config, _data(plan)
+    cfg, data = plan.config, plan_data(plan)
     extract = ExtractSettings(device=plan.info.device, batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
                               loader=cfg.data.loader)
     return evaluate_knn(model, data.root, plan.views, extract, train_split=cfg.data.train_split,
