@@ -6,7 +6,11 @@ import torch
 
 from goca_fast.eval.linear import (ProbeSettings, RegLog, fuse_probabilities, predict_views, run_linear, topk_accuracy,
                                    train_probe)
-from helpers import cached_features, one_torch_thread, run_eval, tiny_run  # noqa: F401 (autouse fixture)
+from goca_fast.eval.finetune import finetune_augment
+from goca_fast.eval.finetune_recipe import FinetuneSettings
+from goca_fast.eval.linear import probe_augment
+from goca_fast.plan.evaluation import CheckpointRequest, eval_setup
+from helpers import cached_features, make_run, one_torch_thread, run_eval, tiny_run  # noqa: F401 (autouse fixture)
 
 
 def test_reglog_matches_the_official_layout():
@@ -92,3 +96,14 @@ def test_plural():
     from goca_fast.data.views import plural
     assert [plural(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
     assert plural(1, "query video") == "1 query video" and plural(3, "query video") == "3 query videos"
+
+
+@pytest.mark.parametrize("hflip_p", [0.0, 0.5])
+def test_augmented_probe_and_fine_tuning_flip_as_pretraining_did(tmp_path, hflip_p):
+    """A run pretrained without flips (mirror classes: a mirrored pan-left is a pan-right) is probed and fine-tuned
+    without flips; one pretrained with flips keeps its rate. Counted over 400 draws of the real augmentation."""
+    setup = eval_setup(CheckpointRequest(str(make_run(tmp_path / "run", f"data.hflip_p={hflip_p}"))), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    for aug in (probe_augment(setup, setup.views), finetune_augment(setup, FinetuneSettings())):
+        flips = sum(aug.draw(32, 40, g).flip for _ in range(400))
+        assert (flips == 0) if hflip_p == 0 else (160 <= flips <= 240), flips

@@ -71,6 +71,14 @@ def find_resume(run_dir: Path) -> Optional[tuple[Path, dict]]:
     return path, state
 
 
+def finetune_augment(setup: EvalSetup, settings: FinetuneSettings) -> ClipAugment:
+    """Fine-tuning's clip augmentation: the pretraining geometry and flip rate (0 where a mirror changes the
+    class), the recipe's colour changes."""
+    return ClipAugment(crop_size=setup.crop_size, scale_range=setup.scale_range, hflip_prob=setup.hflip_prob,
+                       jitter_prob=settings.color_jitter_p, grayscale_prob=settings.grayscale_p,
+                       flow_mode=setup.views.flow_mode)
+
+
 class Finetuner:
     """One fine-tuning run (one process of it): `Finetuner.fresh` from a pretrained checkpoint, or
     `Finetuner.resumed` from the run's own checkpoint."""
@@ -157,8 +165,7 @@ class Finetuner:
     # ------------------------------------------------------------------------------------------ data
     def _train_dataset(self) -> TrainClipDataset:
         s, setup = self.settings, self.setup
-        aug = ClipAugment(crop_size=setup.crop_size, scale_range=setup.scale_range, jitter_prob=s.color_jitter_p,
-                          grayscale_prob=s.grayscale_p, flow_mode=setup.views.flow_mode)
+        aug = finetune_augment(setup, s)
         return TrainClipDataset(setup.root, self.train_recs.records, clip_lengths=[setup.views.clip_length],
                                 stride=setup.views.stride, min_distance=0, augment=aug,
                                 with_flow="flow" in self.streams, seed=s.seed, min_frames=1)

@@ -248,6 +248,13 @@ def linear_probe_features(train: SplitFeatures, test: SplitFeatures, streams: Se
     return acc, probes
 
 
+def probe_augment(setup: EvalSetup, spec: ViewSpec) -> ClipAugment:
+    """The augmented probe's clip augmentation: resized crop and flip as in pretraining (a pretraining run that did
+    not flip, because a mirror turns one class into another, is probed without flips too), no colour changes."""
+    return ClipAugment(crop_size=setup.crop_size, scale_range=tuple(setup.scale_range), hflip_prob=setup.hflip_prob,
+                       jitter_prob=0.0, grayscale_prob=0.0, flow_mode=spec.flow_mode)
+
+
 def linear_probe_clips(model, setup: EvalSetup, train_recs: SplitRecords, test: SplitFeatures, num_classes: int,
                        spec: ViewSpec, *, settings: ProbeSettings, amp: Optional[torch.dtype] = None
                        ) -> tuple[dict[str, dict[int, float]], dict[str, RegLog]]:
@@ -256,8 +263,7 @@ def linear_probe_clips(model, setup: EvalSetup, train_recs: SplitRecords, test: 
     s = settings.check()
     streams = list(model.streams)
     device, workers, seed = setup.device, setup.workers, setup.seed
-    aug = ClipAugment(crop_size=setup.crop_size, scale_range=tuple(setup.scale_range), jitter_prob=0.0,
-                      grayscale_prob=0.0, flow_mode=spec.flow_mode)
+    aug = probe_augment(setup, spec)
     ds = TrainClipDataset(setup.root, train_recs.records, clip_lengths=[spec.clip_length], stride=spec.stride,
                           min_distance=0, augment=aug, with_flow="flow" in streams, seed=seed,
                           min_frames=1)  # short videos are padded (last frame repeated), as at test time

@@ -132,6 +132,7 @@ class EvalSetup:
     seed: int
     crop_size: int                        # training-time augmentation geometry (augmented probe, fine-tuning)
     scale_range: tuple[int, int]
+    hflip_prob: float = 0.5               # the pretraining flip rate: 0 where a mirror changes the class
     loader: str = "auto"                  # auto | cpu | dali
     config: dict = field(default_factory=dict)   # the pretraining config, kept in fine-tuning checkpoints
     new_model: Optional[Callable[[], GocaModel]] = None  # a freshly initialised network of this architecture

@@ -96,6 +96,7 @@ def setup_from_config(cfg: Config, loaded: Optional[LoadedModel], device: torch.
                      batch_size=o.batch_size or cfg.eval.batch_size,
                      workers=d.workers if o.workers is None else o.workers,
                      seed=cfg.seed, crop_size=d.crop_size, scale_range=(d.scale_range[0], d.scale_range[1]),
+                     hflip_prob=d.hflip_p,
                      loader=d.loader, config=cfg.to_dict(), new_model=_fresh_model(cfg))
 
 
