@@ -173,6 +173,21 @@ def test_loader_resume_exact(idx_root):
     assert torch.equal(orig[3].rgb[0], resumed[1].rgb[0])
 
 
+def test_loaders_leave_the_global_rng_alone(idx_root):
+    """Iterating a training or evaluation loader (in-process and with a worker) draws nothing from torch's global
+    RNG, so what runs after it (a network's initialisation, dropout) does not depend on how many loaders ran."""
+    records, _ = read_index(idx_root)
+    train = TrainClipDataset(idx_root, records, [4], 2, 4, _aug(), False, seed=0)
+    evaluation = EvalClipDataset(idx_root, records[:2], ViewSpec(clip_length=4, stride=2, num_clips=1, crops=1,
+                                                                 crop_size=64, short_side=64), with_flow=False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for workers in (0, 1):
+        assert len(list(make_train_loader(train, 2, workers, 0, 1, seed=5, epoch=1))) == 4
+        assert len(list(make_eval_loader(evaluation, 2, workers))) == 1
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_eval_dataset_views_and_alignment(idx_root):
     records, _ = read_index(idx_root)
     ds = EvalClipDataset(idx_root, records, ViewSpec(clip_length=8, stride=4, num_clips=3, crops=3, crop_size=64,

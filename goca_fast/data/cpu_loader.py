@@ -233,6 +233,13 @@ def _worker_init(_: int) -> None:
     ignore_interrupts_in_worker()  # Ctrl-C reaches the whole process group; the main process stops the run
 
 
+def _loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from. Without one it draws from the global RNG at
+    every epoch, so model code after it (dropout, a probe's initialisation) would depend on how many loaders ran.
+    Our items never use the worker seed (every draw comes from item_seeds), so only the global RNG is protected."""
+    return torch.Generator().manual_seed(_seeds(seed, epoch, rank, 3)[0])
+
+
 def make_train_loader(dataset: TrainClipDataset, batch_size: int, num_workers: int, rank: int,
                       world_size: int, seed: int, epoch: int, start_batch: int = 0,
                       shuffle: bool = True) -> DataLoader:
@@ -244,7 +251,7 @@ def make_train_loader(dataset: TrainClipDataset, batch_size: int, num_workers: i
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_clips, drop_last=True, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_worker_init if num_workers > 0 else None,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=_loader_generator(seed, epoch, rank))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -341,4 +348,5 @@ def make_eval_loader(dataset: EvalClipDataset, batch_size: int, num_workers: int
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
                       num_workers=num_workers, collate_fn=collate_eval, drop_last=False,
                       pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init if num_workers > 0 else None)
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
+                      generator=_loader_generator(0, 0, rank))
