@@ -65,8 +65,8 @@ def test_in_memory_evaluation_equals_cli_numbers(tmp_path):
     run = make_run(tmp_path / "run", seed=1)
     cli = run_eval(knn.run_knn, run, use_cache=False)
     loaded, cfg = load_eval_model(run)
-    records = read_index(tiny_dataset())[0]
-    plan = replace(plan_settings(cfg), data=RunData(tiny_dataset(), records, select_split(records, "train")))
+    records, classes = read_index(tiny_dataset())
+    plan = replace(plan_settings(cfg), data=RunData(tiny_dataset(), records, classes, select_split(records, "train")))
     mem = knn_recall(loaded.model, plan)
     assert mem == cli.recall
 

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from goca_fast.data.index import read_index
 from goca_fast.data.views import ViewOverrides, plural
 from goca_fast.runtime.device import resolve_amp
 from goca_fast.eval import EvalError
@@ -128,7 +129,8 @@ def run_export(setup: EvalSetup, options: Optional[ExportOptions] = None, *, out
                               source=feature, keep_views=o.keep_views)
     written = []
     names = list(dict.fromkeys(o.splits or [setup.train_split, setup.test_split]))  # a split named twice: once
-    all_recs = [split_records(root, split, loaded.streams) for split in names]  # every split checked before extracting
+    index = read_index(root)
+    all_recs = [split_records(root, split, loaded.streams, index) for split in names]  # all checked before extracting
     for recs in all_recs:
         split = recs.name
         f = split_features(loaded, root, recs, spec, extract, cache)

@@ -36,6 +36,7 @@ from goca_fast.data.cpu_loader import (EvalClipDataset, TrainClipDataset, batche
                                        make_train_loader)
 from goca_fast.runtime.device import resolve_amp
 from goca_fast.runtime.distributed import DistInfo, cleanup
+from goca_fast.data.index import read_index
 from goca_fast.data.views import plural
 from goca_fast.eval import EvalError
 from goca_fast.eval.finetune_recipe import (FinetuneModel, FinetuneResult, FinetuneSettings, finetune_lr,
@@ -91,8 +92,9 @@ class Finetuner:
         self.run = RunDirectory(start.run_dir, self.info)
         self.streams, self.source = streams, source
         setup, s = self.setup, settings
-        self.train_recs = split_records(setup.root, setup.train_split, streams)
-        self.test_recs = split_records(setup.root, setup.test_split, streams)
+        index = read_index(setup.root)
+        self.train_recs = split_records(setup.root, setup.train_split, streams, index)
+        self.test_recs = split_records(setup.root, setup.test_split, streams, index)
         check_disjoint_records(self.train_recs, self.test_recs, roles=("train", "test"))
         self.classes = self.train_recs.classes
         self.warnings = class_check([r.label for r in self.train_recs.records],

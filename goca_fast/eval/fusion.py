@@ -2,8 +2,8 @@
 
 The official "both" feature averages the two streams' normalised features, so its cosine contains cross terms
 (RGB feature of one video · flow feature of another) between two unrelated feature spaces, and a weak stream pulls
-the fused ranking below the strong one (on the guidance benchmark: 79 % RGB+flow against 100 % flow alone). Concatenating
-√w_s·f̂_s instead gives exactly the weighted sum of the per-stream cosines, Σ_s w_s cos_s (Σ w_s = 1):
+the fused ranking below the strong one (on the guidance benchmark: 79 % RGB+flow against 100 % flow alone).
+Concatenating √w_s·f̂_s instead gives exactly the weighted sum of the per-stream cosines, Σ_s w_s cos_s (Σ w_s = 1):
 
   concat    equal weights (w = 1/2 each);
   weighted  the RGB weight w ∈ {0, 0.05, ..., 1} with the best leave-one-out R@1 *within the gallery* (train split:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from goca_fast.data.index import VideoRecord
+from goca_fast.data.index import read_index
 from goca_fast.data.views import ViewOverrides, ViewSpec, plural
 from goca_fast.runtime.device import resolve_amp
 from goca_fast.eval.cache import FeatureCache, split_features
@@ -31,7 +31,7 @@ from goca_fast.eval.fusion import fusion_weights, weighted_concat
 from goca_fast.eval.loading import EvalSetup, default_output_dir
 from goca_fast.eval.plots import embedding_plot, retrieval_grid
 from goca_fast.eval.retrieval import DEFAULT_KS, combine_streams, format_table, recall_at_k
-from goca_fast.eval.splits import check_disjoint_records, class_check, split_records
+from goca_fast.eval.splits import DatasetIndex, check_disjoint_records, class_check, split_records
 from goca_fast.models.goca_model import GocaModel
 
 log = logging.getLogger("goca_fast.eval")
@@ -115,13 +115,14 @@ def knn_from_features(gallery: SplitFeatures, query: SplitFeatures, streams: Seq
 
 def evaluate_knn(model: GocaModel, root: Path, views: ViewSpec, extract: ExtractSettings, *, train_split: str,
                  test_split: str, ks: Sequence[int] = DEFAULT_KS, fusion: Optional[str] = None,
-                 records: Optional[Sequence[VideoRecord]] = None) -> KnnResult:
+                 index: Optional[DatasetIndex] = None) -> KnnResult:
     """kNN retrieval of a live model on the dataset at `root`: `test_split` queries against the `train_split`
-    gallery under the protocol `views` (no cache); `fusion` adds the "fused" RGB+flow row. `records`: the dataset
-    index when the caller has read it already (`read_index(root)[0]`)."""
+    gallery under the protocol `views` (no cache); `fusion` adds the "fused" RGB+flow row. `index`: the dataset
+    index when the caller has read it already (`read_index(root)`)."""
     t0 = time.time()
     streams = list(model.streams)
-    recs = [split_records(Path(root), split, streams, records) for split in (train_split, test_split)]
+    index = index if index is not None else read_index(root)
+    recs = [split_records(Path(root), split, streams, index) for split in (train_split, test_split)]
     check_disjoint_records(recs[0], recs[1])
     feats = [compute_split_features(model, Path(root), r, views, extract) for r in recs]
     res = knn_from_features(feats[0], feats[1], streams, views, extract.source, ks, fusion)
@@ -150,7 +151,8 @@ def run_knn(setup: EvalSetup, options: Optional[KnnOptions] = None, *, out_dir: 
     spec = setup.views.with_overrides(o.overrides)
     out = Path(out_dir) if out_dir else default_output_dir(loaded.run_dir)
     cache = FeatureCache(out / "features") if use_cache else None
-    recs = {role: split_records(root, split, loaded.streams)  # both checked before any extraction
+    index = read_index(root)
+    recs = {role: split_records(root, split, loaded.streams, index)  # both checked before any extraction
             for role, split in (("gallery", setup.train_split), ("query", setup.test_split))}
     check_disjoint_records(recs["gallery"], recs["query"])
     extract = ExtractSettings(dev, setup.batch_size, setup.workers, amp=resolve_amp(o.amp, dev, "--amp"),

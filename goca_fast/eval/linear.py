@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from goca_fast.data.augment import ClipAugment
 from goca_fast.data.cpu_loader import TrainClipDataset, make_train_loader
+from goca_fast.data.index import read_index
 from goca_fast.data.views import ViewOverrides, ViewSpec, plural
 from goca_fast.runtime.device import resolve_amp
 from goca_fast.eval import EvalError
@@ -345,8 +346,9 @@ def run_linear(setup: EvalSetup, options: Optional[LinearOptions] = None, *, out
     extract = ExtractSettings(dev, setup.batch_size, setup.workers, amp=amp_dt, keep_views=True)
     train_name, test_name = setup.train_split, setup.test_split
     test_spec = setup.views.with_overrides(o.test_view)
-    train_recs = split_records(root, train_name, loaded.streams)
-    test_recs = split_records(root, test_name, loaded.streams)
+    index = read_index(root)
+    train_recs = split_records(root, train_name, loaded.streams, index)
+    test_recs = split_records(root, test_name, loaded.streams, index)
     check_disjoint_records(train_recs, test_recs, roles=("train", "test"))
     num_classes = len(test_recs.classes)
     test = split_features(loaded, root, test_recs, test_spec, extract, cache)

@@ -83,17 +83,13 @@ class KnnMonitor:
     def __init__(self, root: str | Path, records: Optional[Sequence[VideoRecord]], views: ViewSpec,
                  settings: MonitorSettings = MonitorSettings(), *, streams: Sequence[str] = ("rgb", "flow"),
                  device: torch.device | str = "cpu", amp: Optional[torch.dtype] = None):
-        st = settings
-        if st.every < 0 or st.subset_size < 0 or st.batch_size < 1:
+        if settings.every < 0 or settings.subset_size < 0 or settings.batch_size < 1:
             raise EvalError("monitor: every and subset_size must be >= 0, batch_size >= 1")
-        self.root, self.every = Path(root), int(st.every)
+        self.root, self.settings = Path(root), settings
         self.records = None if records is None else list(records)
-        self.splits = (st.train_split, st.val_split)
-        self.subset_size, self.seed = int(st.subset_size), int(st.seed)
+        self.splits = (settings.train_split, settings.val_split)
         self.views, self.streams = views, list(streams)
-        self.batch_size, self.workers = int(st.batch_size), int(st.workers)
         self.device, self.amp = torch.device(device), amp
-        self.max_preload_mb, self.tag = float(st.max_preload_mb), st.tag
         self._data: Optional[dict[str, list]] = None   # split → preloaded batches
         self._datasets: Optional[dict] = None
         self.counts: dict[str, int] = {}
@@ -115,7 +111,7 @@ class KnnMonitor:
                 recs = [r for r in recs if r.flow is not None]
             if not recs:
                 raise EvalError(f"monitor: split {split!r} of {self.root} is empty (or has no flow)")
-            keep = stratified_subset([r.label for r in recs], self.subset_size, self.seed)
+            keep = stratified_subset([r.label for r in recs], self.settings.subset_size, self.settings.seed)
             recs = [recs[i] for i in keep]
             out[split] = EvalClipDataset(self.root, recs, self.views, with_flow="flow" in self.streams)
             self.counts[split] = len(recs)
@@ -133,11 +129,11 @@ class KnnMonitor:
         t0 = time.perf_counter()
         with preserve_rng():
             self._datasets = self._build_datasets()
-            if self.preload_mb() <= self.max_preload_mb:
+            if self.preload_mb() <= self.settings.max_preload_mb:
                 self._data = {}
                 for split, ds in self._datasets.items():
                     batches = []
-                    for b in make_eval_loader(ds, self.batch_size, self.workers):
+                    for b in make_eval_loader(ds, self.settings.batch_size, self.settings.workers):
                         if b is None:
                             continue
                         batches.append(_Batch(b.rgb.half(), None if b.flow is None else b.flow.half(), b.label,
@@ -145,18 +141,18 @@ class KnnMonitor:
                     self._data[split] = batches
             else:
                 log.info("monitor: subsets need %.0f MB > %.0f MB; decoding them at every run", self.preload_mb(),
-                         self.max_preload_mb)
+                         self.settings.max_preload_mb)
         self.prepare_seconds = time.perf_counter() - t0
 
     def _batches(self, split: str):
         if self._data is not None:
             return self._data[split]
-        return make_eval_loader(self._datasets[split], self.batch_size, self.workers)
+        return make_eval_loader(self._datasets[split], self.settings.batch_size, self.settings.workers)
 
     # ------------------------------------------------------------------------------------------ running
     def due(self, epoch: int) -> bool:
         """After 0-based epoch `epoch`: runs when (epoch + 1) is a multiple of `every` (0 = never)."""
-        return self.every > 0 and (epoch + 1) % self.every == 0
+        return self.settings.every > 0 and (epoch + 1) % self.settings.every == 0
 
     @torch.no_grad()
     def run(self, model) -> dict[str, float]:
@@ -191,8 +187,8 @@ class KnnMonitor:
         x = epoch + 1 if step is None else step
         if writer is not None:
             for s, v in r.items():
-                writer.add_scalar(f"{self.tag}/knn_r1_{s}", v, x)
-            writer.add_scalar(f"{self.tag}/seconds", self.last_seconds, x)
+                writer.add_scalar(f"{self.settings.tag}/knn_r1_{s}", v, x)
+            writer.add_scalar(f"{self.settings.tag}/seconds", self.last_seconds, x)
         log.info("kNN monitor after epoch %d: %s (%d val vs %s, %.1fs)", epoch + 1,
                  ", ".join(f"R@1 {s} {v:.1f}" for s, v in r.items()), self.counts[self.splits[1]],
                  plural(self.counts[self.splits[0]], "train video"), self.last_seconds)

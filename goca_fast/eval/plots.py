@@ -288,7 +288,8 @@ def run_plots(setup: EvalSetup, options: Optional[PlotOptions] = None, *, out_di
     if {"retrieval", "embedding"} & set(what):
         root = setup.root
         cache = FeatureCache(default_output_dir(loaded.run_dir) / "features") if use_cache else None
-        recs = [split_records(root, split, loaded.streams) for split in (setup.train_split, setup.test_split)]
+        index = read_index(root)
+        recs = [split_records(root, split, loaded.streams, index) for split in (setup.train_split, setup.test_split)]
         check_disjoint_records(recs[0], recs[1])
         extract = ExtractSettings(setup.device, setup.batch_size, setup.workers, source=o.feature)
         feats = [split_features(loaded, root, r, setup.views, extract, cache) for r in recs]

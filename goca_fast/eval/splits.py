@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from goca_fast.data.index import CLASSES_FILE, VideoRecord, read_index, select_split
+from goca_fast.data.index import VideoRecord, read_index, select_split
 from goca_fast.data.views import plural
 from goca_fast.eval import EvalError
 
@@ -26,25 +26,18 @@ class SplitRecords:
     classes: list[str]
 
 
-def class_names(root: Path) -> list[str]:
-    """The dataset's class names (classes.txt, one a line), without reading its video index."""
-    with open(os.path.join(root, CLASSES_FILE), encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+DatasetIndex = tuple[Sequence[VideoRecord], Sequence[str]]   # (records, class names), as read_index returns them
 
 
 def split_records(root: Path, split: str, streams: Sequence[str],
-                  records: Optional[Sequence[VideoRecord]] = None) -> SplitRecords:
+                  index: Optional[DatasetIndex] = None) -> SplitRecords:
     """Records of `split` whose RGB (and flow, when a flow stream is evaluated) files exist.
 
-    records: the dataset index already read (`read_index(root)[0]`), so a caller holding it does not read (and
-    check) the whole index again; only the class names are then read.
+    index: the dataset index already read (`read_index(root)`), so a caller evaluating several splits reads it once.
     Errors: unknown or empty split, or a split none of whose videos exist. Missing files are warned about (count and
     the first ids) and counted; they never silently shrink the evaluation.
     """
-    if records is None:
-        records, classes = read_index(root)
-    else:
-        classes = class_names(root)
+    records, classes = index if index is not None else read_index(root)
     chosen = select_split(records, split)
     need_flow = "flow" in streams
     ok, missing = [], []

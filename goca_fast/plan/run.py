@@ -40,6 +40,7 @@ class RunData:
 
     root: Path
     records: list[VideoRecord]      # every video of the index
+    classes: list[str]              # the index's class names
     train: list[VideoRecord]        # the training split
 
 
@@ -114,15 +115,15 @@ def plan_run(cfg: Config, info: Optional[DistInfo] = None) -> RunPlan:
     plan = plan_settings(cfg, info)
     d, info = cfg.data, plan.info
     root = dataset_root(cfg, info)
-    records = read_index(root)[0]
+    records, classes = read_index(root)
     training_records(records, d.train_split, with_flow=d.modalities != "rgb", batch=d.batch_size * info.world_size)
     evaluated = ([d.test_split] if cfg.eval.knn_after_training else []) + (
         [plan.monitor.val_split] if plan.monitor else [])
-    gallery = [r.id for r in select_split(records, d.train_split)]
+    train = select_split(records, d.train_split)
     for split in evaluated:
-        check_disjoint(d.train_split, gallery, split, [r.id for r in select_split(records, split, required=False)],
-                       roles=("data.train_split", "test"))
-    return replace(plan, data=RunData(root=root, records=records, train=select_split(records, d.train_split)))
+        check_disjoint(d.train_split, [r.id for r in train], split,
+                       [r.id for r in select_split(records, split, required=False)], roles=("data.train_split", "test"))
+    return replace(plan, data=RunData(root=root, records=records, classes=classes, train=train))
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -166,4 +167,4 @@ def knn_recall(model: GocaModel, plan: RunPlan) -> dict[str, dict[int, float]]:
     extract = ExtractSettings(device=plan.info.device, batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
                               loader=cfg.data.loader)
     return evaluate_knn(model, data.root, plan.views, extract, train_split=cfg.data.train_split,
-                        test_split=cfg.data.test_split, records=data.records).recall
+                        test_split=cfg.data.test_split, index=(data.records, data.classes)).recall
