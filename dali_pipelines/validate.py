@@ -94,8 +94,7 @@ def validate_for_dali(root: str | os.PathLike, records: Sequence[VideoRecord], w
     todo = [r for r in records if keys[r.id] not in cache]
     if todo:
         jobs = [(root, r.to_json(), with_flow) for r in todo]
-        for res in run_parallel(_check_job, jobs, min(workers, len(jobs)), "dali check", progress,
-                                preload=["dali_pipelines.validate"]):
+        for res in run_parallel(_check_job, jobs, min(workers, len(jobs)), "dali check", progress):
             cache[keys[res["id"]]] = res["reason"]
         cdir.mkdir(parents=True, exist_ok=True)
         live = set(keys.values())

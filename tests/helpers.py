@@ -35,6 +35,7 @@ from goca_fast.data.index import VideoRecord, write_index
 from goca_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from goca_fast.video.io import write_video
 from goca_fast.data.views import ViewOverrides
+from goca_fast.eval.codes import CodesOptions, run_codes
 from goca_fast.eval.export import ExportOptions, run_export
 from goca_fast.eval.finetune import run_finetune
 from goca_fast.eval.knn import KnnOptions, run_knn
@@ -106,15 +107,15 @@ OVERRIDE_KEYS = ("data_root", "train_split", "test_split", "batch_size", "worker
 
 RUNNER_KEYS = ("out_dir", "use_cache")
 VIEW_KEYS = ("clips", "crops", "clip_length", "stride")   # a ViewOverrides, for the runners whose options take one
-RUNNER_OPTIONS = {run_knn: KnnOptions, run_linear: LinearOptions, run_export: ExportOptions, run_plots: PlotOptions}
+RUNNER_OPTIONS = {run_knn: KnnOptions, run_codes: CodesOptions, run_linear: LinearOptions, run_export: ExportOptions, run_plots: PlotOptions}
 
 
 def run_eval(runner, source, **kw):
-    """`runner` (run_knn, run_linear, run_export, run_plots) on a checkpoint as goca-eval runs it: the setup's
+    """`runner` (run_knn, run_codes, run_linear, run_export, run_plots) on a checkpoint as goca-eval runs it: the setup's
     keywords go to `goca_fast.plan.evaluation.eval_setup` (device cpu unless given), out_dir/use_cache to the
     runner, the others into its options object (clips/crops/clip_length/stride as its ViewOverrides where it has
     one)."""
-    request = CheckpointRequest(str(source), need_heads=kw.get("feature") == "head",
+    request = CheckpointRequest(str(source), need_heads=kw.get("feature") == "head" or runner is run_codes,
                                 **{k: kw.pop(k) for k in REQUEST_KEYS if k in kw})
     overrides = EvalOverrides(**{k: kw.pop(k) for k in OVERRIDE_KEYS if k in kw})
     setup = eval_setup(request, overrides, device=kw.pop("device", "cpu"))

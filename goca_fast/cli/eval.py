@@ -1,4 +1,4 @@
-"""`goca-eval {knn,linear,finetune,export,plots}`: the evaluation suite's command line.
+"""`goca-eval {knn,codes,linear,finetune,export,plots}`: the evaluation suite's command line.
 
 Every subcommand takes a checkpoint file or a pretraining run directory (its latest intact checkpoint is used);
 the protocol defaults come from the checkpoint's own config. Results, plots and the feature cache go to
@@ -16,6 +16,7 @@ from goca_fast.cli.help import HelpFormatter
 from goca_fast.config import ConfigError
 from goca_fast.data.index import DatasetIndexError
 from goca_fast.data.views import ViewOverrides
+from goca_fast.eval.codes import CodesOptions, run_codes
 from goca_fast.eval.export import ExportOptions, run_export, run_export_weights
 from goca_fast.eval.finetune import run_finetune
 from goca_fast.eval.finetune_recipe import FinetuneSettings
@@ -89,9 +90,9 @@ def _common(p: argparse.ArgumentParser, protocol: bool = True, views: bool = Tru
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter,
                                 description="Evaluate GOCA checkpoints: kNN retrieval, linear probe, "
-                                "fine-tuning, feature export, plots. Each subcommand takes a checkpoint or a run "
+                                "fine-tuning, feature export, plots, code diagnostics. Each subcommand takes a checkpoint or a run "
                                 "directory; see `goca-eval <subcommand> --help`.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{knn,linear,finetune,export,plots}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{knn,codes,linear,finetune,export,plots}")
 
     k = sub.add_parser("knn", formatter_class=HelpFormatter, help="nearest-neighbour video retrieval R@1/5/10/20/50")
     _common(k)
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a 'fused' RGB+flow row beside the official average: concatenated normalised features "
                         "(concat), or weighted by the best leave-one-out R@1 on the train split (weighted)")
 
+    co = sub.add_parser("codes", formatter_class=HelpFormatter,
+                        help="prototype codes of held-out clips: RGB-flow agreement, class NMI (guidance diagnostic)")
+    _common(co, streams=False)
     lin = sub.add_parser("linear", formatter_class=HelpFormatter, help="linear probe on the frozen backbone")
     _common(lin, views=False)
     lin.add_argument("--augment", action="store_true",
@@ -207,6 +211,9 @@ def dispatch(a: argparse.Namespace) -> None:
         options = KnnOptions(overrides=_overrides(a), feature=a.feature, ks=a.ks, amp=a.amp, plots=a.plots,
                              fusion=a.fusion)
         run_knn(_setup(a, need_heads=a.feature == "head"), options, out_dir=a.out, use_cache=not a.no_cache)
+    elif a.command == "codes":
+        run_codes(_setup(a, need_heads=True), CodesOptions(overrides=_overrides(a), amp=a.amp), out_dir=a.out,
+                  use_cache=not a.no_cache)
     elif a.command == "linear":
         settings = ProbeSettings(epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.wd,
                                  milestones=tuple(a.milestones), gamma=a.gamma, batch_size=a.probe_batch_size,

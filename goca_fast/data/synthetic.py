@@ -27,13 +27,13 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from goca_fast.runtime.atomic import write_atomic
+from goca_fast.runtime.parallel import process_pool
 from goca_fast.data.index import VideoRecord, write_index
 from goca_fast.video.io import write_video
 from goca_fast.video.flow_codec import pad_flow_to_frames, quantise_flow, write_flow_video
@@ -363,7 +363,7 @@ def make_synthetic_dataset(root: str | os.PathLike, spec: SyntheticSpec = Synthe
     t0 = time.time()
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
+        with process_pool(workers) as ex:
             done = list(ex.map(_make_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
     else:
         done = [_make_one(j) for j in jobs]

@@ -90,7 +90,7 @@ def _worker_init() -> None:
 def _run_jobs(jobs: list[Job], opts: PrepareOptions, workers: int, progress: bool,
               check: bool = False) -> Iterator[dict]:
     return run_parallel(process_one, [(j, opts, check) for j in jobs], workers, "check" if check else "prepare",
-                        progress, _worker_init, preload=["goca_fast.prepare.build"])
+                        progress, _worker_init)
 
 
 def _check_params(out: str, opts: PrepareOptions, force: bool) -> None:

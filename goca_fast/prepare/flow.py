@@ -87,7 +87,7 @@ def _run_opencv(jobs: list[FlowJob], params: TVL1Params, workers: int) -> Iterat
         for j in jobs:
             yield opencv_job(j)
         return
-    with process_pool(workers, _cv_init, (params,), preload=["goca_fast.prepare.flow"]) as ex:
+    with process_pool(workers, _cv_init, (params,)) as ex:
         for f in as_completed([ex.submit(opencv_job, j) for j in jobs]):
             yield f.result()
 

@@ -162,4 +162,4 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
 
 
 def _run(work: list[tuple], workers: int, progress: bool) -> Iterator[dict]:
-    return run_parallel(import_one, work, workers, "flow import", progress, preload=["goca_fast.prepare.flow_jpeg"])
+    return run_parallel(import_one, work, workers, "flow import", progress)

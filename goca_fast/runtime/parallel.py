@@ -1,5 +1,5 @@
-"""One way to run per-video work in parallel (dataset preparation, flow extraction and import, DALI validation):
-a forkserver process pool and a progress bar, results yielded as they complete."""
+"""One way to run per-video work in parallel (dataset preparation, synthetic data, flow extraction and import, DALI
+validation): a spawn process pool and a progress bar, results yielded as they complete."""
 from __future__ import annotations
 
 import sys
@@ -10,22 +10,23 @@ from typing import Callable, Iterator, Sequence
 from tqdm import tqdm
 
 
-def process_pool(workers: int, initializer=None, initargs: tuple = (),
-                 preload: Sequence[str] = ()) -> ProcessPoolExecutor:
-    """A process pool safe to start from a process that already ran OpenMP/OpenCV/torch threads.
+def process_pool(workers: int, initializer=None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A process pool safe to start from a process that already ran OpenMP/OpenCV/torch threads, and that leaves
+    nothing running once it is shut down.
 
     Plain fork copies thread-pool state whose threads do not exist in the child (a deadlock we hit in practice);
-    forkserver forks workers from a clean server that imports the `preload` modules once.
+    a forkserver would stay alive, with every module it preloaded, until the calling process exits. Spawned workers
+    start clean (each imports what its job needs, about a second) and end with the pool. The only process left is
+    the standard library's resource tracker, one per interpreter, which exits with it.
     """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["goca_fast.runtime.parallel", *preload])
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                               initargs=initargs)
 
 
 def run_parallel(fn: Callable, args: Sequence[tuple], workers: int, desc: str, progress: bool,
-                 initializer=None, initargs: tuple = (), preload: Sequence[str] = ()) -> Iterator[dict]:
-    """fn(*a) for every a in `args`, in this process (`initializer` is for pool workers only) or a forkserver pool,
-    with a progress bar.
+                 initializer=None, initargs: tuple = ()) -> Iterator[dict]:
+    """fn(*a) for every a in `args`, in this process (`initializer` is for pool workers only) or a process pool
+    (`process_pool`), with a progress bar.
 
     Results are yielded as they complete, so callers can record each one before the next (resumability).
     """
@@ -40,7 +41,7 @@ def run_parallel(fn: Callable, args: Sequence[tuple], workers: int, desc: str, p
                     bar.update(1)
                 yield r
         else:
-            with process_pool(workers, initializer, initargs, preload) as ex:
+            with process_pool(workers, initializer, initargs) as ex:
                 for f in as_completed([ex.submit(fn, *a) for a in args]):
                     if bar:
                         bar.update(1)
