@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = [("opencv, 1 process", cv1)]
     if not a.compile_only:
         from goca_fast.runtime.parallel import process_pool
-        with process_pool(cores, preload=["benchmarks.flow_bench"]) as ex:
+        with process_pool(cores) as ex:
             list(ex.map(_cv_one, pairs[:cores]))  # warm the workers
             _, tn = timed(lambda p: list(ex.map(_cv_one, p)), pairs[:max(cores, ns // 4 if cuda else ns)])
         speed.append((f"opencv, {cores} processes", max(cores, ns // 4 if cuda else ns) / tn))

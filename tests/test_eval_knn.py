@@ -132,7 +132,7 @@ def test_every_option_has_a_help_text_and_shows_its_default_once():
     import re
     from goca_fast.cli.eval import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"knn", "linear", "finetune", "export", "plots"}
+    assert set(sub.choices) == {"knn", "codes", "linear", "finetune", "export", "plots"}
     for name, parser in sub.choices.items():
         text = parser.format_help()
         flat = " ".join(text.split())
