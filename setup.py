@@ -75,7 +75,8 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120==1.53.0"],
-        "dev": ["pytest", "pytest-timeout", "POT", "scikit-image"],  # scikit-image: the guidance benchmark's photographs
+        "dev": ["pytest", "pytest-timeout", "POT", "scikit-image", "scipy"],  # the guidance benchmark's photographs
+        # (scikit-image) and its confidence intervals (scipy)
     },
     entry_points={
         "console_scripts": [

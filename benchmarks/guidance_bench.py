@@ -72,7 +72,7 @@ def prepare_dataset(work: Path, spec: FamilySpec, short_side: int, *, workers: i
     from goca_fast.cli import flow as extract
     raw, prepared = work / "raw", work / "prepared"
     marker = raw / "generated.json"
-    params = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
+    params = spec.to_json()
     if not marker.is_file() or json.loads(marker.read_text()) != params:
         write_family(raw, spec)
         marker.write_text(json.dumps(params))
@@ -201,7 +201,7 @@ def family_summary(runs: dict[str, dict[int, dict]], seeds: Sequence[int]) -> di
                 out["targets"][key] = {"need": f">= {need:g} and CI above 0", "met": bool(
                     d["mean"] >= need and d.get("ci95", [0])[0] > 0)}
         d = out["paired"]["fused_minus_better_stream"]
-        out["targets"]["fused_vs_better_stream"] = {"need": ">= 0", "met": bool(d["mean"] >= 0)}
+        out["targets"]["fused_minus_better_stream"] = {"need": ">= 0", "met": bool(d["mean"] >= 0)}
     for variant, per in runs.items():
         codes = [per[s]["codes"] for s in seeds if s in per]
         out["codes"][variant] = {
@@ -239,7 +239,7 @@ def markdown_report(families: dict[str, dict], tuned_on: str) -> str:
                      + markdown_table(rows, ["variant", "seeds"] + [n for _, n in STREAMS]) + "\n")
         rows = []
         for key, d in summary["paired"].items():
-            target = summary["targets"].get(key.replace("fused_minus_better_stream", "fused_vs_better_stream"), {})
+            target = summary["targets"].get(key, {})
             rows.append({"difference (RGB R@1 unless said)": key.replace("_", " "), "mean [95 % CI]": _fmt(d),
                          "per seed": " / ".join(f"{x:+.1f}" for x in d["per_seed"]),
                          "paired t p": f"{d['p']:.3g}" if "p" in d else "",
@@ -337,8 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for v, per in sm["variants"].items() for s, stat in per.items()]
     meta = {"device": device_name(torch.device("cpu")), "config": str(CONFIG.relative_to(ROOT)),
             "overrides": extra, "tuned_on": TUNING_FAMILY, "families": {
-                f: {**{k: list(v) if isinstance(v, tuple) else v for k, v in FAMILIES[f].__dict__.items()},
-                    "short_side": SHORT_SIDE, "data_seconds": data_s[f]}
+                f: {**FAMILIES[f].to_json(), "short_side": SHORT_SIDE, "data_seconds": data_s[f]}
                 for f in families},
             "seeds": a.seeds, "metric": "kNN R@1 in %, every test video against the train split; mean and 95 % "
             "Student-t CI over seeds; paired differences over seeds", "wall_seconds": round(time.time() - t0, 1)}

@@ -235,6 +235,10 @@ class FamilySpec:
     def resized(self, **changes) -> "FamilySpec":
         return dataclasses.replace(self, **changes)
 
+    def to_json(self) -> dict:
+        """Every field as JSON values (tuples as lists): the data's identity in markers and result files."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
 
 FAMILIES = {
     "photos-camera": FamilySpec("photos-camera", "photographs", CLASSES, train_per_class=16, test_per_class=38,
