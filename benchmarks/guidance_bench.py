@@ -133,6 +133,33 @@ def run_pretraining(root: Path, runs: Path, name: str, seed: int, overrides: Seq
     return result
 
 
+# The supervised probe: the KL run's RGB network fine-tuned with the labels, same clips and augmentation as its
+# pretraining (lr 0.002: at 0.01 and 0.05 the tiny network's loss rose above chance within three epochs).
+PROBE_ARGS = ["--streams", "rgb", "--epochs", "40", "--lr", "0.002", "--backbone-lr-ratio", "1", "--dropout", "0",
+              "--schedule", "cosine", "--warmup-epochs", "2", "--batch-size", "16", "--test-clips", "3",
+              "--test-crops", "1", "--workers", "1", "--device", "cpu", "--seed", "0"]
+QUICK_PROBE_ARGS = PROBE_ARGS + ["--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0"]  # later ones win
+
+
+def run_probe(run_dir: Path, args: Sequence[str] = PROBE_ARGS) -> dict:
+    """Can the RGB network learn the classes at all, given them? Its held-out top-1/top-5 after supervised
+    fine-tuning and the training loss of the first and last epochs; kept in <run>/eval/probe/probe.json."""
+    out = run_dir / "eval" / "probe"
+    saved = out / "probe.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("args") == list(args):
+        return json.loads(saved.read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cpu = _run_measured([sys.executable, "-m", "goca_fast.cli.eval", "finetune", str(run_dir), "--out", str(out),
+                         "--fresh", *args], env, f"supervised probe on {run_dir.name}")
+    tuned = json.loads((out / "finetune.json").read_text())
+    losses = [h["loss"] for h in tuned["history"]]
+    result = {"args": list(args), **tuned["accuracy"]["rgb"], "test_videos": tuned["test"]["evaluated"],
+              "classes": tuned["protocol"]["num_classes"], "train_loss_first": losses[0],
+              "train_loss_last": losses[-1], "cpu_s": round(cpu, 1)}
+    saved.write_text(json.dumps(result, indent=2))
+    return result
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -255,6 +282,19 @@ def markdown_report(families: dict[str, dict], tuned_on: str) -> str:
     return "\n".join(parts)
 
 
+def probe_report(probes: dict[str, dict[int, dict]]) -> str:
+    """Markdown table of the supervised probes ('' when none ran)."""
+    rows = [(f, seed, pr) for f, per in probes.items() for seed, pr in per.items()]
+    if not rows:
+        return ""
+    lines = ["", "## Supervised probe (the KL run's RGB network fine-tuned with the labels)", "",
+             "| family | seed | test videos | chance | top-1 | top-5 | train loss first -> last epoch |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {f} | {seed} | {pr['test_videos']} | {100 / pr['classes']:.1f} | {pr['top1']:.1f} | "
+              f"{pr['top5']:.1f} | {pr['train_loss_first']:.2f} -> {pr['train_loss_last']:.2f} |" for f, seed, pr in rows]
+    return "\n".join(lines) + "\n"
+
+
 def plot_report(families: dict[str, dict], runs: dict[str, dict[str, dict[int, dict]]], path: Path) -> None:
     """One panel per family: RGB R@1 of every run as dots, the mean and its 95 % CI as a bar, per variant."""
     import matplotlib
@@ -292,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each run uses about one core)")
     p.add_argument("--prepare-workers", type=int, default=None,
                    help="processes for goca-prepare and goca-flow (default: one per core)")
+    p.add_argument("--probe-seeds", type=int, nargs="*", default=[],
+                   help="seeds whose KL runs get the supervised probe (labels instead of the prior)")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. optim.epochs=30")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -331,6 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f"  (random init rgb {r1(res['random_init'], 'rgb'):.1f})" if "random_init" in res else "")
                 + f"  codes test agreement {res['codes']['test'].get('agreement', float('nan')):.1f} %"
                 + f"  ({res['cpu_s']} CPU s)", flush=True)
+    probe_args = QUICK_PROBE_ARGS if a.quick else PROBE_ARGS
+    probes = {f: {seed: run_probe(work / f / "runs" / f"{REFERENCE_VARIANT}-s{seed}", probe_args)
+                  for seed in a.probe_seeds} for f in families}
+    for f, per in probes.items():
+        for seed, pr in per.items():
+            print(f"{f:16s} supervised probe seed {seed:3d}: top-1 {pr['top1']:.1f}  top-5 {pr['top5']:.1f}  "
+                  f"train loss {pr['train_loss_first']:.2f} -> {pr['train_loss_last']:.2f}", flush=True)
     summaries = {f: family_summary(runs[f], a.seeds) for f in families}
     name = a.name + ("-quick" if a.quick else "")
     rows = [{"family": f, "variant": v, "stream": s, **stat} for f, sm in summaries.items()
@@ -345,10 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = json.loads(path.read_text())
     saved["summary"] = summaries
     saved["runs"] = {f: {v: {str(s): r for s, r in per.items()} for v, per in fv.items()} for f, fv in runs.items()}
+    saved["supervised_probe"] = {f: {str(s): r for s, r in per.items()} for f, per in probes.items()}
     path.write_text(json.dumps(saved, indent=2))
     md = path.with_suffix(".md")
     header = md.read_text().split("\n|", 1)[0].rstrip()
-    md.write_text(header + "\n\n" + markdown_report(summaries, TUNING_FAMILY))
+    md.write_text(header + "\n\n" + markdown_report(summaries, TUNING_FAMILY) + probe_report(probes))
     plot_report(summaries, runs, path.with_suffix(".png"))
     print(md.read_text())
     return 0

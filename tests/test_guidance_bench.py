@@ -30,7 +30,7 @@ def quick_bench(tmp_path_factory):
     mp.setenv("GOCA_FAST_RESULTS_DIR", str(tmp / "results"))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert guidance_bench.main(["--quick", "--seeds", str(SEED), "--variants", "kl,none", "--jobs", "2",
-                                "--work", str(tmp / "work")]) == 0
+                                "--work", str(tmp / "work"), "--probe-seeds", str(SEED)]) == 0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     mp.undo()
     (tmp / "children_cpu_s").write_text(str(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime))
@@ -188,8 +188,14 @@ def test_results_hold_every_family_and_variant_with_the_runs_numbers(quick_bench
         kl, none = (summary["variants"][v]["rgb"]["mean"] for v in ("kl", "none"))
         assert summary["paired"]["kl_minus_none"]["per_seed"] == [pytest.approx(kl - none, abs=0.01)]
         assert summary["queries"] == [len(FAMILIES[family].classes)]
+        # the supervised probe: what goca-eval finetune wrote for the KL run's RGB network
+        tuned = json.loads((runs_dir / f"kl-s{SEED}" / "eval" / "probe" / "finetune.json").read_text())
+        probe = out["supervised_probe"][family][str(SEED)]
+        assert probe["top1"] == pytest.approx(tuned["accuracy"]["rgb"]["top1"]) and "flow" not in tuned["accuracy"]
+        assert probe["classes"] == len(FAMILIES[family].classes) and probe["cpu_s"] > 1.0
     assert all(c > 1.0 for c in cpu)  # a python process that imports torch and trains costs more than 1 CPU s
     assert sum(cpu) <= float((quick_bench / "children_cpu_s").read_text()) + 0.5
     md = (quick_bench / "results" / "guidance-quick-cpu.md").read_text()
     assert md.startswith("# guidance-quick") and "## textures-object (untouched" in md
+    assert "## Supervised probe" in md and md.count(f"| {SEED} |") == len(FAMILIES)
     assert (quick_bench / "results" / "guidance-quick-cpu.png").stat().st_size > 1000
