@@ -1,9 +1,10 @@
 """Video files through PyAV (no ffmpeg binary): write CFR H.264, probe, read frames by index.
 
-Frame index i means "the i-th frame in presentation order", the same thing a plain
-sequential decode would count. Readers locate frames through the demuxed packet table
-(presentation timestamps sorted -> rank = index) rather than container metadata, which
-can lie about frame counts and timing.
+Frame index i means "the i-th frame in presentation order", the same thing a plain sequential decode would count.
+Files on a constant timestamp grid (everything goca-prepare and goca-flow write) are read by seeking to the
+keyframe before the wanted frames and naming frames by timestamp, so a clip costs the same wherever it starts.
+Other files are read through the demuxed packet table (presentation timestamps sorted -> rank = index), never
+through container metadata, which can lie about frame counts and timing.
 """
 from __future__ import annotations
 
