@@ -75,8 +75,9 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120==1.53.0"],
-        "dev": ["pytest", "pytest-timeout", "POT", "scikit-image", "scipy"],  # the guidance benchmark's photographs
-        # (scikit-image) and its confidence intervals (scipy)
+        "dev": ["pytest", "pytest-timeout", "POT", "scikit-image", "scipy", "decord2==3.4.0"],  # the guidance
+        # benchmark's photographs (scikit-image) and confidence intervals (scipy); decord2: a row of the decode
+        # benchmark (it brings its own FFmpeg; the loaders do not use it)
     },
     entry_points={
         "console_scripts": [

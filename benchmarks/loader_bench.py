@@ -279,12 +279,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=30, help="timed batches per loader")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--frames", type=int, default=250, help="frames per video (Kinetics: 250-300)")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/goca_fast/loader_bench"))
     ap.add_argument("--name", default="loader", help="results file name (e.g. loader-longrun for a leak check)")
     ap.add_argument("--progress", type=int, default=0, help="print RSS and time every N batches (stderr)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    root = make_dataset(Path(a.cache), a.videos)
+    root = make_dataset(Path(a.cache) / f"{a.videos}x{a.frames}", a.videos, frames=a.frames)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ucf101_r2plus1d.yaml"),
                       RECIPE + [f"data.root={root}", f"data.workers={a.workers}", f"data.batch_size={a.batch_size}"])
     if a.one:  # child mode: one loader in a fresh process, so peak RSS and CPU time are its own
@@ -316,7 +317,7 @@ def main(argv=None) -> int:
                                           "child_processes"],
                          {"device": device_name(dev), "device_tag": dev.type, "workers": a.workers,
                           "batch_size": a.batch_size, "timed_batches": a.batches, "warmup_batches": a.warmup,
-                          "dataset": f"{a.videos} videos 340x256, 250 frames at 25 fps, H.264 GOP 16 + flow videos",
+                          "dataset": f"{a.videos} videos 340x256, {a.frames} frames at 25 fps, H.264 GOP 16 + flow videos",
                           "recipe": "2x16 + 4x8 frames, stride 2, min distance 16, scale 128-160, crop 112",
                           "repeats": a.repeats, "dali": _dali_version(),
                           "rss": "host RSS of the loader process (DataLoader workers not included)",

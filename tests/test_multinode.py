@@ -199,9 +199,9 @@ def reference(tmp_path_factory, cache) -> dict:
 # except the gradients' (below).
 # GRAD_RTOL is relative to each gradient's largest entry (see the floor below): the first conv layer's gradient (a
 # sum over every position of the batch, with cancellation) measured 3e-6 to ~4e-5 on torch 2.14.1 from run to run
-# (the summation order of the two ranks' halves varies); a wrong reduction (sum instead of mean, a missing rank) is
-# off by ~1.
-CODES_ATOL, LOSS_RTOL, GRAD_RTOL, WEIGHT_ATOL = 1e-6, 1e-6, 1e-4, 1e-6
+# (the summation order of the two ranks' halves varies), and a deep conv layer 1.4e-4 at step 2 once the decoded
+# pixels changed (the project's RGB conversion); a wrong reduction (sum instead of mean, a missing rank) is off by ~1.
+CODES_ATOL, LOSS_RTOL, GRAD_RTOL, WEIGHT_ATOL = 1e-6, 1e-6, 5e-4, 1e-6
 EQUIVALENCE = [*SMALL, "optim.epochs=1", "optim.warmup_epochs=0", "optim.freeze_prototypes_epochs=0",
                "goca.queue_length=16", "goca.queue_start_epoch=0", "goca.prior_start_epoch=0"]
 

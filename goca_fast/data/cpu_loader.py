@@ -226,8 +226,8 @@ def _worker_init(_: int) -> None:
     # Workers already parallelise across items; intra-op torch threads and per-video decoder
     # threads would oversubscribe the cores (measured equal speed on 2 cores, and it bounds the
     # thread count at workers x 1 on big machines).
-    # (Do not touch cv2's thread pool here: cv2.setNumThreads in a forked child whose parent
-    # already ran a parallel cv2 op deadlocks. The loader does not use OpenCV.)
+    # (cv2's thread pool, used by the RGB conversion, is left alone: cv2.setNumThreads in a forked
+    # child whose parent had already run a parallel cv2 op once deadlocked here.)
     torch.set_num_threads(1)
     set_decoder_threads(1)
     ignore_interrupts_in_worker()  # Ctrl-C reaches the whole process group; the main process stops the run

@@ -1,18 +1,20 @@
 """Video files through PyAV (no ffmpeg binary): write CFR H.264, probe, read frames by index.
 
-Frame index i means "the i-th frame in presentation order", the same thing a plain
-sequential decode would count. Readers locate frames through the demuxed packet table
-(presentation timestamps sorted -> rank = index) rather than container metadata, which
-can lie about frame counts and timing.
+Frame index i means "the i-th frame in presentation order", the same thing a plain sequential decode would count.
+Files on a constant timestamp grid (everything goca-prepare and goca-flow write) are read by seeking to the
+keyframe before the wanted frames and naming frames by timestamp, so a clip costs the same wherever it starts.
+Other files are read through the demuxed packet table (presentation timestamps sorted -> rank = index), never
+through container metadata, which can lie about frame counts and timing.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import av
+import cv2
 import numpy as np
 from av.video.reformatter import Interpolation
 
@@ -324,71 +326,177 @@ def probe_video(path: str | os.PathLike, decode: bool = False) -> VideoInfo:
     return VideoInfo(frames=n, fps=fps, width=width, height=height, codec=codec)
 
 
+# Until the reader has seen the GOP, a wanted frame further than this past the last decoded one is reached by
+# seeking instead of decoding through the gap.
+_SEEK_GAP = 32
+
+
+def _frame_grid(stream) -> Optional[tuple[int, int]]:
+    """(timestamp of frame 0, timestamp step per frame) when frame i is stamped start + i × step: constant frame
+    rate and no reordering, as goca-prepare and goca-flow write. Then a seek can land on a frame index without
+    the packet table. None for anything else."""
+    rate, tb, start = stream.average_rate, stream.time_base, stream.start_time
+    if not rate or not tb or start is None or stream.codec_context.has_b_frames:
+        return None
+    step = 1 / (Fraction(rate) * Fraction(tb))
+    return (int(start), int(step)) if step.denominator == 1 and step > 0 else None
+
+
+def _seek_pays(position: int, target: int, gop: Optional[int]) -> bool:
+    """Whether seeking to `target` decodes fewer frames than going on from `position`: a keyframe lies between
+    (fixed GOPs from frame 0, as the project writes them), or, before the GOP is known, the gap is long."""
+    if gop is None:
+        return target - position > _SEEK_GAP
+    return target // gop * gop > position + 1
+
+
+def _decoded(container, stream) -> Iterator["av.VideoFrame"]:
+    for packet in container.demux(stream):
+        yield from packet.decode()
+
+
+def _decode_seeking(container, stream, grid: tuple[int, int], wanted: Sequence[int],
+                    convert: Callable[["av.VideoFrame"], np.ndarray]) -> Optional[dict[int, np.ndarray]]:
+    """The sorted distinct `wanted` frames, seeking to the keyframe before a wanted frame whenever that skips
+    frames, so the cost of a clip does not grow with where it starts and clips far apart cost only themselves.
+    Frames are identified by their timestamp on the frame grid; any surprise (a timestamp off the grid, a seek
+    that lands past the frame, a frame missing, the stream ending early) returns None and the caller decodes
+    through the packet table instead."""
+    start, step = grid
+    got: dict[int, np.ndarray] = {}
+    pending = list(wanted)
+    frames, position, last_key, gop = None, -1, None, None
+    while pending:
+        if frames is None or _seek_pays(position, pending[0], gop):
+            container.seek(start + pending[0] * step, stream=stream, backward=True, any_frame=False)
+            frames, position, last_key = _decoded(container, stream), None, None
+        for frame in frames:
+            if frame.pts is None:
+                return None
+            index, off = divmod(frame.pts - start, step)
+            if off or index > pending[0] or (position is not None and index != position + 1):
+                return None
+            position = index
+            if frame.key_frame:
+                gop = gop if last_key is None else index - last_key
+                last_key = index
+            if index == pending[0]:
+                got[index] = convert(frame)
+                pending.pop(0)
+                if not pending or _seek_pays(position, pending[0], gop):
+                    break
+        else:
+            return None  # the stream ended first
+    return got
+
+
+def _decode_table(container, stream, path: str, idx: np.ndarray,
+                  convert: Callable[["av.VideoFrame"], np.ndarray]) -> dict[int, np.ndarray]:
+    """Decode once, from the last safe keyframe before min(idx) up to max(idx), frames identified by the
+    presentation rank of their timestamp in the demuxed packet table: exact for any stream. Starting at a
+    keyframe is safe when decode order equals presentation order; if the stream reorders frames (B-frames,
+    possibly open GOP) it starts one keyframe earlier so leading pictures are intact; without timestamps it
+    decodes from the start and counts frames."""
+    lo, hi = int(idx.min()), int(idx.max())
+    packets, rank = _packet_table(container, path, need=hi + 1)
+    n = len(packets)
+    if lo < 0 or hi >= n:
+        raise VideoReadError(f"{path}: frame index out of range [{lo}, {hi}] for {n} frames")
+    wanted = set(int(i) for i in idx)
+    got: dict[int, np.ndarray] = {}
+    has_pts = bool(rank[0] >= 0)
+
+    first = 0
+    if has_pts:
+        keys = [k for k, p in enumerate(packets) if p.is_keyframe and rank[k] <= lo]
+        reorders = bool(np.any(np.diff(rank) != 1))
+        if reorders:
+            keys = keys[:-1]  # one GOP of margin for open-GOP leading pictures
+        first = keys[-1] if keys else 0
+    pts_to_rank = {packets[k].pts: int(rank[k]) for k in range(n)} if has_pts else {}
+
+    ctx = stream.codec_context
+    count = 0
+
+    def take(frames) -> bool:
+        nonlocal count
+        for fr in frames:
+            r = pts_to_rank.get(fr.pts, -1) if has_pts else count
+            count += 1
+            if r in wanted and r not in got:
+                got[r] = convert(fr)
+        return len(got) == len(wanted)
+
+    if not any(take(ctx.decode(p)) for p in packets[first:]):
+        take(ctx.decode(None))
+    missing = wanted - set(got)
+    if missing:
+        raise VideoReadError(f"{path}: could not decode frames {sorted(missing)[:5]} (truncated or corrupt)")
+    return got
+
+
 def _decode_at(path: str | os.PathLike, indices: Sequence[int],
                convert: Callable[["av.VideoFrame"], np.ndarray]) -> list[np.ndarray]:
-    """Decode once, from the last safe keyframe before min(indices) up to max(indices).
-
-    Returns convert(frame) for each requested index (unsorted and repeated indices allowed;
-    each distinct frame is converted once). Frames are identified by the presentation rank
-    of their timestamp in the packet table. Starting at a keyframe is safe when decode order
-    equals presentation order (our writer: no B-frames, closed fixed GOP); if the stream
-    reorders frames (B-frames, possibly open GOP) we start one keyframe earlier so leading
-    pictures are intact; without timestamps we decode from the start and count frames.
-    """
+    """convert(frame) for each requested frame index (unsorted and repeated indices allowed; each distinct frame
+    is decoded and converted once). Streams on a constant frame grid (everything the project writes) are read by
+    seeking per run of nearby frames; others, and any grid stream that surprises the seeking reader, through the
+    packet table."""
     path = os.fspath(path)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         return []
-    container = open_container(path)
-    try:
-        stream = container.streams.video[0]
-        lo, hi = int(idx.min()), int(idx.max())
-        packets, rank = _packet_table(container, path, need=hi + 1)
-        n = len(packets)
-        if lo < 0 or hi >= n:
-            raise VideoReadError(f"{path}: frame index out of range [{lo}, {hi}] for {n} frames")
-        wanted = set(int(i) for i in idx)
-        got: dict[int, np.ndarray] = {}
-        has_pts = bool(rank[0] >= 0)
-
-        first = 0
-        if has_pts:
-            keys = [k for k, p in enumerate(packets) if p.is_keyframe and rank[k] <= lo]
-            reorders = bool(np.any(np.diff(rank) != 1))
-            if reorders:
-                keys = keys[:-1]  # one GOP of margin for open-GOP leading pictures
-            first = keys[-1] if keys else 0
-        pts_to_rank = {packets[k].pts: int(rank[k]) for k in range(n)} if has_pts else {}
-
-        ctx = stream.codec_context
-        _configure_decoder(ctx)
-        count = 0
-
-        def take(frames) -> bool:
-            nonlocal count
-            for fr in frames:
-                r = pts_to_rank.get(fr.pts, -1) if has_pts else count
-                count += 1
-                if r in wanted and r not in got:
-                    got[r] = convert(fr)
-            return len(got) == len(wanted)
-
+    got = None
+    for seeking in (True, False):
+        container = open_container(path)
         try:
-            if not any(take(ctx.decode(p)) for p in packets[first:]):
-                take(ctx.decode(None))
+            stream = container.streams.video[0]
+            _configure_decoder(stream.codec_context)
+            grid = _frame_grid(stream)
+            if seeking and (grid is None or idx.min() < 0):
+                continue
+            if seeking:
+                got = _decode_seeking(container, stream, grid, sorted(set(idx.tolist())), convert)
+            else:  # a fresh container: the table reader demuxes from the first packet
+                got = _decode_table(container, stream, path, idx, convert)
+        except VideoReadError:
+            raise
         except Exception as e:  # noqa: BLE001 - PyAV/FFmpeg raise many error types
             raise VideoReadError(f"{path}: decode failed ({type(e).__name__}: {e})") from None
-        missing = wanted - set(got)
-        if missing:
-            raise VideoReadError(f"{path}: could not decode frames {sorted(missing)[:5]} (truncated or corrupt)")
-    finally:
-        container.close()
+        finally:
+            container.close()
+        if got is not None:
+            break
     return [got[int(i)] for i in idx]
 
 
+# BT.601 limited range YUV -> RGB (the inverse of _RGB2YUV and its offsets) as the 3×4 affine map of cv2.transform
+_YUV2RGB = np.concatenate([np.linalg.inv(_RGB2YUV), -np.linalg.inv(_RGB2YUV) @ np.array([[16.0], [128.0], [128.0]])],
+                          axis=1).astype(np.float32)
+_BT601_OR_UNTAGGED = {2, 5, 6}  # AVCOL_SPC_UNSPECIFIED, BT470BG, SMPTE170M: what swscale treats as BT.601
+_LIMITED_OR_UNTAGGED = {0, 1}   # AVCOL_RANGE_UNSPECIFIED, MPEG
+
+
+def _plane(plane, rows: int, cols: int) -> np.ndarray:
+    return np.frombuffer(plane, dtype=np.uint8).reshape(-1, plane.line_size)[:rows, :cols]
+
+
 def to_rgb(frame: "av.VideoFrame") -> np.ndarray:
-    """Decoded frame -> H×W×3 uint8 RGB with accurate rounding and interpolated chroma."""
-    return frame.to_ndarray(format="rgb24", interpolation=_TO_RGB)
+    """Decoded frame -> H×W×3 uint8 RGB.
+
+    8-bit 4:2:0 BT.601 limited range, what goca-prepare writes, is converted here: chroma upsampled bicubically
+    (centre-sited, as the writer subsamples), then one affine map. It is 2-3x faster than swscale's accurate
+    path, which made RGB conversion most of a training clip's CPU cost, and at least as close to the source
+    (benchmarks/notes/decoding.md). Any other format goes through swscale with accurate rounding and interpolated
+    chroma."""
+    if (frame.format.name != "yuv420p" or frame.colorspace not in _BT601_OR_UNTAGGED
+            or frame.color_range not in _LIMITED_OR_UNTAGGED):
+        return frame.to_ndarray(format="rgb24", interpolation=_TO_RGB)
+    h, w = frame.height, frame.width
+    y = _plane(frame.planes[0], h, w)
+    uv = cv2.merge([_plane(frame.planes[1], (h + 1) // 2, (w + 1) // 2),
+                    _plane(frame.planes[2], (h + 1) // 2, (w + 1) // 2)])
+    uv = cv2.resize(uv, (w, h), interpolation=cv2.INTER_CUBIC)
+    return cv2.transform(cv2.merge([y, uv]), _YUV2RGB)
 
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
