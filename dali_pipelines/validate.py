@@ -1,5 +1,7 @@
-"""Which indexed videos the DALI loader can read, checked once before training and cached; the rest are excluded
-with a reason (`dali_excluded.jsonl`).
+"""Which indexed videos the DALI evaluation loader can read, checked once before an evaluation and cached; the rest
+are excluded with a reason (`dali_excluded.jsonl`). (The training loader trusts the index instead: goca-prepare and
+goca-flow write its frame counts and sizes from the files, and a start-up cost per video does not scale to
+Kinetics; a broken file costs its training batch one sample at run time.)
 
 Measured with DALI 1.53's decoder (`frames=` per sample, CPU backend): zero-byte, junk, truncated and corrupt files
 raise a Python exception for the batch (no crash); B-frames, variable frame rate and odd sizes decode the right

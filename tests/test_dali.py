@@ -16,7 +16,7 @@ dali = pytest.importorskip("nvidia.dali", reason="DALI is part of the [dali] ext
 from dali_pipelines.eval import DaliEvalLoader  # noqa: E402
 from dali_pipelines.source import P_FLIP, TrainSampling, TrainSource, frame_plan, video_metas  # noqa: E402
 from dali_pipelines.validate import validate_for_dali  # noqa: E402
-from goca_fast.plan.loaders import dali_train_loader  # noqa: E402
+from goca_fast.plan.loaders import dali_train_loader, train_loader  # noqa: E402
 from goca_fast.plan.run import plan_run  # noqa: E402
 from goca_fast.plan.settings import train_augment  # noqa: E402
 from goca_fast.config import load_config  # noqa: E402
@@ -383,15 +383,26 @@ def test_bad_videos_are_excluded_with_a_report(broken_root):
     report = [json.loads(line) for line in (root / "dali_excluded.jsonl").read_text().splitlines()]
     assert {e["id"] for e in report} == set(bad_ids)
     assert [r.id for r in good] == [r.id for r in recs[5:]]
-    # training runs on what is left, never touching the excluded files
-    cfg = cfg_for(root, *INDEX_AUG, "data.batch_size=2")
-    factory, n = dali_loader(cfg)
-    got = list(factory(0, 0))
-    assert n == 3 and all(b.batch_size + b.skipped == 2 for b in got) and factory.failed_batches == 0
     # evaluation: every readable video once, the excluded ones counted as unreadable
     out = list(DaliEvalLoader(root, recs, TWO_CENTRE_CLIPS, True, batch_size=4))
     assert sorted(i for b in out for i in b.index.tolist()) == list(range(5, len(recs)))
     assert sum(b.skipped for b in out) == 5
+
+
+@pytest.mark.parametrize("loader", ["cpu", "dali"])
+def test_training_start_up_opens_no_video(index_root, tmp_path, loader):
+    """Before its first batch a training loader reads the index only: every video of this copy is missing, yet
+    both loaders are built (a per-video probe or stat would exclude them all and refuse to start); the first
+    batch then reports the missing files as skipped videos."""
+    root = tmp_path / "no_files"
+    root.mkdir()
+    for name in ("index.jsonl", "classes.txt"):
+        shutil.copy(os.path.join(index_root, name), root / name)
+    cfg = cfg_for(root, *INDEX_AUG, "data.batch_size=2", f"data.loader={loader}")
+    built = train_loader(plan_run(cfg, DistInfo()))
+    assert built.batches_per_epoch == len(read_index(root)[0]) // 2
+    first = next(iter(built.make(0, 0)))
+    assert first is None or first.batch_size == 0   # both videos of the batch missing: skipped, never invented
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "corrupt"])

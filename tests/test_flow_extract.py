@@ -203,3 +203,59 @@ def test_kill_mid_run_and_rerun_matches_uninterrupted(tmp_path):
         b = read_flow_frames(dss[0] / rel, list(range(16))).astype(int)
         assert np.abs(a - b).mean() <= 0.5
     assert (dss[1] / "index.jsonl").read_text() == (dss[0] / "index.jsonl").read_text()
+
+
+def test_shards_journal_their_videos_and_one_merge_writes_the_index(prepared, monkeypatch):
+    """Two shards leave the index alone; the merge writes it from their journals without opening a flow file;
+    a restart opens none either, and a flow file changed after its journal line is probed again (and redone)."""
+    import goca_fast.prepare.flow_files as flow_files
+    before = (prepared / "index.jsonl").read_text()
+    reps = [extract_flow(str(prepared), FlowSettings(params=SMALL), shard=(i, 2)) for i in (0, 1)]
+    assert [r["computed"] for r in reps] == [3, 2] and not any(r["merged"] for r in reps)
+    assert (prepared / "index.jsonl").read_text() == before          # no shard wrote the index
+    journals = sorted(p.name for p in (prepared / "flow_journal").glob("*.jsonl"))
+    assert journals == ["shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    probed = []
+    real_probe = flow_files.probe_video
+    monkeypatch.setattr(flow_files, "probe_video", lambda p, **kw: probed.append(p) or real_probe(p, **kw))
+    rep = main(["--root", str(prepared), "--merge"])
+    assert rep == 0 and probed == []
+    records, _ = read_index(prepared)
+    assert len(records) == 5 and all(r.flow == flow_rel_path(r) for r in records)
+    rep = extract_flow(str(prepared), FlowSettings(params=SMALL))
+    assert (rep["computed"], rep["already_done"], rep["with_flow"]) == (0, 5, 5) and probed == []
+    stale = prepared / flow_rel_path(records[3])                     # replaced after its journal line
+    write_flow_video(stale, np.full((3, records[3].height, records[3].width, 2), 128, np.uint8), fps=25)
+    rep = extract_flow(str(prepared), FlowSettings(params=SMALL))
+    assert (rep["computed"], rep["already_done"]) == (1, 4) and probed == [str(stale)]
+    assert probe_video(stale).frames == records[3].frames
+
+
+def test_a_torn_journal_line_is_skipped_and_the_file_probed(prepared):
+    extract_flow(str(prepared), FlowSettings(params=SMALL))
+    journal = next((prepared / "flow_journal").glob("*.jsonl"))
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:7])   # killed while writing the last line
+    rep = extract_flow(str(prepared), FlowSettings(params=SMALL))
+    assert (rep["computed"], rep["already_done"], rep["with_flow"]) == (0, 5, 5)
+
+
+@pytest.mark.slow
+def test_slurm_array_script_runs_the_shards_and_the_merge(prepared):
+    """scripts/slurm_flow.sh as SLURM would start it: array tasks 0 and 1 of 2, then the merge job."""
+    script = os.path.join(ROOT, "scripts", "slurm_flow.sh")
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable, SLURM_ARRAY_TASK_COUNT="2",
+               SLURM_CPUS_PER_TASK="1")
+    before = (prepared / "index.jsonl").read_text()
+    for task in ("0", "1"):
+        r = subprocess.run(["bash", script, str(prepared), *SMALL_ARGS], env=dict(env, SLURM_ARRAY_TASK_ID=task),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert f"shard {task}/2" in r.stdout and "--merge" in r.stdout
+    assert (prepared / "index.jsonl").read_text() == before
+    r = subprocess.run(["bash", script, str(prepared), "--merge"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "5 of 5 videos have flow" in r.stdout, r.stdout + r.stderr
+    assert all(rec.flow == flow_rel_path(rec) for rec in read_index(prepared)[0])
+    bad = subprocess.run(["bash", script, str(prepared)], env=dict(env, SLURM_ARRAY_TASK_ID="2"),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a shard of 2" in bad.stderr

@@ -556,3 +556,37 @@ def test_peak_memory_does_not_grow_with_video_length(tmp_path):
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert (m["status"], m["frames"]) == ("encoded", 3000)
     assert m["peak"] - m["base"] <= 300, m
+
+
+def test_goca_prepare_on_a_kinetics_style_tree(tmp_path, capsys):
+    """End to end on a tiny Kinetics-700-style download: CSV annotations (youtube_id, time_start, time_end, split),
+    clips named <id>_<start>_<end> in class folders (train) and flat (val); a listed clip that was never downloaded
+    and an unlabelled test row are listed in excluded.jsonl, not fatal."""
+    from goca_fast.cli.prepare import main
+    src = tmp_path / "k700"
+    (src / "annotations").mkdir(parents=True)
+    (src / "annotations" / "train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        "abseiling,aaaaaaaaaaa,0,10,train\nabseiling,bbbbbbbbbbb,12,22,train\n"
+        "\"playing cards\",ccccccccccc,3,13,train\nplaying cards,never_there,0,10,train\n")
+    (src / "annotations" / "validate.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\nabseiling,ddddddddddd,30,40,validate\n")
+    (src / "annotations" / "test.csv").write_text("youtube_id,time_start,time_end,split\neeeeeeeeeee,0,10,test\n")
+    clips = {"train/abseiling/aaaaaaaaaaa_000000_000010.mp4": 0, "train/abseiling/bbbbbbbbbbb_000012_000022.mp4": 1,
+             "train/playing_cards/ccccccccccc_000003_000013.mp4": 2, "val/ddddddddddd_000030_000040.mp4": 3,
+             "test/eeeeeeeeeee_000000_000010.mp4": 4}
+    for rel, seed in clips.items():
+        write_source(str(src / rel), moving_frames(n=12, seed=seed), "mpeg4")
+    out = tmp_path / "out"
+    assert main(["--dataset", "kinetics700", "--src", str(src), "--out", str(out), "--short-side", "32",
+                 "--min-frames", "8", "--workers", "1", "--no-progress"]) == 0
+    records, classes = read_index(out)
+    assert classes == ["abseiling", "playing cards"]
+    assert sorted((r.id, r.cls, tuple(r.splits)) for r in records) == [
+        ("aaaaaaaaaaa_000000_000010", "abseiling", ("train",)), ("bbbbbbbbbbb_000012_000022", "abseiling", ("train",)),
+        ("ccccccccccc_000003_000013", "playing cards", ("train",)),
+        ("ddddddddddd_000030_000040", "abseiling", ("val",))]
+    assert all(probe_video(out / r.rgb).frames == r.frames == 12 for r in records)
+    excluded = {e["id"]: e["reason"] for e in map(json.loads, (out / "excluded.jsonl").read_text().splitlines())}
+    assert excluded == {"never_there_000000_000010": "not found: listed in train.csv",
+                        "eeeeeeeeeee_000000_000010": "no label: test.csv"}

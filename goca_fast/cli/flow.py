@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 from goca_fast.cli.help import HelpFormatter
 from goca_fast.data.index import DatasetIndexError
 from goca_fast.prepare.flow import FlowSettings, extract_flow
+from goca_fast.prepare.flow_files import merge_shards
 from goca_fast.prepare.flow_jpeg import import_jpeg_flow
 from goca_fast.runtime.device import resolve_device
 from goca_fast.video.flow_codec import FLOW_CRF
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goca-flow", description=__doc__.split("\n")[0],
                                 formatter_class=HelpFormatter,
                                 epilog="exit status: 0 when at least one video has flow, 1 when none has, "
-                                       "2 for usage errors")
+                                       "2 for usage errors (a shard i/n: 0 when one of its videos has flow)")
     p.add_argument("--root", required=True, help="prepared dataset root (made by goca-prepare)")
     p.add_argument("--backend", choices=["opencv", "torch"], default="opencv",
                    help="opencv: DualTVL1 on CPU cores; torch: batched TV-L1 (a GPU when there is one)")
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="torch backend: cuda, cuda:1, cpu or auto")
     p.add_argument("--batch", type=int, default=32, help="torch backend: frame pairs solved at once")
     p.add_argument("--compile", action="store_true", help="torch backend: fuse the solver with torch.compile")
-    p.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th video from the i-th")
+    p.add_argument("--shard", default="0/1",
+                   help="i/n: this process takes every n-th video from the i-th; with n > 1 the index is written "
+                        "by one --merge after the last shard")
+    p.add_argument("--merge", action="store_true",
+                   help="write index.jsonl from every shard's journal (after a sharded run); computes nothing")
     p.add_argument("--gop", type=int, default=16, help="keyframe interval of the flow videos (frames)")
     p.add_argument("--crf", type=float, default=FLOW_CRF, help="flow video quality (0 = lossless)")
     p.add_argument("--limit", type=int, default=None, help="only this many videos (a trial run)")
@@ -69,7 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         params.check()
         if not os.path.isdir(a.root):
             raise ValueError(f"dataset root {a.root} does not exist")
-        if a.import_jpeg is not None:
+        if a.merge:
+            report = merge_shards(os.path.abspath(a.root), workers=a.workers)
+        elif a.import_jpeg is not None:
             if not os.path.isdir(a.import_jpeg):
                 raise ValueError(f"JPEG flow directory {a.import_jpeg} does not exist")
             report = import_jpeg_flow(a.root, a.import_jpeg, workers=a.workers, tolerance=a.frame_tolerance,
@@ -84,14 +91,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   progress=not a.no_progress)
     except (ValueError, DatasetIndexError) as e:
         parser.error(str(e))
-    print(f"goca-flow: {report['with_flow']} of {report['videos']} videos have flow "
-          f"({report['computed']} computed now, {report['already_done']} already done, {report['failed']} failed); "
-          f"excluded {report['excluded_by_reason']}")
+    if "computed" in report:
+        print(f"goca-flow: shard {a.shard}: {report['computed']} computed now, {report['already_done']} already done, "
+              f"{report['failed']} failed" + (f" (start-up {report['startup_seconds']} s)" if "startup_seconds" in report
+                                            else ""))
     if report.get("pairs_per_second"):
         print(f"goca-flow: {report['pairs']} frame pairs at {report['pairs_per_second']} pairs/s ({report['device']})")
+    if not report["merged"]:
+        print(f"goca-flow: index not written (shard {a.shard}); once every shard has finished, run "
+              f"goca-flow --root {a.root} --merge")
+        return 0 if report["computed"] + report["already_done"] > 0 else 1
+    print(f"goca-flow: {report['with_flow']} of {report['videos']} videos have flow; "
+          f"excluded {report['excluded_by_reason']}")
     if report["with_flow"] == 0:
-        what = "imported" if a.import_jpeg is not None else "computed"
-        print(f"goca-flow: nothing usable: no video has flow ({report['failed']} failed, none {what}); "
+        what = "merged" if a.merge else "imported" if a.import_jpeg is not None else "computed"
+        print(f"goca-flow: nothing usable: no video has flow ({report.get('failed', 0)} failed, none {what}); "
               f"see excluded.jsonl", file=sys.stderr)
         return 1
     return 0

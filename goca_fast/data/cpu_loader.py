@@ -9,6 +9,7 @@ process) and counted in `ClipBatch.skipped`.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from goca_fast.data.augment import ClipAugment, eval_crops
 from goca_fast.data.batch import ClipBatch
-from goca_fast.data.index import VideoRecord
+from goca_fast.data.index import RecordTable, VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
 from goca_fast.data.views import ViewSpec
 from goca_fast.video.io import VideoReadError, read_frames, set_decoder_threads
@@ -94,7 +95,7 @@ class TrainClipDataset(_SkipMixin, Dataset):
                  stride: int, min_distance: int, augment: ClipAugment, with_flow: bool, seed: int,
                  min_frames: Optional[int] = None):
         self.root = os.fspath(root)
-        self.records = list(records)
+        self.records = RecordTable(records)
         self.clip_lengths = [int(L) for L in clip_lengths]
         if not self.clip_lengths:
             raise ValueError("clip_lengths is empty")
@@ -222,6 +223,15 @@ def batches_per_rank(num_videos: int, world_size: int, batch_size: int) -> int:
     return num_videos // world_size // batch_size
 
 
+def _freeze_before_fork(num_workers: int) -> None:
+    """Move the objects alive now (the index's records above all) out of the garbage collector's reach before the
+    loader forks its workers: a collection in a worker would otherwise write to every one of them and so copy the
+    parent's memory page by page (the datasets hold their own records in a RecordTable, which workers only read)."""
+    if num_workers > 0:
+        gc.collect()
+        gc.freeze()
+
+
 def _worker_init(_: int) -> None:
     # Workers already parallelise across items; intra-op torch threads and per-video decoder
     # threads would oversubscribe the cores (measured equal speed on 2 cores, and it bounds the
@@ -248,6 +258,7 @@ def make_train_loader(dataset: TrainClipDataset, batch_size: int, num_workers: i
     sampler = EpochSampler(len(dataset), rank, world_size, seed, shuffle=shuffle, drop_last=True)
     sampler.set_epoch(epoch)
     sampler.set_start(start_batch, batch_size)
+    _freeze_before_fork(num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_clips, drop_last=True, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_worker_init if num_workers > 0 else None,
@@ -285,7 +296,7 @@ class EvalClipDataset(_SkipMixin, Dataset):
     def __init__(self, root: str | os.PathLike, records: Sequence[VideoRecord], views: ViewSpec, with_flow: bool):
         if views.crops not in (1, 3):
             raise ValueError(f"crops must be 1 (centre) or 3 (left/centre/right), got {views.crops}")
-        self.root, self.records = os.fspath(root), list(records)
+        self.root, self.records = os.fspath(root), RecordTable(records)
         self.views, self.with_flow = views, bool(with_flow)
         self.positions = (1,) if views.crops == 1 else (0, 1, 2)
         self._init_skip()
@@ -345,6 +356,7 @@ class ShardSampler(Sampler[int]):
 
 def make_eval_loader(dataset: EvalClipDataset, batch_size: int, num_workers: int, rank: int = 0,
                      world_size: int = 1) -> DataLoader:
+    _freeze_before_fork(num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
                       num_workers=num_workers, collate_fn=collate_eval, drop_last=False,
                       pin_memory=torch.cuda.is_available(),

@@ -1,11 +1,11 @@
-"""Source datasets as distributed: UCF101, HMDB51, Kinetics-400 and plain class-folder trees.
+"""Source datasets as distributed: UCF101, HMDB51, Kinetics-400/600/700 and plain class-folder trees.
 
 Each scanner turns a raw tree plus its official split files into `SourceVideo`s (absolute path,
 class, split membership) and a list of problems (names a split file lists that do not exist,
 inconsistent labels, ...). Parsing is pure (text -> entries) and separate from the file system
 walk, so the split-file formats are tested on strings.
 
-Split names in the index: UCF101/HMDB51 "train1", "test1", ..., "train3", "test3"; Kinetics-400
+Split names in the index: UCF101/HMDB51 "train1", "test1", ..., "train3", "test3"; Kinetics
 "train", "val", "test"; class-folder trees "all", or the split folder names (train/val/test).
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ def parse_k400_csv(text: str, default_split: Optional[str] = None) -> list[tuple
 
 
 def scan_kinetics(root: str, annotation_dir: Optional[str] = None) -> SourceDataset:
-    """Kinetics-400: annotation CSVs (train/val(validate)/test.csv) + clips anywhere under root.
+    """Kinetics-400/600/700: annotation CSVs (train/val(validate)/test.csv) + clips anywhere under root.
 
     Clips are found by file name, so both the flat tarball layout and class folders (made by
     scripts/download_k400.sh) work. Classes are the sorted labels of all labelled rows.
@@ -293,11 +293,13 @@ def _scan_split_folders(root: str) -> SourceDataset:
     return SourceDataset(videos, sorted(classes), problems)
 
 
-SCANNERS = {"ucf101": scan_ucf101, "hmdb51": scan_hmdb51, "kinetics400": scan_kinetics, "folders": scan_folders}
+# Kinetics-600 and -700 ship the same CSV columns as Kinetics-400 (classes come from the CSVs)
+SCANNERS = {"ucf101": scan_ucf101, "hmdb51": scan_hmdb51, "kinetics400": scan_kinetics, "kinetics600": scan_kinetics,
+            "kinetics700": scan_kinetics, "folders": scan_folders}
 
 
 def scan_dataset(kind: str, root: str, split_dir: Optional[str] = None) -> SourceDataset:
-    """Dispatch to the scanner for `kind` (ucf101 | hmdb51 | kinetics400 | folders)."""
+    """Dispatch to the scanner for `kind` (ucf101 | hmdb51 | kinetics400/600/700 | folders)."""
     if not os.path.isdir(root):
         raise SplitFileError(f"source directory {root} does not exist")
     if split_dir is not None and not os.path.isdir(split_dir):

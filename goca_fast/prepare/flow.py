@@ -7,17 +7,17 @@ clipped to ±20 px, quantised exactly like MemDPC/CoCLR/GOCA and written by `cod
 with the RGB frame count (the last flow repeated) at <root>/flow/<class>/<id>.mp4.
 
 Resumable and atomic per video: a finished flow video exists only under its final name and is
-skipped when its frame count and size match the RGB video. Failures are listed, never fatal. The
-run ends by rewriting index.jsonl from prepare's master index: videos with a valid flow video
-get its path; the rest go to excluded.jsonl with the reason.
+skipped when its frame count and size match the RGB video (known from the shard journals without
+opening the file, goca_fast.prepare.flow_files). Failures are listed, never fatal. A single run
+(shard 0/1) ends by rewriting index.jsonl from prepare's master index: videos with a valid flow
+video get its path; the rest go to excluded.jsonl with the reason. Shards i/n (a SLURM array)
+leave that to one `goca-flow --merge` after the last shard.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Iterator, Optional
@@ -27,10 +27,11 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
+from goca_fast.runtime.atomic import remove_stale_temps
 from goca_fast.video.io import VideoReadError, read_all_frames, set_decoder_threads
 from goca_fast.video.flow_codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
-from goca_fast.prepare.flow_files import REPORT_FILE, FlowJob, finalise_index, flow_rel_path, load_master, pending_jobs
+from goca_fast.prepare.flow_files import (FlowJob, FlowJournal, finish_shard, load_master, pending_jobs,
+                                          read_journals)
 from goca_fast.runtime.parallel import process_pool
 from goca_fast.video.tvl1 import TVL1Params, opencv_tvl1, tvl1_flow
 
@@ -172,36 +173,43 @@ class FlowSettings:
 
 def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers: int = 1,
                  shard: tuple[int, int] = (0, 1), limit: Optional[int] = None, progress: bool = False) -> dict:
-    """Compute missing flow videos under `root`, rewrite the index, return the report."""
+    """Compute the missing flow videos of this shard under `root` and return the report. One shard (0/1) ends by
+    rewriting the index; shard i/n of n > 1 leaves that to one `merge_shards` once every shard has finished."""
     backend, device, params, gop, crf = settings.backend, settings.device, settings.params, settings.gop, settings.crf
     params.check()
+    if backend not in ("opencv", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; use opencv or torch")
     root = os.path.abspath(root)
+    t_start = time.time()
     records, classes, excluded = load_master(root)
     remove_stale_temps(os.path.join(root, "flow"))
-    jobs, done_before = pending_jobs(root, records, shard, gop, crf)
-    if limit is not None:
-        jobs = jobs[:limit]
-    t0 = time.time()
-    if backend == "opencv":
-        it = _run_opencv(jobs, params, workers)
-    elif backend == "torch":
-        it = _run_torch(jobs, params, device, settings.batch, settings.compile, io_threads=max(1, workers))
-    else:
-        raise ValueError(f"unknown backend {backend!r}; use opencv or torch")
-    results = list(_progress(it, len(jobs), progress, f"flow ({backend})"))
+    journals = read_journals(root)
+    with FlowJournal(root, shard) as journal:
+        jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified)
+        if limit is not None:
+            jobs = jobs[:limit]
+        startup = time.time() - t_start
+        t0 = time.time()
+        if backend == "opencv":
+            it = _run_opencv(jobs, params, workers)
+        else:
+            it = _run_torch(jobs, params, device, settings.batch, settings.compile, io_threads=max(1, workers))
+        by_id = {j.rec.id: j.rec for j in jobs}
+        results = []
+        for r in _progress(it, len(jobs), progress, f"flow ({backend})"):
+            if r["status"] == "done":
+                journal.done(by_id[r["id"]])
+            else:
+                journal.failed(by_id[r["id"]], r["reason"])
+            results.append(r)
     wall = time.time() - t0
     failures = {r["id"]: r["reason"] for r in results if r["status"] == "failed"}
-    keep, excl = finalise_index(root, records, classes, excluded, failures)
     done = [r for r in results if r["status"] == "done"]
     pairs = sum(r["pairs"] for r in done)
     report = {"backend": backend, "device": device if backend == "torch" else f"cpu x{workers}",
-              "videos": len(records), "computed": len(done), "already_done": done_before,
-              "failed": len(failures), "with_flow": len(keep),
-              "excluded_by_reason": dict(Counter(str(e["reason"]).split(":")[0] for e in excl)),
+              "videos": len(records), "shard_videos": len(jobs) + done_before, "computed": len(done),
+              "already_done": done_before, "failed": len(failures), "startup_seconds": round(startup, 2),
               "pairs": pairs, "wall_seconds": round(wall, 2),
               "pairs_per_second": round(pairs / wall, 2) if wall > 0 and pairs else None,
-              "flow_bytes_per_video": int(np.mean([os.path.getsize(os.path.join(root, flow_rel_path(r)))
-                                                   for r in keep])) if keep else None,
               "shard": list(shard), "params": params.__dict__}
-    write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
-    return report
+    return finish_shard(root, (records, classes, excluded), shard, report, failures)

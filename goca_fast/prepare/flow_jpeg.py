@@ -14,21 +14,21 @@ from the RGB frame count − 1 are excluded (the official loader tolerates 5).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Iterator
 
 import numpy as np
 import cv2
 
-from goca_fast.runtime.atomic import remove_stale_temps, write_atomic
+from goca_fast.runtime.atomic import remove_stale_temps
 from goca_fast.prepare.sources import SPLIT_DIR_NAMES
 from goca_fast.data.index import VideoRecord
 from goca_fast.video.flow_codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
-from goca_fast.prepare.flow_files import REPORT_FILE, finalise_index, flow_rel_path, load_master, pending_jobs
+from goca_fast.prepare.flow_files import (FlowJournal, finish_shard, flow_rel_path, load_master, pending_jobs,
+                                          read_journals)
 from goca_fast.runtime.parallel import run_parallel
 
 _NUM = re.compile(r"(\d+)\D*$")
@@ -128,11 +128,21 @@ def import_one(root: str, rec: VideoRecord, folder: str, out_rel: str, tolerance
 
 def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int = 5, gop: int = 16,
                      crf: float = FLOW_CRF, shard: tuple[int, int] = (0, 1), progress: bool = False) -> dict:
-    """Import every missing flow video of the prepared dataset `root` from JPEG folders; rewrite the index."""
+    """Import every missing flow video of this shard of the prepared dataset `root` from JPEG folders; one shard
+    (0/1) rewrites the index, shards of n > 1 leave it to `goca-flow --merge` (as `extract_flow`)."""
     root = os.path.abspath(root)
     records, classes, excluded = load_master(root)
     remove_stale_temps(os.path.join(root, "flow"))
-    jobs, done_before = pending_jobs(root, records, shard, gop, crf)
+    journals = read_journals(root)
+    with FlowJournal(root, shard) as journal:
+        jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified)
+        report = _import(root, jpeg_root, jobs, workers, tolerance, gop, crf, progress, journal)
+    report.update({"videos": len(records), "already_done": done_before, "shard": list(shard)})
+    return finish_shard(root, (records, classes, excluded), shard, report, report.pop("failures"))
+
+
+def _import(root: str, jpeg_root: str, jobs: list, workers: int, tolerance: int, gop: int, crf: float,
+            progress: bool, journal: FlowJournal) -> dict:
     folders = index_jpeg_folders(jpeg_root)
     failures: dict[str, str] = {}
     work = []
@@ -148,17 +158,21 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
             continue
         work.append((root, j.rec, cands[0], flow_rel_path(j.rec), tolerance, gop, crf))
     t0 = time.time()
-    results = list(_run(work, workers, progress))
-    failures.update({r["id"]: r["reason"] for r in results if r["status"] == "failed"})
-    keep, excl = finalise_index(root, records, classes, excluded, failures)
+    by_id = {j.rec.id: j.rec for j in jobs}
+    for vid, reason in failures.items():
+        journal.failed(by_id[vid], reason)
+    results = []
+    for r in _run(work, workers, progress):
+        if r["status"] == "done":
+            journal.done(by_id[r["id"]])
+        else:
+            journal.failed(by_id[r["id"]], r["reason"])
+            failures[r["id"]] = r["reason"]
+        results.append(r)
     done = [r for r in results if r["status"] == "done"]
-    report = {"backend": "jpeg-import", "device": f"cpu x{workers}", "videos": len(records), "computed": len(done),
-              "already_done": done_before, "failed": len(failures), "with_flow": len(keep),
-              "excluded_by_reason": dict(Counter(str(e["reason"]).split(":")[0] for e in excl)),
-              "pairs": sum(r["pairs"] for r in done), "wall_seconds": round(time.time() - t0, 2),
-              "pairs_per_second": None, "jpeg_root": os.path.abspath(jpeg_root)}
-    write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
-    return report
+    return {"backend": "jpeg-import", "device": f"cpu x{workers}", "computed": len(done), "failed": len(failures),
+            "failures": failures, "pairs": sum(r["pairs"] for r in done), "wall_seconds": round(time.time() - t0, 2),
+            "pairs_per_second": None, "jpeg_root": os.path.abspath(jpeg_root)}
 
 
 def _run(work: list[tuple], workers: int, progress: bool) -> Iterator[dict]:

@@ -324,6 +324,7 @@ class Trainer:
         data_time = step_time = 0.0
         clips_done = 0
         self.model.train()
+        t_start = time.perf_counter()
         loader = iter(self.make_loader(s.epoch, s.iteration))
         t_end = time.perf_counter()
         while s.iteration < n:
@@ -333,6 +334,11 @@ class Trainer:
             except StopIteration:
                 break
             t_data = time.perf_counter()
+            if t_start is not None:
+                if self.info.is_main:
+                    log.info("first batch of epoch %d ready %.1f s after its loader was started", s.epoch + 1,
+                             t_data - t_start)
+                t_start = None
             if batch is None:  # every video of this batch was unreadable (each reported by the loader)
                 s.skipped_videos += lp.batch_size
                 s.iteration += 1
