@@ -25,7 +25,8 @@ FLOW_MEAN = (FLOW_STD, FLOW_STD)  # the u8 of 0 px
 def decode(encoded, frames, gpu: bool):
     """Encoded file + per-sample frame indices -> F×H×W×3 uint8, those frames in that order (FFmpeg on the CPU
     backend, NVDEC on "mixed"). A frame index past the end would come back as a black frame, not an error
-    (measured with 1.53), which is why `dali_pipelines.validate` checks each file's frame count against the index."""
+    (measured with 1.53), which is why the index's frame counts must be the files' (goca-prepare and goca-flow write
+    them from the files; `dali_pipelines.validate` checks them before an evaluation)."""
     frames = fn.experimental.decoders.video(encoded, frames=frames, device="mixed" if gpu else "cpu")
     return fn.reshape(frames, layout="FHWC")  # the decoder (1.53 too) leaves the layout empty; later ops need it
 
