@@ -216,6 +216,57 @@ def dali_decode_only(spec):
     return graph_only(pipe())
 
 
+def dali_seek_batches(spec):
+    """Endless ClipBatches of DALI's training graph (CPU backend) fed frames already decoded by the project's
+    seeking PyAV reader (`goca_fast.video.io`) through a parallel external source (`data.workers` worker processes,
+    as the CPU loader's DataLoader workers): the "DALI external_source fed by a seeking decoder" candidate. The
+    augmentation graph, the draws and the copy into torch are the DALI loader's; only the decoder differs."""
+    from nvidia.dali import fn, pipeline_def, types
+    from dali_pipelines import graph
+    from dali_pipelines.source import TrainSource
+    from dali_pipelines.train import outputs_to_batch
+    from goca_fast.video.flow_codec import read_flow_frames
+    from goca_fast.video.io import read_frames, set_decoder_threads
+    sp = spec.sampling
+    if not sp.with_flow or spec.official_flow:
+        raise ValueError("dali_seek is built for the two-stream recipe with shared flow augmentation")
+
+    class SeekingSource(TrainSource):
+        def __call__(self, info):
+            out = list(super().__call__(info))     # rgb file, flow file, frames, meta, per clip ...
+            meta = self.metas[int(out[3][1])]
+            set_decoder_threads(1)
+            out[0] = read_frames(meta.rgb, out[2])
+            out[1] = read_flow_frames(meta.flow, out[2])
+            return tuple(out)
+
+    src = SeekingSource(sp, start_epoch=0, start_batch=0)
+    n = len(sp.clip_lengths)
+    dtypes = [types.UINT8, types.UINT8, types.INT32, types.INT64] + [types.INT32, types.FLOAT] * 2 * n
+    layouts = ["FHWC", "FHWC"] + [""] * (len(dtypes) - 2)
+
+    @pipeline_def(batch_size=sp.batch_size, num_threads=max(1, spec.threads), device_id=None, seed=sp.seed,
+                  prefetch_queue_depth=2, py_num_workers=max(1, spec.threads), py_start_method="fork")
+    def pipe():
+        outs = list(fn.external_source(source=src, num_outputs=len(dtypes), batch=False, dtype=dtypes,
+                                       layout=layouts, parallel=True))
+        rgb_frames, flow_uv, _frames, meta = outs[:4]
+        rest, rgb, flow = outs[4:], [], []
+        for _ in range(n):
+            order, params, f_order, f_params = rest[:4]
+            rest = rest[4:]
+            rgb.append(graph.train_rgb_clip(graph.take_frames(rgb_frames, order), params, sp.augment.crop,
+                                            spec.blur_window, types.FLOAT))
+            flow.append(graph.train_flow_clip(graph.take_frames(flow_uv, f_order), f_params, sp.augment.crop,
+                                              types.FLOAT))
+        return (meta, *rgb, *flow)
+
+    p = pipe()
+    p.build()
+    while True:
+        yield outputs_to_batch(p.run(), n, True, torch.device("cpu"), None)
+
+
 def graph_only(pipe):
     """Endless raw outputs of a built-on-demand DALI pipeline (nothing copied into torch)."""
     pipe.build()
@@ -239,6 +290,10 @@ def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress
                       progress=progress)
         factory.close()
         return res
+    if kind == "dali_seek":
+        factory = dali_train_loader(plan_run(cfg, DistInfo())).make
+        return measure(kind, dali_seek_batches(factory.spec), n_batches, warmup, clips, bs, False, rss_every=every,
+                       progress=progress)
     if kind in ("dali_graph", "dali_decode"):
         factory = dali_train_loader(plan_run(cfg, DistInfo())).make
         batches = graph_only(factory.spec.pipeline(0, 0)) if kind == "dali_graph" else dali_decode_only(factory.spec)
@@ -271,7 +326,7 @@ def main(argv=None) -> int:
     from goca_fast.config import load_config
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loaders", default="dali_gpu,dali_cpu,cpu,official",
-                    help="comma list of dali_gpu, dali_cpu, dali_graph, dali_decode, cpu, official (dali_gpu is "
+                    help="comma list of dali_gpu, dali_cpu, dali_seek, dali_graph, dali_decode, cpu, official (dali_gpu is "
                          "skipped without CUDA)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every loader, interleaved")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
