@@ -135,16 +135,23 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child_processes() -> int:
-    """Live child processes of this one (DataLoader workers; DALI 1.34's producer processes were counted here)."""
-    me, n = str(os.getpid()), 0
+def _live_children() -> dict[str, float]:
+    """Live child processes of this one -> their CPU seconds so far (user + system)."""
+    me, out, tick = str(os.getpid()), {}, os.sysconf("SC_CLK_TCK")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                n += f.read().rsplit(")", 1)[1].split()[1] == me
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-    return n
+        if fields[1] == me:
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def child_processes() -> int:
+    """Live child processes of this one (DataLoader workers, DALI's parallel external source workers)."""
+    return len(_live_children())
 
 
 def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_video: int, batch_size: int,
@@ -156,7 +163,7 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
         next(it)
     if on_cuda:
         torch.cuda.synchronize()
-    t0, c0 = time.perf_counter(), os.times()
+    t0, c0, live0 = time.perf_counter(), os.times(), _live_children()
     rss, gpu_free = [], []
     for b in range(n_batches):
         batch = next(it)
@@ -170,11 +177,13 @@ def measure(name: str, batches_iter, n_batches: int, warmup: int, clips_per_vide
                   flush=True)
         del batch
     wall = time.perf_counter() - t0
-    children = child_processes()
+    live1 = _live_children()
+    children = len(live1)
     del it
     c1 = os.times()
+    # reaped children through os.times; children still alive (persistent workers) from /proc
     cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
-        (c1.children_system - c0.children_system)
+        (c1.children_system - c0.children_system) + sum(t - live0.get(pid, 0.0) for pid, t in live1.items())
     clips = n_batches * batch_size * clips_per_video
     return {"loader": name, "clips_per_s": clips / wall, "clips_per_cpu_s": clips / cpu,
             "videos_per_s": n_batches * batch_size / wall,
@@ -216,55 +225,21 @@ def dali_decode_only(spec):
     return graph_only(pipe())
 
 
-def dali_seek_batches(spec):
-    """Endless ClipBatches of DALI's training graph (CPU backend) fed frames already decoded by the project's
-    seeking PyAV reader (`goca_fast.video.io`) through a parallel external source (`data.workers` worker processes,
-    as the CPU loader's DataLoader workers): the "DALI external_source fed by a seeking decoder" candidate. The
-    augmentation graph, the draws and the copy into torch are the DALI loader's; only the decoder differs."""
-    from nvidia.dali import fn, pipeline_def, types
-    from dali_pipelines import graph
+def dali_native_batches(spec):
+    """Endless ClipBatches of the DALI CPU training pipeline as it was before the loader fed it the seeking reader:
+    the same graph, draws and copy into torch, the files decoded by DALI's own CPU decoder (which decodes each file
+    from its first frame)."""
+    from nvidia.dali import types
     from dali_pipelines.source import TrainSource
-    from dali_pipelines.train import outputs_to_batch
-    from goca_fast.video.flow_codec import read_flow_frames
-    from goca_fast.video.io import read_frames, set_decoder_threads
+    from dali_pipelines.train import outputs_to_batch, train_pipeline
     sp = spec.sampling
-    if not sp.with_flow or spec.official_flow:
-        raise ValueError("dali_seek is built for the two-stream recipe with shared flow augmentation")
-
-    class SeekingSource(TrainSource):
-        def __call__(self, info):
-            out = list(super().__call__(info))     # rgb file, flow file, frames, meta, per clip ...
-            meta = self.metas[int(out[3][1])]
-            set_decoder_threads(1)
-            out[0] = read_frames(meta.rgb, out[2])
-            out[1] = read_flow_frames(meta.flow, out[2])
-            return tuple(out)
-
-    src = SeekingSource(sp, start_epoch=0, start_batch=0)
-    n = len(sp.clip_lengths)
-    dtypes = [types.UINT8, types.UINT8, types.INT32, types.INT64] + [types.INT32, types.FLOAT] * 2 * n
-    layouts = ["FHWC", "FHWC"] + [""] * (len(dtypes) - 2)
-
-    @pipeline_def(batch_size=sp.batch_size, num_threads=max(1, spec.threads), device_id=None, seed=sp.seed,
-                  prefetch_queue_depth=2, py_num_workers=max(1, spec.threads), py_start_method="fork")
-    def pipe():
-        outs = list(fn.external_source(source=src, num_outputs=len(dtypes), batch=False, dtype=dtypes,
-                                       layout=layouts, parallel=True))
-        rgb_frames, flow_uv, _frames, meta = outs[:4]
-        rest, rgb, flow = outs[4:], [], []
-        for _ in range(n):
-            order, params, f_order, f_params = rest[:4]
-            rest = rest[4:]
-            rgb.append(graph.train_rgb_clip(graph.take_frames(rgb_frames, order), params, sp.augment.crop,
-                                            spec.blur_window, types.FLOAT))
-            flow.append(graph.train_flow_clip(graph.take_frames(flow_uv, f_order), f_params, sp.augment.crop,
-                                              types.FLOAT))
-        return (meta, *rgb, *flow)
-
-    p = pipe()
-    p.build()
+    pipe = train_pipeline(TrainSource(sp, start_epoch=0, start_batch=0), len(sp.clip_lengths), sp.with_flow,
+                          sp.augment.crop, spec.official_flow, spec.blur_window, types.FLOAT, False,
+                          batch_size=sp.batch_size, num_threads=max(1, spec.threads), device_id=None, seed=sp.seed,
+                          prefetch_queue_depth=2)
+    pipe.build()
     while True:
-        yield outputs_to_batch(p.run(), n, True, torch.device("cpu"), None)
+        yield outputs_to_batch(pipe.run(), len(sp.clip_lengths), sp.with_flow, torch.device("cpu"), None)
 
 
 def graph_only(pipe):
@@ -290,10 +265,10 @@ def run_loader(kind: str, cfg, root: Path, n_batches: int, warmup: int, progress
                       progress=progress)
         factory.close()
         return res
-    if kind == "dali_seek":
+    if kind == "dali_cpu_native":
         factory = dali_train_loader(plan_run(cfg, DistInfo())).make
-        return measure(kind, dali_seek_batches(factory.spec), n_batches, warmup, clips, bs, False, rss_every=every,
-                       progress=progress)
+        return measure(kind, dali_native_batches(factory.spec), n_batches, warmup, clips, bs, False,
+                       rss_every=every, progress=progress)
     if kind in ("dali_graph", "dali_decode"):
         factory = dali_train_loader(plan_run(cfg, DistInfo())).make
         batches = graph_only(factory.spec.pipeline(0, 0)) if kind == "dali_graph" else dali_decode_only(factory.spec)
@@ -326,7 +301,7 @@ def main(argv=None) -> int:
     from goca_fast.config import load_config
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loaders", default="dali_gpu,dali_cpu,cpu,official",
-                    help="comma list of dali_gpu, dali_cpu, dali_seek, dali_graph, dali_decode, cpu, official (dali_gpu is "
+                    help="comma list of dali_gpu, dali_cpu, dali_cpu_native, dali_graph, dali_decode, cpu, official (dali_gpu is "
                          "skipped without CUDA)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of every loader, interleaved")
     ap.add_argument("--workers", type=int, default=os.cpu_count())

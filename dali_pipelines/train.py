@@ -19,7 +19,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines import graph
-from dali_pipelines.source import TrainSampling, TrainSource
+from dali_pipelines.source import SeekingTrainSource, TrainSampling, TrainSource
 from goca_fast.data.batch import ClipBatch
 from goca_fast.data.cpu_loader import EpochSampler, TrainClipDataset, collate_clips
 
@@ -36,11 +36,24 @@ def source_dtypes(num_clips: int, with_flow: bool, per_clip: Sequence) -> list:
 @pipeline_def
 def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: Sequence[int], official_flow: bool,
                    blur_window: int, out_dtype, gpu: bool):
-    """Outputs: meta (N×3 int64: label, index, keep), the RGB clips, then the flow clips (config order)."""
+    """Outputs: meta (N×3 int64: label, index, keep), the RGB clips, then the flow clips (config order).
+
+    A `SeekingTrainSource` (the CPU backend) hands over decoded frames, read in the pipeline's Python worker
+    processes; otherwise the source hands over the files and DALI decodes them (NVDEC on the GPU)."""
     per_clip = [types.INT32, types.FLOAT] * (2 if with_flow else 1)
     dtypes = source_dtypes(num_clips, with_flow, per_clip)
-    outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes))
-    rgb_frames, flow_frames = graph.decode_streams(outs, with_flow, gpu)
+    decoded = isinstance(source, SeekingTrainSource)
+    streams = 2 if with_flow else 1
+    if decoded:
+        del dtypes[streams]   # no frame list
+    outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes,
+                                   layout=["FHWC"] * streams + [""] * (len(dtypes) - streams) if decoded else None,
+                                   parallel=decoded))
+    if decoded:
+        rgb_frames = outs.pop(0)
+        flow_frames = outs.pop(0) if with_flow else None
+    else:
+        rgb_frames, flow_frames = graph.decode_streams(outs, with_flow, gpu)
     meta = outs.pop(0)
     rgb, flow = [], []
     for _ in range(num_clips):
@@ -48,7 +61,9 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
         rgb.append(graph.train_rgb_clip(graph.take_frames(rgb_frames, order), params, crop, blur_window, out_dtype))
         if with_flow:
             order, params = outs.pop(0), outs.pop(0)
-            uv = graph.flow_planes(graph.take_frames(flow_frames, order))
+            uv = graph.take_frames(flow_frames, order)
+            if not decoded:
+                uv = graph.flow_planes(uv)
             if official_flow:
                 flow.append(graph.train_rgb_clip(graph.official_flow_image(uv), params, crop, blur_window,
                                                  out_dtype))
@@ -102,13 +117,16 @@ class TrainPipelineSpec:
     threads: int
 
     def pipeline(self, epoch: int, start_batch: int):
-        sp = self.sampling
-        src = TrainSource(sp, start_epoch=epoch, start_batch=start_batch)
+        sp, gpu = self.sampling, self.device.type == "cuda"
+        # DALI's CPU decoder does not seek: on the CPU backend the frames come from the seeking PyAV reader, run in
+        # `threads` Python worker processes (forked: the CPU backend has no CUDA context to lose)
+        src = (TrainSource if gpu else SeekingTrainSource)(sp, start_epoch=epoch, start_batch=start_batch)
+        workers = {} if gpu else {"py_num_workers": max(1, self.threads), "py_start_method": "fork"}
         return train_pipeline(src, len(sp.clip_lengths), sp.with_flow, sp.augment.crop, self.official_flow,
                               self.blur_window, types.FLOAT16 if self.half_output else types.FLOAT,
-                              self.device.type == "cuda", batch_size=sp.batch_size,
+                              gpu, batch_size=sp.batch_size,
                               num_threads=max(1, self.threads), device_id=device_index(self.device),
-                              seed=sp.seed, prefetch_queue_depth=2)
+                              seed=sp.seed, prefetch_queue_depth=2, **workers)
 
     def next_position(self, epoch: int, batch: int) -> tuple[int, int]:
         return (epoch, batch + 1) if batch + 1 < self.sampling.batches_per_epoch else (epoch + 1, 0)

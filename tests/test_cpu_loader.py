@@ -217,3 +217,24 @@ def test_eval_padded_short_video(tmp_path):
     item = ds[0]
     assert item.padded and _decoded(item.rgb[0]) == [0, 1, 2, 3, 4, 4, 4, 4]
     assert _decoded(item.flow[1]) == [0, 1, 2, 3, 4, 4, 4, 4]
+
+
+def test_record_table_holds_the_records_it_was_given():
+    """The packed table loader workers read gives back exactly the records (every field), by any index."""
+    from goca_fast.data.index import RecordTable, VideoRecord
+    recs = [VideoRecord(id=f"v{i}", rgb=f"rgb/c{i % 3}/v{i}.mp4", flow=None if i == 4 else f"flow/c{i % 3}/v{i}.mp4",
+                        label=i % 3, cls=f"c{i % 3}", frames=40 + i, fps=25.0 + i / 8, width=340, height=256,
+                        splits=["train"] if i % 2 else ["test", "trainval"]) for i in range(7)]
+    table = RecordTable(recs)
+    assert len(table) == 7 and list(table) == recs and table[-1] == recs[6] and table[2:5] == recs[2:5]
+    assert table.nbytes > 0
+    with pytest.raises(IndexError):
+        table[7]
+    assert len(RecordTable([])) == 0
+
+
+def test_training_dataset_reads_its_records_from_a_table(idx_root):
+    records, _ = read_index(idx_root)
+    ds = TrainClipDataset(idx_root, records, clip_lengths=[8], stride=1, min_distance=0,
+                          augment=ClipAugment(crop_size=64, scale_range=(64, 64)), with_flow=True, seed=0)
+    assert type(ds.records).__name__ == "RecordTable" and list(ds.records) == records
