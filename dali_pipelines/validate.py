@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from goca_fast.runtime.atomic import write_atomic
+from goca_fast.runtime.atomic import file_stamp, write_atomic
 from goca_fast.data.index import VideoRecord
 from goca_fast.video.io import VideoReadError, probe_video
 from goca_fast.runtime.parallel import run_parallel
@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 CACHE_FILE = "dali_check.json"
 REPORT_FILE = "dali_excluded.jsonl"
 _VERSION = 2  # 2: checks with probe_video and the index's size
-
-
-def _stat_key(path: str) -> Optional[str]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def check_record(root: str, rec: VideoRecord, with_flow: bool) -> Optional[str]:
@@ -89,7 +81,7 @@ def validate_for_dali(root: str | os.PathLike, records: Sequence[VideoRecord], w
 
     def key(rec: VideoRecord) -> str:
         paths = [rec.rgb] + ([rec.flow] if with_flow and rec.flow else [])
-        stats = [_stat_key(os.path.join(root, p)) for p in paths]
+        stats = [file_stamp(os.path.join(root, p)) for p in paths]
         return json.dumps([rec.id, paths, stats, rec.frames, with_flow])
 
     keys = {r.id: key(r) for r in records}

@@ -19,7 +19,7 @@ from typing import Collection, Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
-from goca_fast.runtime.atomic import write_atomic
+from goca_fast.runtime.atomic import file_stamp, write_atomic
 from goca_fast.data.index import (CLASSES_FILE, EXCLUDED_FILE, INDEX_FILE, MASTER_EXCLUDED, MASTER_INDEX,
                                   DatasetIndexError, VideoRecord, write_index)
 from goca_fast.video.io import VideoReadError, probe_video
@@ -76,14 +76,6 @@ def check_flow_file(root: str, rec: VideoRecord) -> Optional[str]:
     return None
 
 
-def _stat_key(path: str) -> Optional[str]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
 @dataclass
 class Journals:
     """What every shard's journal says: the flow files verified ("<id> <size>:<mtime_ns>", every one ever written:
@@ -129,7 +121,7 @@ class FlowJournal:
 
     def done(self, rec: VideoRecord) -> None:
         """Vouch for the flow video of `rec` as it is on disk now."""
-        key = _stat_key(os.path.join(self.root, flow_rel_path(rec)))
+        key = file_stamp(os.path.join(self.root, flow_rel_path(rec)))
         if key is not None:
             self._write({"id": rec.id, "stat": key})
 
@@ -154,7 +146,7 @@ def flow_states(root: str, records: Sequence[VideoRecord], verified: Collection[
                 workers: int = 8) -> tuple[list[Optional[str]], set[int]]:
     """(per record: None when its flow video is usable, else the reason; the positions that were probed). One stat
     per video; only files no journal vouches for (size and modification time) are probed, in `workers` threads."""
-    keys = [_stat_key(os.path.join(root, flow_rel_path(r))) for r in records]
+    keys = [file_stamp(os.path.join(root, flow_rel_path(r))) for r in records]
     reasons: list[Optional[str]] = ["flow missing" if k is None else None for k in keys]
     unknown = [i for i, (r, k) in enumerate(zip(records, keys)) if k is not None and f"{r.id} {k}" not in verified]
     if unknown:

@@ -2,7 +2,8 @@
 
 Every writer goes through a temp file beside the target (same filesystem, so the rename is atomic), named
 `.tmp_<name>.<random><suffix>`, which no reader looks for; `os.replace` then puts it in place. A temp file left by a
-hard crash is removed by `remove_stale_temps` on the next run.
+hard crash is removed by `remove_stale_temps` on the next run. `file_stamp` tells whether a file was replaced since
+a check (the journals of goca-flow, DALI's evaluation check cache).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 TEMP_PREFIX = ".tmp_"
 
@@ -105,3 +106,13 @@ def remove_stale_temps(root: str | os.PathLike, older_than: float = 120.0) -> li
                 except OSError:
                     pass
     return removed
+
+
+def file_stamp(path: str | os.PathLike) -> Optional[str]:
+    """"<size>:<mtime_ns>" of a file, None if it does not exist: a file replaced since (as every writer here
+    replaces files whole) has another stamp, so a check cached under it need not be repeated."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
