@@ -184,7 +184,7 @@ def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers:
     records, classes, excluded = load_master(root)
     remove_stale_temps(os.path.join(root, "flow"))
     journals = read_journals(root)
-    with FlowJournal(root, shard) as journal:
+    with FlowJournal(root, shard, journals) as journal:
         jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified)
         if limit is not None:
             jobs = jobs[:limit]
@@ -197,10 +197,7 @@ def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers:
         by_id = {j.rec.id: j.rec for j in jobs}
         results = []
         for r in _progress(it, len(jobs), progress, f"flow ({backend})"):
-            if r["status"] == "done":
-                journal.done(by_id[r["id"]])
-            else:
-                journal.failed(by_id[r["id"]], r["reason"])
+            journal.record(by_id[r["id"]], r)
             results.append(r)
     wall = time.time() - t0
     failures = {r["id"]: r["reason"] for r in results if r["status"] == "failed"}
@@ -212,4 +209,4 @@ def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers:
               "pairs": pairs, "wall_seconds": round(wall, 2),
               "pairs_per_second": round(pairs / wall, 2) if wall > 0 and pairs else None,
               "shard": list(shard), "params": params.__dict__}
-    return finish_shard(root, (records, classes, excluded), shard, report, failures)
+    return finish_shard(root, (records, classes, excluded), shard, report, journals)

@@ -111,10 +111,11 @@ def read_journals(root: str) -> Journals:
 
 class FlowJournal:
     """The append-only journal of one shard; each line is flushed as it is written, so a killed shard loses at most
-    the line it was writing (and that video is then probed, not recomputed)."""
+    the line it was writing (and that video is then probed, not recomputed). Every line is also added to `known`
+    (what `read_journals` gave at the start), so the run's end sees all journals without reading them again."""
 
-    def __init__(self, root: str, shard: tuple[int, int]):
-        self.root = root
+    def __init__(self, root: str, shard: tuple[int, int], known: Journals):
+        self.root, self.known = root, known
         path = journal_path(root, shard)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._file: TextIO = open(path, "a", encoding="utf-8")
@@ -124,9 +125,18 @@ class FlowJournal:
         key = file_stamp(os.path.join(self.root, flow_rel_path(rec)))
         if key is not None:
             self._write({"id": rec.id, "stat": key})
+            self.known.verified.add(f"{rec.id} {key}")
 
     def failed(self, rec: VideoRecord, reason: str) -> None:
         self._write({"id": rec.id, "failed": reason})
+        self.known.failed[rec.id] = reason
+
+    def record(self, rec: VideoRecord, result: dict) -> None:
+        """Journal one job's result ({"status": "done"} or {"status": "failed", "reason": ...})."""
+        if result["status"] == "done":
+            self.done(rec)
+        else:
+            self.failed(rec, result["reason"])
 
     def _write(self, entry: dict) -> None:
         self._file.write(json.dumps(entry) + "\n")
@@ -185,17 +195,16 @@ def merged_report(root: str, keep: Sequence[VideoRecord], excl: Sequence[dict]) 
 MasterIndex = tuple[list[VideoRecord], list[str], list[dict]]   # load_master's (records, classes, exclusions)
 
 
-def finish_shard(root: str, master: MasterIndex, shard: tuple[int, int], report: dict,
-                 failures: Mapping[str, str]) -> dict:
-    """End of one extraction or import run: with one shard, merge now (index.jsonl, flow_report.json); shard i/n of
-    n > 1 writes its own report beside its journal and leaves the index to one `merge_shards`."""
+def finish_shard(root: str, master: MasterIndex, shard: tuple[int, int], report: dict, journals: Journals) -> dict:
+    """End of one extraction or import run: with one shard, merge now from `journals` (the journals as read at the
+    start plus this run's lines) into index.jsonl and flow_report.json; shard i/n of n > 1 writes its own report
+    beside its journal and leaves the index to one `merge_shards`."""
     if shard[1] > 1:
         report["merged"] = False
         write_atomic(journal_path(root, shard)[:-len(".jsonl")] + ".report.json", json.dumps(report, indent=1) + "\n")
         return report
     records, classes, excluded = master
-    journals = read_journals(root)
-    keep, excl = finalise_index(root, records, classes, excluded, {**journals.failed, **failures}, journals.verified)
+    keep, excl = finalise_index(root, records, classes, excluded, journals.failed, journals.verified)
     report.update(merged_report(root, keep, excl), merged=True)
     write_atomic(os.path.join(root, REPORT_FILE), json.dumps(report, indent=1) + "\n")
     return report

@@ -134,11 +134,11 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
     records, classes, excluded = load_master(root)
     remove_stale_temps(os.path.join(root, "flow"))
     journals = read_journals(root)
-    with FlowJournal(root, shard) as journal:
+    with FlowJournal(root, shard, journals) as journal:
         jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified)
         report = _import(root, jpeg_root, jobs, workers, tolerance, gop, crf, progress, journal)
     report.update({"videos": len(records), "already_done": done_before, "shard": list(shard)})
-    return finish_shard(root, (records, classes, excluded), shard, report, report.pop("failures"))
+    return finish_shard(root, (records, classes, excluded), shard, report, journals)
 
 
 def _import(root: str, jpeg_root: str, jobs: list, workers: int, tolerance: int, gop: int, crf: float,
@@ -163,15 +163,13 @@ def _import(root: str, jpeg_root: str, jobs: list, workers: int, tolerance: int,
         journal.failed(by_id[vid], reason)
     results = []
     for r in _run(work, workers, progress):
-        if r["status"] == "done":
-            journal.done(by_id[r["id"]])
-        else:
-            journal.failed(by_id[r["id"]], r["reason"])
+        journal.record(by_id[r["id"]], r)
+        if r["status"] == "failed":
             failures[r["id"]] = r["reason"]
         results.append(r)
     done = [r for r in results if r["status"] == "done"]
     return {"backend": "jpeg-import", "device": f"cpu x{workers}", "computed": len(done), "failed": len(failures),
-            "failures": failures, "pairs": sum(r["pairs"] for r in done), "wall_seconds": round(time.time() - t0, 2),
+            "pairs": sum(r["pairs"] for r in done), "wall_seconds": round(time.time() - t0, 2),
             "pairs_per_second": None, "jpeg_root": os.path.abspath(jpeg_root)}
 
 
