@@ -166,18 +166,22 @@ class TrainSource:
             flow.append(self.augment.draw(meta.height, meta.width, g) if own else p)
         return rgb, flow
 
+    def stream_inputs(self, meta: VideoMeta, frames: np.ndarray) -> list[np.ndarray]:
+        """What the graph decodes the sample from: the encoded RGB [and flow] file, then the frame list."""
+        return [read_encoded(meta.rgb)] + ([read_encoded(meta.flow)] if self.with_flow else []) + [frames]
+
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         epoch, index = self.position(info.idx_in_epoch)
         meta = self.metas[index]
         frames, positions = frame_plan(self.clips(epoch, index))
         p_rgb, p_flow = self.draws(epoch, index)
         h, w, crop = meta.height, meta.width, self.augment.crop
-        out = [read_encoded(meta.rgb)] + ([read_encoded(meta.flow)] if self.with_flow else [])
+        out = self.stream_inputs(meta, frames)
         keep = meta.frames >= self.min_frames
         if not keep and meta.id not in self._warned:
             self._warned.add(meta.id)
             log.warning("skipping video %s: too short (%d < %d frames)", meta.id, meta.frames, self.min_frames)
-        out += [frames, np.array([meta.label, index, int(keep)], np.int64)]
+        out.append(np.array([meta.label, index, int(keep)], np.int64))
         for pos, pr, pf in zip(positions, p_rgb, p_flow):
             out += [pos[::-1].copy() if pr.reverse else pos, clip_params(pr, h, w, crop)]
             if self.with_flow:
@@ -193,28 +197,22 @@ class SeekingTrainSource(TrainSource):
     (`goca_fast.video.io.read_frames` / `goca_fast.video.flow_codec.read_flow_frames`: exact, and its cost does not
     grow with where the clip starts) instead of as encoded files, because DALI's CPU decoder decodes every file
     from its first frame (measured with 1.53: 18x the cost of a clip at frame 0 for one at the end of a 750-frame
-    video). Outputs: RGB F×H×W×3 uint8, [flow F×H×W×2 uint8 (u, v)], then as `TrainSource` from meta on. A video that cannot
-    be decoded gives zero frames, which fails its own batch in the graph (the loader then decodes that batch with
-    the CPU loader); raising would surface on an earlier batch, the source running ahead."""
+    video). Outputs: RGB F×H×W×3 uint8, [flow F×H×W×2 uint8 (u, v)] (no frame list), then as `TrainSource`. A
+    video that cannot be decoded gives zero frames, which fails its own batch in the graph (the loader then decodes
+    that batch with the CPU loader); raising would surface on an earlier batch, the source running ahead."""
 
-    def __call__(self, info) -> tuple[np.ndarray, ...]:
-        out = list(super().__call__(info))
-        meta, frames = self.metas[int(out[3 if self.with_flow else 2][1])], out[2 if self.with_flow else 1]
+    def stream_inputs(self, meta: VideoMeta, frames: np.ndarray) -> list[np.ndarray]:
         set_decoder_threads(1)   # the pipeline's Python workers already run in parallel
         try:
             rgb = read_frames(meta.rgb, frames)
-            flow = read_flow_frames(meta.flow, frames) if self.with_flow else None
+            flow = [read_flow_frames(meta.flow, frames)] if self.with_flow else []
         except VideoReadError as e:
             if meta.id not in self._warned:
                 self._warned.add(meta.id)
                 log.warning("cannot decode video %s: %s", meta.id, e)
-            rgb, flow = np.zeros((0, meta.height, meta.width, 3), np.uint8), np.zeros((0, meta.height, meta.width, 2),
-                                                                                      np.uint8)
-        out[0] = rgb
-        if self.with_flow:
-            out[1] = flow
-        del out[2 if self.with_flow else 1]   # the frame list: used here, not by the graph
-        return tuple(out)
+            rgb = np.zeros((0, meta.height, meta.width, 3), np.uint8)
+            flow = [np.zeros((0, meta.height, meta.width, 2), np.uint8)] if self.with_flow else []
+        return [rgb] + flow
 
 
 class EvalSource:

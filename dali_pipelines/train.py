@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 _TORCH_DTYPE = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16}
 
 
-def source_dtypes(num_clips: int, with_flow: bool, per_clip: Sequence) -> list:
-    """dtypes of the external source's outputs: file(s), frames, meta, then `per_clip` for every clip."""
-    return [types.UINT8] * (2 if with_flow else 1) + [types.INT32, types.INT64] + list(per_clip) * num_clips
+def source_dtypes(num_clips: int, with_flow: bool, per_clip: Sequence, frame_list: bool = True) -> list:
+    """dtypes of the external source's outputs: file(s) or decoded frames, the frame list (when the graph decodes),
+    meta, then `per_clip` for every clip."""
+    return ([types.UINT8] * (2 if with_flow else 1) + ([types.INT32] if frame_list else []) + [types.INT64]
+            + list(per_clip) * num_clips)
 
 
 @pipeline_def
@@ -41,11 +43,9 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
     A `SeekingTrainSource` (the CPU backend) hands over decoded frames, read in the pipeline's Python worker
     processes; otherwise the source hands over the files and DALI decodes them (NVDEC on the GPU)."""
     per_clip = [types.INT32, types.FLOAT] * (2 if with_flow else 1)
-    dtypes = source_dtypes(num_clips, with_flow, per_clip)
     decoded = isinstance(source, SeekingTrainSource)
+    dtypes = source_dtypes(num_clips, with_flow, per_clip, frame_list=not decoded)
     streams = 2 if with_flow else 1
-    if decoded:
-        del dtypes[streams]   # no frame list
     outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes,
                                    layout=["FHWC"] * streams + [""] * (len(dtypes) - streams) if decoded else None,
                                    parallel=decoded))
