@@ -124,8 +124,9 @@ def _split(i: int) -> str:
 
 def build_root(cache: Path, n: int) -> Path:
     """The synthetic Kinetics-shaped dataset of `n` videos (built once; `.complete` marks a finished build)."""
+    from dataclasses import replace
     from goca_fast.data.index import MASTER_INDEX, VideoRecord, write_index
-    from goca_fast.prepare.flow_files import FlowJournal
+    from goca_fast.prepare.flow_files import FlowJournal, Journals, flow_rel_path
     from goca_fast.runtime.atomic import write_atomic
     root = cache / f"k700x{n}"
     if (root / ".complete").is_file():
@@ -147,11 +148,9 @@ def build_root(cache: Path, n: int) -> Path:
         records.append(VideoRecord(id=vid, rgb=rgb, flow=None, label=i % CLASSES, cls=c, frames=SEED_FRAMES,
                                    fps=25.0, width=SEED_W, height=SEED_H, splits=[_split(i)]))
     write_atomic(str(root / MASTER_INDEX), "".join(json.dumps(r.to_json()) + "\n" for r in records))
-    with FlowJournal(str(root), (0, 1)) as journal:   # what a finished goca-flow run leaves
+    with FlowJournal(str(root), (0, 1), Journals()) as journal:   # what a finished goca-flow run leaves
         for r in records:
             journal.done(r)
-    from goca_fast.prepare.flow_files import flow_rel_path
-    from dataclasses import replace
     write_index(root, [replace(r, flow=flow_rel_path(r)) for r in records], classes)
     (root / ".complete").write_text(f"built in {time.time() - t0:.0f} s\n")
     return root
