@@ -7,7 +7,7 @@ then crop) -> colour ops (RGB) ->
 `crop_mirror_normalize` (flip, normalisation, F×H×W×C -> C×F×H×W, output dtype). Every per-clip op takes its
 parameters per sample, so one draw covers all frames of a clip. The same graph runs on the DALI CPU backend
 (`device_id=None`; training frames decoded by the seeking PyAV reader in the source, as DALI's CPU decoder does
-not seek) and on the GPU (decoding with NVDEC through the "mixed" decoder).
+not seek, and converted to RGB after the crop by `ycbcr_train_clip`) and on the GPU (decoding with NVDEC through the "mixed" decoder).
 """
 from __future__ import annotations
 
@@ -84,9 +84,26 @@ def _resize_crop(frames, params, crop: Sequence[int], dtype=None):
                      antialias=True, interp_type=types.INTERP_LINEAR, **kw)
 
 
+def ycbcr_train_clip(luma, chroma, params, crop: Sequence[int], blur_window: int, out_dtype):
+    """Training view of an RGB clip given as its 4:2:0 planes (F×H×W×1 Y, F×H/2×W/2×2 CbCr): each plane's crop
+    window is resized straight to the crop size (the chroma window is the luma one halved, exact for centre-sited
+    chroma, so the resize also upsamples the chroma), and only then converted (BT.601 limited range YCbCr -> RGB):
+    neither a whole-frame conversion nor a whole-frame chroma upsampling is paid. Then as `train_rgb_clip`."""
+    roi = params[P_ROI]
+    resize = dict(size=list(crop), roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+    y = fn.resize(luma, roi_start=roi[0:2], roi_end=roi[2:4], **resize)
+    c = fn.resize(chroma, roi_start=roi[0:2] * 0.5, roi_end=roi[2:4] * 0.5, **resize)
+    x = fn.color_space_conversion(fn.cat(y, c, axis_name="C"), image_type=types.YCbCr, output_type=types.RGB)
+    return _colour_blur_normalise(x, params, blur_window, out_dtype)
+
+
 def train_rgb_clip(frames, params, crop: Sequence[int], blur_window: int, out_dtype):
     """Training view of an RGB (or official 3-channel flow) clip: resize, crop, jitter, grey, blur, flip, norm."""
-    x = _resize_crop(frames, params, crop)
+    return _colour_blur_normalise(_resize_crop(frames, params, crop), params, blur_window, out_dtype)
+
+
+def _colour_blur_normalise(x, params, blur_window: int, out_dtype):
+    """Jitter and grey (one `color_twist`), blur, flip and ImageNet normalisation of a cropped RGB clip."""
     jitter = params[P_JITTER]
     x = fn.color_twist(x, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2], hue=jitter[3])
     if blur_window > 0:

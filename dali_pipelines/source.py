@@ -9,7 +9,7 @@ operator. A sample hands DALI the whole encoded file and the sorted distinct fra
 (`decoders.video(frames=...)` decodes just those, seeking by keyframe); each clip then picks its frames from that
 decode by position (stride, repeats and time reversal included). RGB and flow share the one frame list. On DALI's
 CPU backend, whose decoder does not seek, `SeekingTrainSource` hands over those frames decoded by the project's
-seeking reader instead of the files.
+seeking reader instead of the files (RGB as its unconverted 4:2:0 planes).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from goca_fast.data.cpu_loader import EpochSampler, item_seeds
 from goca_fast.data.index import VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
 from goca_fast.data.views import ViewSpec
-from goca_fast.video.flow_codec import read_flow_frames
-from goca_fast.video.io import VideoReadError, read_frames, set_decoder_threads
+from goca_fast.video.flow_codec import read_flow_planes
+from goca_fast.video.io import VideoReadError, read_yuv420, set_decoder_threads
 
 log = logging.getLogger(__name__)
 
@@ -166,53 +166,137 @@ class TrainSource:
             flow.append(self.augment.draw(meta.height, meta.width, g) if own else p)
         return rgb, flow
 
-    def stream_inputs(self, meta: VideoMeta, frames: np.ndarray) -> list[np.ndarray]:
-        """What the graph decodes the sample from: the encoded RGB [and flow] file, then the frame list."""
-        return [read_encoded(meta.rgb)] + ([read_encoded(meta.flow)] if self.with_flow else []) + [frames]
-
-    def __call__(self, info) -> tuple[np.ndarray, ...]:
-        epoch, index = self.position(info.idx_in_epoch)
+    def plan(self, sample: int) -> "SamplePlan":
+        """Everything sample number `sample` is made of: its video, frames, and each clip's frame order and
+        parameters (RGB, and flow when it trains)."""
+        epoch, index = self.position(sample)
         meta = self.metas[index]
         frames, positions = frame_plan(self.clips(epoch, index))
         p_rgb, p_flow = self.draws(epoch, index)
         h, w, crop = meta.height, meta.width, self.augment.crop
-        out = self.stream_inputs(meta, frames)
         keep = meta.frames >= self.min_frames
         if not keep and meta.id not in self._warned:
             self._warned.add(meta.id)
             log.warning("skipping video %s: too short (%d < %d frames)", meta.id, meta.frames, self.min_frames)
-        out.append(np.array([meta.label, index, int(keep)], np.int64))
+        clips = []
         for pos, pr, pf in zip(positions, p_rgb, p_flow):
-            out += [pos[::-1].copy() if pr.reverse else pos, clip_params(pr, h, w, crop)]
+            flow = None
             if self.with_flow:
                 sign = (-1.0 if pf.flip else 1.0, 1.0)
                 if pf.reverse:  # backward in time: the motion between frames is reversed
                     sign = (-sign[0], -sign[1])
-                out += [pos[::-1].copy() if pf.reverse else pos, clip_params(pf, h, w, crop, sign)]
+                flow = (pos[::-1].copy() if pf.reverse else pos, clip_params(pf, h, w, crop, sign))
+            clips.append((pos[::-1].copy() if pr.reverse else pos, clip_params(pr, h, w, crop), flow))
+        return SamplePlan(meta, np.array([meta.label, index, int(keep)], np.int64), frames, clips)
+
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
+        sp = self.plan(info.idx_in_epoch)
+        out = [read_encoded(sp.meta.rgb)] + ([read_encoded(sp.meta.flow)] if self.with_flow else [])
+        out += [sp.frames, sp.row]
+        for order, params, flow in sp.clips:
+            out += [order, params] + (list(flow) if flow is not None else [])
         return tuple(out)
+
+
+@dataclass
+class SamplePlan:
+    """One training sample: its video, meta row [label, index, keep], the sorted distinct frames to decode, and per
+    clip (RGB positions in that decode, RGB params, (flow positions, flow params) or None)."""
+
+    meta: VideoMeta
+    row: np.ndarray
+    frames: np.ndarray
+    clips: list[tuple[np.ndarray, np.ndarray, Optional[tuple[np.ndarray, np.ndarray]]]]
+
+
+def crop_box(roi: np.ndarray, height: int, width: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the part of a height×width frame that resizing the window `roi` (y0, x0, y1,
+    x1) to `crop` reads: the window grown by the resampling filter's reach (its radius is the downscale factor,
+    at least one pixel; counted in chroma pixels, so it also covers the half-resolution chroma plane), clipped to
+    the frame, with an even top and left so the chroma box is exactly the luma box halved."""
+    y0, x0, y1, x1 = (float(v) for v in roi)
+    scale = max((y1 - y0) / crop[0], (x1 - x0) / crop[1], 1.0)
+    reach = 2 * (int(np.ceil(scale)) + 2)
+    top, left = max(0, int(np.floor(y0)) - reach) // 2 * 2, max(0, int(np.floor(x0)) - reach) // 2 * 2
+    bottom, right = min(height, int(np.ceil(y1)) + reach), min(width, int(np.ceil(x1)) + reach)
+    return top, left, bottom, right
+
+
+def _boxed(params: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The clip's parameters with its window moved into `box`'s coordinates."""
+    v = params.copy()
+    v[P_ROI] -= np.array([box[0], box[1], box[0], box[1]], np.float32)
+    return v
 
 
 class SeekingTrainSource(TrainSource):
     """`TrainSource` for DALI's CPU backend: the sample's frames arrive decoded by the project's seeking reader
-    (`goca_fast.video.io.read_frames` / `goca_fast.video.flow_codec.read_flow_frames`: exact, and its cost does not
+    (`goca_fast.video.io.read_yuv420` / `goca_fast.video.flow_codec.read_flow_planes`: exact, and its cost does not
     grow with where the clip starts) instead of as encoded files, because DALI's CPU decoder decodes every file
     from its first frame (measured with 1.53: 18x the cost of a clip at frame 0 for one at the end of a 750-frame
-    video). Outputs: RGB F×H×W×3 uint8, [flow F×H×W×2 uint8 (u, v)] (no frame list), then as `TrainSource`. A
-    video that cannot be decoded gives zero frames, which fails its own batch in the graph (the loader then decodes
-    that batch with the CPU loader); raising would surface on an earlier batch, the source running ahead."""
+    video). Each clip comes as its own frames, in clip order, cut to the part of the frame its crop reads
+    (`crop_box`), and RGB as its unconverted 4:2:0 planes: the graph then neither picks frames nor converts or
+    upsamples whole frames, and about half the bytes cross into DALI. Outputs: meta, then per clip: Y F×h×w×1,
+    chroma F×h/2×w/2×2 (Cb, Cr) uint8, RGB params (window in box coordinates), [flow F×h×w×2 (u, v) uint8, flow
+    params]. A video that cannot be decoded is logged and dropped from its batch through the meta row's keep flag
+    (as a too-short video is), the rest of the batch trains; raising would surface on an earlier batch, the source
+    running ahead."""
 
-    def stream_inputs(self, meta: VideoMeta, frames: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
         set_decoder_threads(1)   # the pipeline's Python workers already run in parallel
+        sp = self.plan(info.idx_in_epoch)
+        meta, crop = sp.meta, self.augment.crop
         try:
-            rgb = read_frames(meta.rgb, frames)
-            flow = [read_flow_frames(meta.flow, frames)] if self.with_flow else []
+            rgb = read_yuv420(meta.rgb, sp.frames)
+            flow = read_flow_planes(meta.flow, sp.frames) if self.with_flow else []
+            h, w = meta.height, meta.width
+            if rgb[0][0].shape != (h, w) or (flow and flow[0].shape != (2 * h, w)):
+                raise VideoReadError(f"{meta.id}: frames are not {w}x{h} as the index says (flow: {w}x{2 * h})")
         except VideoReadError as e:
             if meta.id not in self._warned:
                 self._warned.add(meta.id)
-                log.warning("cannot decode video %s: %s", meta.id, e)
-            rgb = np.zeros((0, meta.height, meta.width, 3), np.uint8)
-            flow = [np.zeros((0, meta.height, meta.width, 2), np.uint8)] if self.with_flow else []
-        return [rgb] + flow
+                log.warning("skipping video %s: cannot decode it (%s)", meta.id, e)
+            rgb, flow = [], []
+            sp.row[2] = 0  # dropped from its batch like a too-short video; the rest of the batch trains
+        h, w = meta.height, meta.width
+        out = [sp.row]
+        for order, params, flow_clip in sp.clips:
+            box = crop_box(params[P_ROI], h, w, crop)
+            out += [*yuv_crops(rgb, order, box), _boxed(params, box)]
+            if flow_clip is not None:
+                f_order, f_params = flow_clip
+                f_box = crop_box(f_params[P_ROI], h, w, crop)
+                out += [flow_crops(flow, f_order, f_box, h), _boxed(f_params, f_box)]
+        return tuple(out)
+
+
+def yuv_crops(planes: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], order: np.ndarray,
+              box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(Y F×h×w×1, CbCr F×h/2×w/2×2) of the frames `order` of the decoded (Y, Cb, Cr) planes, cut to `box` (black
+    when nothing was decoded, so the batch keeps its shape)."""
+    top, left, bottom, right = box
+    ct, cl, cb, cr = top // 2, left // 2, (bottom + 1) // 2, (right + 1) // 2
+    y = np.zeros((len(order), bottom - top, right - left, 1), np.uint8)
+    c = np.zeros((len(order), cb - ct, cr - cl, 2), np.uint8)
+    for k in range(len(order) if planes else 0):
+        luma, cb_plane, cr_plane = planes[order[k]]
+        y[k, ..., 0] = luma[top:bottom, left:right]
+        c[k, ..., 0] = cb_plane[ct:cb, cl:cr]
+        c[k, ..., 1] = cr_plane[ct:cb, cl:cr]
+    return y, c
+
+
+def flow_crops(planes: Sequence[np.ndarray], order: np.ndarray, box: tuple[int, int, int, int],
+               height: int) -> np.ndarray:
+    """F×h×w×2 (u, v) of the frames `order` of the decoded flow luma planes (u above v, each `height` rows), cut to
+    `box` (zero when nothing was decoded)."""
+    top, left, bottom, right = box
+    uv = np.zeros((len(order), bottom - top, right - left, 2), np.uint8)
+    for k in range(len(order) if planes else 0):
+        luma = planes[order[k]]
+        uv[k, ..., 0] = luma[top:bottom, left:right]
+        uv[k, ..., 1] = luma[height + top:height + bottom, left:right]
+    return uv
 
 
 class EvalSource:

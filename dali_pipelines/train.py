@@ -28,11 +28,10 @@ log = logging.getLogger(__name__)
 _TORCH_DTYPE = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16}
 
 
-def source_dtypes(num_clips: int, with_flow: bool, per_clip: Sequence, frame_list: bool = True) -> list:
-    """dtypes of the external source's outputs: file(s) or decoded frames, the frame list (when the graph decodes),
-    meta, then `per_clip` for every clip."""
-    return ([types.UINT8] * (2 if with_flow else 1) + ([types.INT32] if frame_list else []) + [types.INT64]
-            + list(per_clip) * num_clips)
+def source_dtypes(num_clips: int, with_flow: bool, per_clip: Sequence) -> list:
+    """dtypes of a file-handing source's outputs: the encoded RGB [and flow] file, the frame list, meta, then
+    `per_clip` for every clip."""
+    return [types.UINT8] * (2 if with_flow else 1) + [types.INT32, types.INT64] + list(per_clip) * num_clips
 
 
 @pipeline_def
@@ -40,20 +39,14 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
                    blur_window: int, out_dtype, gpu: bool):
     """Outputs: meta (N×3 int64: label, index, keep), the RGB clips, then the flow clips (config order).
 
-    A `SeekingTrainSource` (the CPU backend) hands over decoded frames, read in the pipeline's Python worker
-    processes; otherwise the source hands over the files and DALI decodes them (NVDEC on the GPU)."""
+    A `SeekingTrainSource` (the CPU backend) hands over each clip's decoded frames (`_decoded_clips`); otherwise the
+    source hands over the files and DALI decodes them (NVDEC on the GPU)."""
+    if isinstance(source, SeekingTrainSource):
+        return _decoded_clips(source, num_clips, with_flow, crop, official_flow, blur_window, out_dtype)
     per_clip = [types.INT32, types.FLOAT] * (2 if with_flow else 1)
-    decoded = isinstance(source, SeekingTrainSource)
-    dtypes = source_dtypes(num_clips, with_flow, per_clip, frame_list=not decoded)
-    streams = 2 if with_flow else 1
-    outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes,
-                                   layout=["FHWC"] * streams + [""] * (len(dtypes) - streams) if decoded else None,
-                                   parallel=decoded))
-    if decoded:
-        rgb_frames = outs.pop(0)
-        flow_frames = outs.pop(0) if with_flow else None
-    else:
-        rgb_frames, flow_frames = graph.decode_streams(outs, with_flow, gpu)
+    dtypes = source_dtypes(num_clips, with_flow, per_clip)
+    outs = list(fn.external_source(source=source, num_outputs=len(dtypes), batch=False, dtype=dtypes))
+    rgb_frames, flow_frames = graph.decode_streams(outs, with_flow, gpu)
     meta = outs.pop(0)
     rgb, flow = [], []
     for _ in range(num_clips):
@@ -61,14 +54,34 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
         rgb.append(graph.train_rgb_clip(graph.take_frames(rgb_frames, order), params, crop, blur_window, out_dtype))
         if with_flow:
             order, params = outs.pop(0), outs.pop(0)
-            uv = graph.take_frames(flow_frames, order)
-            if not decoded:
-                uv = graph.flow_planes(uv)
-            if official_flow:
-                flow.append(graph.train_rgb_clip(graph.official_flow_image(uv), params, crop, blur_window,
-                                                 out_dtype))
-            else:
-                flow.append(graph.train_flow_clip(uv, params, crop, out_dtype))
+            flow.append(_flow_clip(graph.flow_planes(graph.take_frames(flow_frames, order)), params, crop,
+                                   official_flow, blur_window, out_dtype))
+    return (meta, *rgb, *flow)
+
+
+def _flow_clip(uv, params, crop, official_flow: bool, blur_window: int, out_dtype):
+    if official_flow:
+        return graph.train_rgb_clip(graph.official_flow_image(uv), params, crop, blur_window, out_dtype)
+    return graph.train_flow_clip(uv, params, crop, out_dtype)
+
+
+def _decoded_clips(source: SeekingTrainSource, num_clips: int, with_flow: bool, crop: Sequence[int],
+                   official_flow: bool, blur_window: int, out_dtype):
+    """`train_pipeline`'s outputs from a `SeekingTrainSource`: each clip arrives as its own frames (RGB as 4:2:0
+    planes), read in the pipeline's Python worker processes."""
+    per_clip = [types.UINT8, types.UINT8, types.FLOAT] + ([types.UINT8, types.FLOAT] if with_flow else [])
+    layouts = ["FHWC", "FHWC", ""] + (["FHWC", ""] if with_flow else [])
+    outs = list(fn.external_source(source=source, num_outputs=1 + len(per_clip) * num_clips, batch=False,
+                                   dtype=[types.INT64] + per_clip * num_clips, layout=[""] + layouts * num_clips,
+                                   parallel=True))
+    meta = outs.pop(0)
+    rgb, flow = [], []
+    for _ in range(num_clips):
+        luma, chroma, params = outs.pop(0), outs.pop(0), outs.pop(0)
+        rgb.append(graph.ycbcr_train_clip(luma, chroma, params, crop, blur_window, out_dtype))
+        if with_flow:
+            uv, params = outs.pop(0), outs.pop(0)
+            flow.append(_flow_clip(uv, params, crop, official_flow, blur_window, out_dtype))
     return (meta, *rgb, *flow)
 
 

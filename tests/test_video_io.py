@@ -14,6 +14,7 @@ from goca_fast.video.io import (
     probe_video,
     read_all_frames,
     read_frames,
+    read_yuv420,
     write_video,
 )
 from goca_fast.video.flow_codec import (
@@ -92,6 +93,21 @@ def test_read_frames_unsorted_repeated_equals_sequential(video):
         got = read_frames(path, idx)
         assert got.shape == (len(idx), 64, 80, 3)
         assert np.array_equal(got, allf[idx]), idx
+
+
+def test_yuv420_planes_are_the_decoded_planes_of_the_asked_frames(long_index_video):
+    # PyAV's own plane export of a plain sequential decode is the reference; frames carry their index
+    with av.open(str(long_index_video)) as c:
+        ref = [f.to_ndarray(format="yuv420p") for f in c.decode(video=0)]  # (H * 3/2)×W: Y, then U, then V
+    idx = [299, 3, 150, 150, 71, 240]
+    got = read_yuv420(long_index_video, idx)
+    h, w = 48, 32
+    for i, (y, u, v) in zip(idx, got):
+        assert y.shape == (h, w) and u.shape == v.shape == (h // 2, w // 2)
+        planes = ref[i].reshape(-1)
+        assert np.array_equal(y, planes[:h * w].reshape(h, w))
+        assert np.array_equal(u, planes[h * w:h * w * 5 // 4].reshape(h // 2, w // 2))
+        assert np.array_equal(v, planes[h * w * 5 // 4:].reshape(h // 2, w // 2))
 
 
 @pytest.fixture(scope="module")

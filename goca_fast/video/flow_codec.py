@@ -74,19 +74,24 @@ def write_flow_video(path: str | os.PathLike, flow_u8: np.ndarray, fps: float, g
 
 
 def _luma(frame: "av.VideoFrame") -> np.ndarray:
-    """The Y plane as H×W uint8, dropping line padding, with no range conversion."""
+    """The Y plane as H×W uint8, dropping line padding, with no range conversion: a view into the frame (no copy;
+    the view keeps the frame alive)."""
     plane = frame.planes[0]
     h, w = frame.height, frame.width
-    buf = np.frombuffer(plane, dtype=np.uint8)
-    return buf.reshape(-1, plane.line_size)[:h, :w].copy()
+    return np.frombuffer(plane, dtype=np.uint8).reshape(-1, plane.line_size)[:h, :w]
+
+
+def read_flow_planes(path: str | os.PathLike, indices: Sequence[int]) -> list[np.ndarray]:
+    """The flow video's luma planes (2H×W: u above v) at arbitrary indices, uncopied (`_luma`), one per index."""
+    frames = _decode_at(path, indices, _luma)
+    if not frames:
+        raise VideoReadError(f"{os.fspath(path)}: no frame indices requested")
+    return frames
 
 
 def read_flow_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
     """Flow frames at arbitrary indices -> len(indices)×H×W×2 uint8 (u, v)."""
-    frames = _decode_at(path, indices, _luma)
-    if not frames:
-        raise VideoReadError(f"{os.fspath(path)}: no frame indices requested")
-    y = np.stack(frames)  # N×2H×W
+    y = np.stack(read_flow_planes(path, indices))  # N×2H×W
     if y.shape[1] % 2:
         raise VideoReadError(f"{os.fspath(path)}: flow video height {y.shape[1]} is odd, not a u/v stack")
     h = y.shape[1] // 2

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import av
 import cv2
 import numpy as np
-from av.video.reformatter import Interpolation
+from av.video.reformatter import ColorRange, Colorspace, Interpolation
 
 from goca_fast.runtime.atomic import temp_beside
 
@@ -505,6 +505,28 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
     if not frames:
         raise VideoReadError(f"{os.fspath(path)}: no frame indices requested")
     return np.stack(frames)
+
+
+def yuv420_views(frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decoded frame -> its planes Y H×W, Cb and Cr ceil(H/2)×ceil(W/2) uint8, BT.601 limited range 4:2:0 (what
+    `to_rgb` converts), as views into the frame: no copy, and the views keep the frame alive. A frame in another
+    format, matrix or range is first converted to that by swscale."""
+    if (frame.format.name != "yuv420p" or frame.colorspace not in _BT601_OR_UNTAGGED
+            or frame.color_range not in _LIMITED_OR_UNTAGGED):
+        frame = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU601, dst_color_range=ColorRange.MPEG,
+                               interpolation=_TO_RGB)
+    h, w = frame.height, frame.width
+    ch, cw = (h + 1) // 2, (w + 1) // 2
+    return _plane(frame.planes[0], h, w), _plane(frame.planes[1], ch, cw), _plane(frame.planes[2], ch, cw)
+
+
+def read_yuv420(path: str | os.PathLike, indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Frames at arbitrary indices as their unconverted 4:2:0 planes (`yuv420_views`), one (Y, Cb, Cr) per index:
+    for a consumer that crops and resizes, which then converts only the pixels it keeps."""
+    planes = _decode_at(path, indices, yuv420_views)
+    if not planes:
+        raise VideoReadError(f"{os.fspath(path)}: no frame indices requested")
+    return planes
 
 
 def read_all_frames(path: str | os.PathLike) -> np.ndarray:
