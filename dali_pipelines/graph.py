@@ -7,7 +7,8 @@ then crop) -> colour ops (RGB) ->
 `crop_mirror_normalize` (flip, normalisation, F×H×W×C -> C×F×H×W, output dtype). Every per-clip op takes its
 parameters per sample, so one draw covers all frames of a clip. The same graph runs on the DALI CPU backend
 (`device_id=None`; training frames decoded by the seeking PyAV reader in the source, as DALI's CPU decoder does
-not seek, and converted to RGB after the crop by `ycbcr_train_clip`) and on the GPU (decoding with NVDEC through the "mixed" decoder).
+not seek, and converted to RGB after the crop by `ycbcr_train_clip`) and on the GPU (decoding with NVDEC through
+the "mixed" decoder).
 """
 from __future__ import annotations
 

@@ -166,7 +166,7 @@ class TrainSource:
             flow.append(self.augment.draw(meta.height, meta.width, g) if own else p)
         return rgb, flow
 
-    def plan(self, sample: int) -> "SamplePlan":
+    def plan(self, sample: int) -> SamplePlan:
         """Everything sample number `sample` is made of: its video, frames, and each clip's frame order and
         parameters (RGB, and flow when it trains)."""
         epoch, index = self.position(sample)
@@ -246,10 +246,10 @@ class SeekingTrainSource(TrainSource):
         set_decoder_threads(1)   # the pipeline's Python workers already run in parallel
         sp = self.plan(info.idx_in_epoch)
         meta, crop = sp.meta, self.augment.crop
+        h, w = meta.height, meta.width
         try:
             rgb = read_yuv420(meta.rgb, sp.frames)
             flow = read_flow_planes(meta.flow, sp.frames) if self.with_flow else []
-            h, w = meta.height, meta.width
             if rgb[0][0].shape != (h, w) or (flow and flow[0].shape != (2 * h, w)):
                 raise VideoReadError(f"{meta.id}: frames are not {w}x{h} as the index says (flow: {w}x{2 * h})")
         except VideoReadError as e:
@@ -258,7 +258,6 @@ class SeekingTrainSource(TrainSource):
                 log.warning("skipping video %s: cannot decode it (%s)", meta.id, e)
             rgb, flow = [], []
             sp.row[2] = 0  # dropped from its batch like a too-short video; the rest of the batch trains
-        h, w = meta.height, meta.width
         out = [sp.row]
         for order, params, flow_clip in sp.clips:
             box = crop_box(params[P_ROI], h, w, crop)

@@ -213,7 +213,7 @@ def test_same_batches_as_the_cpu_loader(motion_root, flow_mode):
         assert a.index.tolist() == b.index.tolist()
         for x, y in zip(a.rgb + a.flow, b.rgb + b.flow):
             assert x.shape == y.shape and x.dtype == torch.float32
-            assert (x - y).abs().mean() < 0.05, (x - y).abs().mean()  # measured 0.007 RGB (0.4 grey levels)
+            assert (x - y).abs().mean() < 0.05, (x - y).abs().mean()  # measured 0.006 RGB (0.4 grey levels)
             assert torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1] > 0.99
 
 

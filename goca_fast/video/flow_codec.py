@@ -21,7 +21,7 @@ from typing import Sequence
 import av
 import numpy as np
 
-from goca_fast.video.io import VideoReadError, _decode_at, _encode, _planes_frame
+from goca_fast.video.io import VideoReadError, _decode_at, _encode, _plane, _planes_frame
 
 FLOW_BOUND = 20.0   # px: u and v are clipped to ±FLOW_BOUND; the network's flow input is px / FLOW_BOUND
 U8_LEVELS = 255.0   # quantisation: u8 = (px + FLOW_BOUND) · U8_LEVELS / (2 · FLOW_BOUND)
@@ -76,9 +76,7 @@ def write_flow_video(path: str | os.PathLike, flow_u8: np.ndarray, fps: float, g
 def _luma(frame: "av.VideoFrame") -> np.ndarray:
     """The Y plane as H×W uint8, dropping line padding, with no range conversion: a view into the frame (no copy;
     the view keeps the frame alive)."""
-    plane = frame.planes[0]
-    h, w = frame.height, frame.width
-    return np.frombuffer(plane, dtype=np.uint8).reshape(-1, plane.line_size)[:h, :w]
+    return _plane(frame.planes[0], frame.height, frame.width)
 
 
 def read_flow_planes(path: str | os.PathLike, indices: Sequence[int]) -> list[np.ndarray]:

@@ -476,6 +476,13 @@ _BT601_OR_UNTAGGED = {2, 5, 6}  # AVCOL_SPC_UNSPECIFIED, BT470BG, SMPTE170M: wha
 _LIMITED_OR_UNTAGGED = {0, 1}   # AVCOL_RANGE_UNSPECIFIED, MPEG
 
 
+def _is_bt601_limited_420(frame: "av.VideoFrame") -> bool:
+    """8-bit 4:2:0 in BT.601 limited range (or untagged): what goca-prepare writes and the readers here convert
+    themselves."""
+    return (frame.format.name == "yuv420p" and frame.colorspace in _BT601_OR_UNTAGGED
+            and frame.color_range in _LIMITED_OR_UNTAGGED)
+
+
 def _plane(plane, rows: int, cols: int) -> np.ndarray:
     return np.frombuffer(plane, dtype=np.uint8).reshape(-1, plane.line_size)[:rows, :cols]
 
@@ -488,8 +495,7 @@ def to_rgb(frame: "av.VideoFrame") -> np.ndarray:
     path, which made RGB conversion most of a training clip's CPU cost, and at least as close to the source
     (benchmarks/notes/decoding.md). Any other format goes through swscale with accurate rounding and interpolated
     chroma."""
-    if (frame.format.name != "yuv420p" or frame.colorspace not in _BT601_OR_UNTAGGED
-            or frame.color_range not in _LIMITED_OR_UNTAGGED):
+    if not _is_bt601_limited_420(frame):
         return frame.to_ndarray(format="rgb24", interpolation=_TO_RGB)
     h, w = frame.height, frame.width
     y = _plane(frame.planes[0], h, w)
@@ -511,8 +517,7 @@ def yuv420_views(frame: "av.VideoFrame") -> tuple[np.ndarray, np.ndarray, np.nda
     """Decoded frame -> its planes Y H×W, Cb and Cr ceil(H/2)×ceil(W/2) uint8, BT.601 limited range 4:2:0 (what
     `to_rgb` converts), as views into the frame: no copy, and the views keep the frame alive. A frame in another
     format, matrix or range is first converted to that by swscale."""
-    if (frame.format.name != "yuv420p" or frame.colorspace not in _BT601_OR_UNTAGGED
-            or frame.color_range not in _LIMITED_OR_UNTAGGED):
+    if not _is_bt601_limited_420(frame):
         frame = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU601, dst_color_range=ColorRange.MPEG,
                                interpolation=_TO_RGB)
     h, w = frame.height, frame.width
