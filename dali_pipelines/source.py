@@ -95,6 +95,31 @@ def clip_params(p: AugParams, height: int, width: int, crop: tuple[int, int],
     return v
 
 
+# BT.601 limited-range YCbCr -> RGB as [M | t], what DALI's `color_space_conversion` computes (then rounds).
+YCBCR_TO_RGB = np.array([[255 / 219, 0.0, 255 / 224 * 1.402],
+                         [255 / 219, -255 / 224 * 1.772 * 0.114 / 0.587, -255 / 224 * 1.402 * 0.299 / 0.587],
+                         [255 / 219, 255 / 224 * 1.772, 0.0]])
+YCBCR_TO_RGB = np.concatenate([YCBCR_TO_RGB, -(YCBCR_TO_RGB @ [16.0, 128.0, 128.0])[:, None]], axis=1)
+# DALI's `color_twist` works in YIQ: hue rotates and saturation scales the (I, Q) plane. NTSC RGB -> YIQ, and back.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def ycbcr_colour_map(jitter: np.ndarray) -> np.ndarray:
+    """The clip's colour jitter (brightness, contrast, saturation, hue in degrees: `P_JITTER`) as one 3×4 float32
+    map [M | t] from BT.601 limited-range YCbCr to RGB: DALI's `color_twist` (hue and saturation in YIQ, contrast
+    around 128, then brightness) after `color_space_conversion`, composed, so one pass over the crop does both. It
+    differs from the two ops only where they round or clip in between (a converted pixel outside [0, 255] keeps its
+    value into the jitter); a saturation of 0 is greyscale."""
+    b, c, s, h = (float(v) for v in jitter)
+    t = np.deg2rad(h)
+    rotate = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), np.sin(t)], [0.0, -np.sin(t), np.cos(t)]])
+    twist = b * c * _YIQ_TO_RGB @ rotate @ np.diag([1.0, s, s]) @ _RGB_TO_YIQ
+    offset = np.full(3, (1 - c) * 128.0 * b)
+    m, t0 = YCBCR_TO_RGB[:, :3], YCBCR_TO_RGB[:, 3]
+    return np.concatenate([twist @ m, (twist @ t0 + offset)[:, None]], axis=1).astype(np.float32)
+
+
 @dataclass
 class TrainSampling:
     """What the training source samples: this rank's share of `metas`, the clips of each video and their
@@ -237,8 +262,8 @@ class SeekingTrainSource(TrainSource):
     video). Each clip comes as its own frames, in clip order, cut to the part of the frame its crop reads
     (`crop_box`), and RGB as its unconverted 4:2:0 planes: the graph then neither picks frames nor converts or
     upsamples whole frames, and about half the bytes cross into DALI. Outputs: meta, then per clip: Y F×h×w×1,
-    chroma F×h/2×w/2×2 (Cb, Cr) uint8, RGB params (window in box coordinates), [flow F×h×w×2 (u, v) uint8, flow
-    params]. A video that cannot be decoded is logged and dropped from its batch through the meta row's keep flag
+    chroma F×h/2×w/2×2 (Cb, Cr) uint8, RGB params (window in box coordinates), its colour map
+    (`ycbcr_colour_map`), [flow F×h×w×2 (u, v) uint8, flow params]. A video that cannot be decoded is logged and dropped from its batch through the meta row's keep flag
     (as a too-short video is), the rest of the batch trains; raising would surface on an earlier batch, the source
     running ahead."""
 
@@ -261,7 +286,7 @@ class SeekingTrainSource(TrainSource):
         out = [sp.row]
         for order, params, flow_clip in sp.clips:
             box = crop_box(params[P_ROI], h, w, crop)
-            out += [*yuv_crops(rgb, order, box), _boxed(params, box)]
+            out += [*yuv_crops(rgb, order, box), _boxed(params, box), ycbcr_colour_map(params[P_JITTER])]
             if flow_clip is not None:
                 f_order, f_params = flow_clip
                 f_box = crop_box(f_params[P_ROI], h, w, crop)

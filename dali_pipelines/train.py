@@ -69,16 +69,16 @@ def _decoded_clips(source: SeekingTrainSource, num_clips: int, with_flow: bool, 
                    official_flow: bool, blur_window: int, out_dtype):
     """`train_pipeline`'s outputs from a `SeekingTrainSource`: each clip arrives as its own frames (RGB as 4:2:0
     planes), read in the pipeline's Python worker processes."""
-    per_clip = [types.UINT8, types.UINT8, types.FLOAT] + ([types.UINT8, types.FLOAT] if with_flow else [])
-    layouts = ["FHWC", "FHWC", ""] + (["FHWC", ""] if with_flow else [])
+    per_clip = [types.UINT8, types.UINT8, types.FLOAT, types.FLOAT] + ([types.UINT8, types.FLOAT] if with_flow else [])
+    layouts = ["FHWC", "FHWC", "", ""] + (["FHWC", ""] if with_flow else [])
     outs = list(fn.external_source(source=source, num_outputs=1 + len(per_clip) * num_clips, batch=False,
                                    dtype=[types.INT64] + per_clip * num_clips, layout=[""] + layouts * num_clips,
                                    parallel=True))
     meta = outs.pop(0)
     rgb, flow = [], []
     for _ in range(num_clips):
-        luma, chroma, params = outs.pop(0), outs.pop(0), outs.pop(0)
-        rgb.append(graph.ycbcr_train_clip(luma, chroma, params, crop, blur_window, out_dtype))
+        luma, chroma, params, colour = outs.pop(0), outs.pop(0), outs.pop(0), outs.pop(0)
+        rgb.append(graph.ycbcr_train_clip(luma, chroma, params, colour, crop, blur_window, out_dtype))
         if with_flow:
             uv, params = outs.pop(0), outs.pop(0)
             flow.append(_flow_clip(uv, params, crop, official_flow, blur_window, out_dtype))

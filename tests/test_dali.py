@@ -217,6 +217,40 @@ def test_same_batches_as_the_cpu_loader(motion_root, flow_mode):
             assert torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1] > 0.99
 
 
+def test_one_colour_pass_equals_conversion_then_twist():
+    """The CPU backend converts and jitters a clip in one `coord_transform` with `ycbcr_colour_map`; DALI's own
+    `color_space_conversion` followed by `color_twist` is the reference. In-gamut pictures (RGB 8..247 taken to
+    YCbCr), jitter drawn over the training ranges, a quarter of the clips greyscale, some without jitter."""
+    from nvidia.dali import fn, pipeline_def, types
+    rng = np.random.default_rng(0)
+    n = 32
+    rgb = rng.integers(8, 248, (n, 4, 24, 24, 3)).astype(np.float64)
+    m, t = dali_source.YCBCR_TO_RGB[:, :3], dali_source.YCBCR_TO_RGB[:, 3]
+    ycc = np.clip(np.round((rgb - t) @ np.linalg.inv(m).T), 0, 255).astype(np.uint8)
+    jitter = np.stack([rng.uniform(0.6, 1.4, n), rng.uniform(0.6, 1.4, n), rng.uniform(0.8, 1.2, n),
+                       rng.uniform(-36, 36, n)], axis=1).astype(np.float32)
+    jitter[::4, 2] = 0.0                 # greyscale
+    jitter[1::8] = (1.0, 1.0, 1.0, 0.0)  # no jitter: the map is the conversion alone
+    maps = [dali_source.ycbcr_colour_map(j) for j in jitter]
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    def pipe():
+        x, j, mt = fn.external_source(source=lambda: (list(ycc), list(jitter), maps), num_outputs=3, batch=True,
+                                      layout=["FHWC", "", ""])
+        rgb_ = fn.color_space_conversion(x, image_type=types.YCbCr, output_type=types.RGB)
+        return (fn.color_twist(rgb_, brightness=j[0], contrast=j[1], saturation=j[2], hue=j[3]),
+                fn.coord_transform(x, MT=mt, dtype=types.UINT8))
+    p = pipe()
+    p.build()
+    two, one = (np.stack([np.array(o[i]) for i in range(n)]).astype(int) for o in p.run())
+    diff = np.abs(two - one)
+    assert diff.max() <= 2 and diff.mean() < 0.3, (diff.max(), diff.mean())  # measured 2 and 0.22: the rounding
+    assert (diff > 1).mean() < 1e-3                                            # of the two ops in between
+    assert (diff[1::8] == 0).all()  # the conversion alone is DALI's, exactly
+    grey = one[::4]
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
 def test_crop_box_hand_cases():
     # window 89.9×130.2 px to 112²: downscale 1.16 -> reach 2·(2 + 2) = 8 px; top/left rounded down to even
     assert crop_box(np.array([10.3, 20.7, 100.2, 150.9]), 256, 340, (112, 112)) == (2, 12, 109, 159)
