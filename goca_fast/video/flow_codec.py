@@ -74,23 +74,32 @@ def write_flow_video(path: str | os.PathLike, flow_u8: np.ndarray, fps: float, g
 
 
 def _luma(frame: "av.VideoFrame") -> np.ndarray:
-    """The Y plane as H×W uint8, dropping line padding, with no range conversion: a view into the frame (no copy;
-    the view keeps the frame alive)."""
-    return _plane(frame.planes[0], frame.height, frame.width)
+    """A copy of the Y plane as H×W uint8, dropping line padding, with no range conversion. A copy, not a view: a
+    view would keep the frame alive and make the decoder allocate fresh frame buffers (see
+    `goca_fast.video.io.yuv420_planes`)."""
+    return _plane(frame.planes[0], frame.height, frame.width).copy()
 
 
 def read_flow_planes(path: str | os.PathLike, indices: Sequence[int]) -> list[np.ndarray]:
-    """The flow video's luma planes (2H×W: u above v) at arbitrary indices, uncopied (`_luma`), one per index."""
+    """The flow video's luma planes (2H×W: u above v) at arbitrary indices, one per index."""
     frames = _decode_at(path, indices, _luma)
     if not frames:
         raise VideoReadError(f"{os.fspath(path)}: no frame indices requested")
     return frames
 
 
+def _uv(frame: "av.VideoFrame", path: str) -> np.ndarray:
+    """A flow frame -> H×W×2 uint8 (u, v), from the u-above-v luma plane."""
+    y = _plane(frame.planes[0], frame.height, frame.width)
+    if frame.height % 2:
+        raise VideoReadError(f"{path}: flow video height {frame.height} is odd, not a u/v stack")
+    h = frame.height // 2
+    return np.stack([y[:h], y[h:]], axis=-1)
+
+
 def read_flow_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
     """Flow frames at arbitrary indices -> len(indices)×H×W×2 uint8 (u, v)."""
-    y = np.stack(read_flow_planes(path, indices))  # N×2H×W
-    if y.shape[1] % 2:
-        raise VideoReadError(f"{os.fspath(path)}: flow video height {y.shape[1]} is odd, not a u/v stack")
-    h = y.shape[1] // 2
-    return np.stack([y[:, :h], y[:, h:]], axis=-1)
+    frames = _decode_at(path, indices, lambda frame: _uv(frame, os.fspath(path)))
+    if not frames:
+        raise VideoReadError(f"{os.fspath(path)}: no frame indices requested")
+    return np.stack(frames)
