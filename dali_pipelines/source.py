@@ -27,7 +27,7 @@ from goca_fast.data.index import VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
 from goca_fast.data.views import ViewSpec
 from goca_fast.video.flow_codec import read_flow_planes
-from goca_fast.video.io import VideoReadError, read_yuv420, set_decoder_threads
+from goca_fast.video.io import YUV_TO_RGB, VideoReadError, read_yuv420, set_decoder_threads
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,6 @@ def clip_params(p: AugParams, height: int, width: int, crop: tuple[int, int],
     return v
 
 
-# BT.601 limited-range YCbCr -> RGB as [M | t], what DALI's `color_space_conversion` computes (then rounds).
-YCBCR_TO_RGB = np.array([[255 / 219, 0.0, 255 / 224 * 1.402],
-                         [255 / 219, -255 / 224 * 1.772 * 0.114 / 0.587, -255 / 224 * 1.402 * 0.299 / 0.587],
-                         [255 / 219, 255 / 224 * 1.772, 0.0]])
-YCBCR_TO_RGB = np.concatenate([YCBCR_TO_RGB, -(YCBCR_TO_RGB @ [16.0, 128.0, 128.0])[:, None]], axis=1)
 # DALI's `color_twist` works in YIQ: hue rotates and saturation scales the (I, Q) plane. NTSC RGB -> YIQ, and back.
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
@@ -116,7 +111,7 @@ def ycbcr_colour_map(jitter: np.ndarray) -> np.ndarray:
     rotate = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), np.sin(t)], [0.0, -np.sin(t), np.cos(t)]])
     twist = b * c * _YIQ_TO_RGB @ rotate @ np.diag([1.0, s, s]) @ _RGB_TO_YIQ
     offset = np.full(3, (1 - c) * 128.0 * b)
-    m, t0 = YCBCR_TO_RGB[:, :3], YCBCR_TO_RGB[:, 3]
+    m, t0 = YUV_TO_RGB[:, :3].astype(np.float64), YUV_TO_RGB[:, 3].astype(np.float64)
     return np.concatenate([twist @ m, (twist @ t0 + offset)[:, None]], axis=1).astype(np.float32)
 
 
@@ -263,9 +258,9 @@ class SeekingTrainSource(TrainSource):
     (`crop_box`), and RGB as its unconverted 4:2:0 planes: the graph then neither picks frames nor converts or
     upsamples whole frames, and about half the bytes cross into DALI. Outputs: meta, then per clip: Y F×h×w×1,
     chroma F×h/2×w/2×2 (Cb, Cr) uint8, RGB params (window in box coordinates), its colour map
-    (`ycbcr_colour_map`), [flow F×h×w×2 (u, v) uint8, flow params]. A video that cannot be decoded is logged and dropped from its batch through the meta row's keep flag
-    (as a too-short video is), the rest of the batch trains; raising would surface on an earlier batch, the source
-    running ahead."""
+    (`ycbcr_colour_map`), [flow F×h×w×2 (u, v) uint8, flow params]. A video that cannot be decoded is logged and
+    dropped from its batch through the meta row's keep flag (as a too-short video is), the rest of the batch trains;
+    raising would surface on an earlier batch, the source running ahead."""
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         set_decoder_threads(1)   # the pipeline's Python workers already run in parallel

@@ -225,7 +225,8 @@ def test_one_colour_pass_equals_conversion_then_twist():
     rng = np.random.default_rng(0)
     n = 32
     rgb = rng.integers(8, 248, (n, 4, 24, 24, 3)).astype(np.float64)
-    m, t = dali_source.YCBCR_TO_RGB[:, :3], dali_source.YCBCR_TO_RGB[:, 3]
+    from goca_fast.video.io import YUV_TO_RGB
+    m, t = YUV_TO_RGB[:, :3].astype(np.float64), YUV_TO_RGB[:, 3].astype(np.float64)
     ycc = np.clip(np.round((rgb - t) @ np.linalg.inv(m).T), 0, 255).astype(np.uint8)
     jitter = np.stack([rng.uniform(0.6, 1.4, n), rng.uniform(0.6, 1.4, n), rng.uniform(0.8, 1.2, n),
                        rng.uniform(-36, 36, n)], axis=1).astype(np.float32)

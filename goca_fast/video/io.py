@@ -469,8 +469,9 @@ def _decode_at(path: str | os.PathLike, indices: Sequence[int],
     return [got[int(i)] for i in idx]
 
 
-# BT.601 limited range YUV -> RGB (the inverse of _RGB2YUV and its offsets) as the 3×4 affine map of cv2.transform
-_YUV2RGB = np.concatenate([np.linalg.inv(_RGB2YUV), -np.linalg.inv(_RGB2YUV) @ np.array([[16.0], [128.0], [128.0]])],
+# BT.601 limited range YUV -> RGB (the inverse of _RGB2YUV and its offsets) as a 3×4 affine map [M | t] (what
+# cv2.transform takes; the same matrix as DALI's color_space_conversion YCbCr -> RGB)
+YUV_TO_RGB = np.concatenate([np.linalg.inv(_RGB2YUV), -np.linalg.inv(_RGB2YUV) @ np.array([[16.0], [128.0], [128.0]])],
                           axis=1).astype(np.float32)
 _BT601_OR_UNTAGGED = {2, 5, 6}  # AVCOL_SPC_UNSPECIFIED, BT470BG, SMPTE170M: what swscale treats as BT.601
 _LIMITED_OR_UNTAGGED = {0, 1}   # AVCOL_RANGE_UNSPECIFIED, MPEG
@@ -502,7 +503,7 @@ def to_rgb(frame: "av.VideoFrame") -> np.ndarray:
     uv = cv2.merge([_plane(frame.planes[1], (h + 1) // 2, (w + 1) // 2),
                     _plane(frame.planes[2], (h + 1) // 2, (w + 1) // 2)])
     uv = cv2.resize(uv, (w, h), interpolation=cv2.INTER_CUBIC)
-    return cv2.transform(cv2.merge([y, uv]), _YUV2RGB)
+    return cv2.transform(cv2.merge([y, uv]), YUV_TO_RGB)
 
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
