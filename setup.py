@@ -69,6 +69,7 @@ setup(
         "pyyaml",
         "av>=11",
         "opencv-contrib-python-headless",
+        "pillow>=9.1",
         "tqdm",
         "tensorboard",
         "matplotlib",

@@ -6,9 +6,9 @@ need) -> `sequence_rearrange` picks the clip's frames by position (stride, repea
 then crop) -> colour ops (RGB) ->
 `crop_mirror_normalize` (flip, normalisation, F×H×W×C -> C×F×H×W, output dtype). Every per-clip op takes its
 parameters per sample, so one draw covers all frames of a clip. The same graph runs on the DALI CPU backend
-(`device_id=None`; training frames decoded by the seeking PyAV reader in the source, as DALI's CPU decoder does
-not seek, and converted to RGB after the crop by `ycbcr_train_clip`) and on the GPU (decoding with NVDEC through
-the "mixed" decoder).
+(`device_id=None`) and on the GPU (decoding with NVDEC through the "mixed" decoder), except for training on the
+CPU backend: there the source decodes with the seeking PyAV reader (DALI's CPU decoder does not seek) and also
+resizes and colours each RGB clip (`dali_pipelines.seeking`), and the graph only finishes it (`finish_rgb_clip`).
 """
 from __future__ import annotations
 
@@ -84,32 +84,17 @@ def _resize_crop(frames, params, crop: Sequence[int]):
                      antialias=True, interp_type=types.INTERP_LINEAR)
 
 
-def ycbcr_train_clip(luma, chroma, params, colour, crop: Sequence[int], blur_window: int, out_dtype):
-    """Training view of an RGB clip given as its 4:2:0 planes (F×H×W×1 Y, F×H/2×W/2×2 CbCr): each plane's crop
-    window is resized straight to the crop size (the chroma window is the luma one halved, exact for centre-sited
-    chroma, so the resize also upsamples the chroma), and only then does one `coord_transform` apply `colour`, the
-    clip's 3×4 map from BT.601 limited-range YCbCr to jittered RGB (`dali_pipelines.source.ycbcr_colour_map`:
-    `color_space_conversion` followed by `color_twist`, composed). Neither a whole-frame conversion nor a whole-frame
-    chroma upsampling is paid, and the colour is one pass instead of two (measured: 7 ms less per sample of 6 clips
-    on one core). Then blur, flip and normalisation as `train_rgb_clip`."""
-    roi = params[P_ROI]
-    resize = dict(size=list(crop), roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
-    y = fn.resize(luma, roi_start=roi[0:2], roi_end=roi[2:4], **resize)
-    c = fn.resize(chroma, roi_start=roi[0:2] * 0.5, roi_end=roi[2:4] * 0.5, **resize)
-    x = fn.coord_transform(fn.cat(y, c, axis_name="C"), MT=colour, dtype=types.UINT8)
-    return _blur_normalise(x, params, blur_window, out_dtype)
-
-
 def train_rgb_clip(frames, params, crop: Sequence[int], blur_window: int, out_dtype):
     """Training view of an RGB (or official 3-channel flow) clip: resize, crop, jitter, grey, blur, flip, norm."""
     x = _resize_crop(frames, params, crop)
     jitter = params[P_JITTER]  # jitter and grey in one op
     x = fn.color_twist(x, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2], hue=jitter[3])
-    return _blur_normalise(x, params, blur_window, out_dtype)
+    return finish_rgb_clip(x, params, blur_window, out_dtype)
 
 
-def _blur_normalise(x, params, blur_window: int, out_dtype):
-    """Blur, flip and ImageNet normalisation of a cropped, colour-jittered RGB clip."""
+def finish_rgb_clip(x, params, blur_window: int, out_dtype):
+    """Blur, flip and ImageNet normalisation of a cropped, colour-jittered RGB clip (on the CPU backend the source
+    delivers the clip that far: `dali_pipelines.seeking.rgb_clip`)."""
     if blur_window > 0:
         x = fn.gaussian_blur(x, sigma=params[P_BLUR], window_size=blur_window)
     return fn.crop_mirror_normalize(x, mirror=_mirror(params), mean=[255 * m for m in IMAGENET_MEAN],

@@ -8,8 +8,8 @@ depend on thread count, rank count or on where a run was resumed, and the DALI g
 operator. A sample hands DALI the whole encoded file and the sorted distinct frame indices its clips need
 (`decoders.video(frames=...)` decodes just those, seeking by keyframe); each clip then picks its frames from that
 decode by position (stride, repeats and time reversal included). RGB and flow share the one frame list. On DALI's
-CPU backend, whose decoder does not seek, `SeekingTrainSource` hands over those frames decoded by the project's
-seeking reader instead of the files (RGB as its unconverted 4:2:0 planes).
+CPU backend, whose decoder does not seek, `dali_pipelines.seeking.SeekingTrainSource` hands over each clip's frames
+decoded by the project's seeking reader instead of the files.
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ from goca_fast.data.cpu_loader import EpochSampler, item_seeds
 from goca_fast.data.index import VideoRecord
 from goca_fast.data.sampling import sample_train_clips, uniform_eval_clips
 from goca_fast.data.views import ViewSpec
-from goca_fast.video.flow_codec import read_flow_planes
-from goca_fast.video.io import YUV_TO_RGB, VideoReadError, read_yuv420, set_decoder_threads
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +91,6 @@ def clip_params(p: AugParams, height: int, width: int, crop: tuple[int, int],
     v[P_BLUR] = p.blur_sigma if p.blur_sigma is not None else 0.01  # σ=0.01: the kernel is exactly (.., 0, 1, 0, ..)
     v[P_SIGN] = sign
     return v
-
-
-# DALI's `color_twist` works in YIQ: hue rotates and saturation scales the (I, Q) plane. NTSC RGB -> YIQ, and back.
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
-
-
-def ycbcr_colour_map(jitter: np.ndarray) -> np.ndarray:
-    """The clip's colour jitter (brightness, contrast, saturation, hue in degrees: `P_JITTER`) as one 3×4 float32
-    map [M | t] from BT.601 limited-range YCbCr to RGB: DALI's `color_twist` (hue and saturation in YIQ, contrast
-    around 128, then brightness) after `color_space_conversion`, composed, so one pass over the crop does both. It
-    differs from the two ops only where they round or clip in between (a converted pixel outside [0, 255] keeps its
-    value into the jitter); a saturation of 0 is greyscale."""
-    b, c, s, h = (float(v) for v in jitter)
-    t = np.deg2rad(h)
-    rotate = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), np.sin(t)], [0.0, -np.sin(t), np.cos(t)]])
-    twist = b * c * _YIQ_TO_RGB @ rotate @ np.diag([1.0, s, s]) @ _RGB_TO_YIQ
-    offset = np.full(3, (1 - c) * 128.0 * b)
-    m, t0 = YUV_TO_RGB[:, :3].astype(np.float64), YUV_TO_RGB[:, 3].astype(np.float64)
-    return np.concatenate([twist @ m, (twist @ t0 + offset)[:, None]], axis=1).astype(np.float32)
 
 
 @dataclass
@@ -227,95 +205,6 @@ class SamplePlan:
     row: np.ndarray
     frames: np.ndarray
     clips: list[tuple[np.ndarray, np.ndarray, Optional[tuple[np.ndarray, np.ndarray]]]]
-
-
-def crop_box(roi: np.ndarray, height: int, width: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) of the part of a height×width frame that resizing the window `roi` (y0, x0, y1,
-    x1) to `crop` reads: the window grown by the resampling filter's reach (its radius is the downscale factor,
-    at least one pixel; counted in chroma pixels, so it also covers the half-resolution chroma plane), clipped to
-    the frame, with an even top and left so the chroma box is exactly the luma box halved."""
-    y0, x0, y1, x1 = (float(v) for v in roi)
-    scale = max((y1 - y0) / crop[0], (x1 - x0) / crop[1], 1.0)
-    reach = 2 * (int(np.ceil(scale)) + 2)
-    top, left = max(0, int(np.floor(y0)) - reach) // 2 * 2, max(0, int(np.floor(x0)) - reach) // 2 * 2
-    bottom, right = min(height, int(np.ceil(y1)) + reach), min(width, int(np.ceil(x1)) + reach)
-    return top, left, bottom, right
-
-
-def _boxed(params: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """The clip's parameters with its window moved into `box`'s coordinates."""
-    v = params.copy()
-    v[P_ROI] -= np.array([box[0], box[1], box[0], box[1]], np.float32)
-    return v
-
-
-class SeekingTrainSource(TrainSource):
-    """`TrainSource` for DALI's CPU backend: the sample's frames arrive decoded by the project's seeking reader
-    (`goca_fast.video.io.read_yuv420` / `goca_fast.video.flow_codec.read_flow_planes`: exact, and its cost does not
-    grow with where the clip starts) instead of as encoded files, because DALI's CPU decoder decodes every file
-    from its first frame (measured with 1.53: 18x the cost of a clip at frame 0 for one at the end of a 750-frame
-    video). Each clip comes as its own frames, in clip order, cut to the part of the frame its crop reads
-    (`crop_box`), and RGB as its unconverted 4:2:0 planes: the graph then neither picks frames nor converts or
-    upsamples whole frames, and about half the bytes cross into DALI. Outputs: meta, then per clip: Y F×h×w×1,
-    chroma F×h/2×w/2×2 (Cb, Cr) uint8, RGB params (window in box coordinates), its colour map
-    (`ycbcr_colour_map`), [flow F×h×w×2 (u, v) uint8, flow params]. A video that cannot be decoded is logged and
-    dropped from its batch through the meta row's keep flag (as a too-short video is), the rest of the batch trains;
-    raising would surface on an earlier batch, the source running ahead."""
-
-    def __call__(self, info) -> tuple[np.ndarray, ...]:
-        set_decoder_threads(1)   # the pipeline's Python workers already run in parallel
-        sp = self.plan(info.idx_in_epoch)
-        meta, crop = sp.meta, self.augment.crop
-        h, w = meta.height, meta.width
-        try:
-            rgb = read_yuv420(meta.rgb, sp.frames)
-            flow = read_flow_planes(meta.flow, sp.frames) if self.with_flow else []
-            if rgb[0][0].shape != (h, w) or (flow and flow[0].shape != (2 * h, w)):
-                raise VideoReadError(f"{meta.id}: frames are not {w}x{h} as the index says (flow: {w}x{2 * h})")
-        except VideoReadError as e:
-            if meta.id not in self._warned:
-                self._warned.add(meta.id)
-                log.warning("skipping video %s: cannot decode it (%s)", meta.id, e)
-            rgb, flow = [], []
-            sp.row[2] = 0  # dropped from its batch like a too-short video; the rest of the batch trains
-        out = [sp.row]
-        for order, params, flow_clip in sp.clips:
-            box = crop_box(params[P_ROI], h, w, crop)
-            out += [*yuv_crops(rgb, order, box), _boxed(params, box), ycbcr_colour_map(params[P_JITTER])]
-            if flow_clip is not None:
-                f_order, f_params = flow_clip
-                f_box = crop_box(f_params[P_ROI], h, w, crop)
-                out += [flow_crops(flow, f_order, f_box, h), _boxed(f_params, f_box)]
-        return tuple(out)
-
-
-def yuv_crops(planes: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], order: np.ndarray,
-              box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(Y F×h×w×1, CbCr F×h/2×w/2×2) of the frames `order` of the decoded (Y, Cb, Cr) planes, cut to `box` (black
-    when nothing was decoded, so the batch keeps its shape)."""
-    top, left, bottom, right = box
-    ct, cl, cb, cr = top // 2, left // 2, (bottom + 1) // 2, (right + 1) // 2
-    y = np.zeros((len(order), bottom - top, right - left, 1), np.uint8)
-    c = np.zeros((len(order), cb - ct, cr - cl, 2), np.uint8)
-    for k in range(len(order) if planes else 0):
-        luma, cb_plane, cr_plane = planes[order[k]]
-        y[k, ..., 0] = luma[top:bottom, left:right]
-        c[k, ..., 0] = cb_plane[ct:cb, cl:cr]
-        c[k, ..., 1] = cr_plane[ct:cb, cl:cr]
-    return y, c
-
-
-def flow_crops(planes: Sequence[np.ndarray], order: np.ndarray, box: tuple[int, int, int, int],
-               height: int) -> np.ndarray:
-    """F×h×w×2 (u, v) of the frames `order` of the decoded flow luma planes (u above v, each `height` rows), cut to
-    `box` (zero when nothing was decoded)."""
-    top, left, bottom, right = box
-    uv = np.zeros((len(order), bottom - top, right - left, 2), np.uint8)
-    for k in range(len(order) if planes else 0):
-        luma = planes[order[k]]
-        uv[k, ..., 0] = luma[top:bottom, left:right]
-        uv[k, ..., 1] = luma[height + top:height + bottom, left:right]
-    return uv
 
 
 class EvalSource:

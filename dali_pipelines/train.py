@@ -19,7 +19,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines import graph
-from dali_pipelines.source import SeekingTrainSource, TrainSampling, TrainSource
+from dali_pipelines.seeking import SeekingTrainSource
+from dali_pipelines.source import TrainSampling, TrainSource
 from goca_fast.data.batch import ClipBatch
 from goca_fast.data.cpu_loader import EpochSampler, TrainClipDataset, collate_clips
 
@@ -67,18 +68,18 @@ def _flow_clip(uv, params, crop, official_flow: bool, blur_window: int, out_dtyp
 
 def _decoded_clips(source: SeekingTrainSource, num_clips: int, with_flow: bool, crop: Sequence[int],
                    official_flow: bool, blur_window: int, out_dtype):
-    """`train_pipeline`'s outputs from a `SeekingTrainSource`: each clip arrives as its own frames (RGB as 4:2:0
-    planes), read in the pipeline's Python worker processes."""
-    per_clip = [types.UINT8, types.UINT8, types.FLOAT, types.FLOAT] + ([types.UINT8, types.FLOAT] if with_flow else [])
-    layouts = ["FHWC", "FHWC", "", ""] + (["FHWC", ""] if with_flow else [])
+    """`train_pipeline`'s outputs from a `SeekingTrainSource`, which runs in the pipeline's Python worker processes:
+    each RGB clip arrives resized and colour-jittered, each flow clip as its own frames cut to its crop's box."""
+    per_clip = [types.UINT8, types.FLOAT] + ([types.UINT8, types.FLOAT] if with_flow else [])
+    layouts = ["FHWC", ""] + (["FHWC", ""] if with_flow else [])
     outs = list(fn.external_source(source=source, num_outputs=1 + len(per_clip) * num_clips, batch=False,
                                    dtype=[types.INT64] + per_clip * num_clips, layout=[""] + layouts * num_clips,
                                    parallel=True))
     meta = outs.pop(0)
     rgb, flow = [], []
     for _ in range(num_clips):
-        luma, chroma, params, colour = outs.pop(0), outs.pop(0), outs.pop(0), outs.pop(0)
-        rgb.append(graph.ycbcr_train_clip(luma, chroma, params, colour, crop, blur_window, out_dtype))
+        clip, params = outs.pop(0), outs.pop(0)
+        rgb.append(graph.finish_rgb_clip(clip, params, blur_window, out_dtype))
         if with_flow:
             uv, params = outs.pop(0), outs.pop(0)
             flow.append(_flow_clip(uv, params, crop, official_flow, blur_window, out_dtype))
