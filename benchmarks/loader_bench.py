@@ -2,8 +2,8 @@
 
     python benchmarks/loader_bench.py [--loaders dali_cpu,cpu,official] [--workers 2] [--batches 30] [--repeats 2]
 
-Same dataset for all (generated once into --cache: --videos videos of 340×256, 10 s at 25 fps, H.264 GOP 16, with
-their flow videos), same recipe (2×16 + 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the
+Same dataset for all (generated once into --cache: --videos videos of 340×256, 10 s at 25 fps, encoded as goca-prepare
+and goca-flow encode: H.264 GOP 16, CAVLC unless --entropy cabac; with their flow videos), same recipe (2×16 + 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the
 official code), same worker/thread count. The official-style loader is what the released code does per sample
 (docs/official_behaviour.md#known-bugs-of-the-official-code): PyAV-decode the *whole* RGB and flow videos,
 convert the sampled frames with to_rgb, then run the torch augmentation on RGB and, independently, on the
@@ -34,13 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import device_name, write_results  # noqa: E402
+from goca_fast.video.io import ENTROPY_CODERS, PREPARED_ENTROPY  # noqa: E402
 
 RECIPE = ["data.train_split=train", "data.clips_per_group=[2,4]", "data.frames_per_group=[16,8]", "data.stride=2", "data.min_distance=16",
           "data.crop_size=112", "data.scale_range=[128,160]", "data.modalities=rgb_flow", "engine.amp=off"]
 
 
-def make_dataset(root: Path, videos: int, frames: int = 250, height: int = 256, width: int = 340) -> Path:
-    """Textured scenes panning at varying speed (realistic H.264 bitrate), their exact flow, an index."""
+def make_dataset(root: Path, videos: int, frames: int = 250, height: int = 256, width: int = 340,
+                 entropy: str = "cavlc") -> Path:
+    """Textured scenes panning at varying speed (realistic H.264 bitrate), their exact flow, an index; encoded as
+    goca-prepare and goca-flow encode (GOP 16, `entropy` coder)."""
     import cv2
     from goca_fast.data.index import VideoRecord, write_index
     from goca_fast.video.io import write_video
@@ -63,8 +66,8 @@ def make_dataset(root: Path, videos: int, frames: int = 250, height: int = 256, 
         yy, xx = np.mgrid[0:height, 0:width] / 40.0
         flow += (0.8 * np.sin(xx + i) * np.cos(yy))[None, ..., None].astype(np.float32)  # smooth, like TV-L1 flow
         cls = f"c{i % 4}"
-        write_video(root / f"rgb/{i:03d}.mp4", rgb, 25, gop=16)
-        write_flow_video(root / f"flow/{i:03d}.mp4", quantise_flow(flow), 25, gop=16)
+        write_video(root / f"rgb/{i:03d}.mp4", rgb, 25, gop=16, entropy=entropy)
+        write_flow_video(root / f"flow/{i:03d}.mp4", quantise_flow(flow), 25, gop=16, entropy=entropy)
         recs.append(VideoRecord(f"{i:03d}", f"rgb/{i:03d}.mp4", f"flow/{i:03d}.mp4", i % 4, cls, frames, 25.0, width,
                                 height, ["train"]))
         print(f"  made video {i + 1}/{videos}", file=sys.stderr)
@@ -310,12 +313,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--frames", type=int, default=250, help="frames per video (Kinetics: 250-300)")
+    ap.add_argument("--entropy", choices=ENTROPY_CODERS, default=PREPARED_ENTROPY,
+                    help="H.264 entropy coder of the videos (default: what goca-prepare writes)")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/goca_fast/loader_bench"))
     ap.add_argument("--name", default="loader", help="results file name (e.g. loader-longrun for a leak check)")
     ap.add_argument("--progress", type=int, default=0, help="print RSS and time every N batches (stderr)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    root = make_dataset(Path(a.cache) / f"{a.videos}x{a.frames}", a.videos, frames=a.frames)
+    root = make_dataset(Path(a.cache) / f"{a.videos}x{a.frames}-{a.entropy}", a.videos, frames=a.frames,
+                        entropy=a.entropy)
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ucf101_r2plus1d.yaml"),
                       RECIPE + [f"data.root={root}", f"data.workers={a.workers}", f"data.batch_size={a.batch_size}"])
     if a.one:  # child mode: one loader in a fresh process, so peak RSS and CPU time are its own
@@ -347,7 +353,8 @@ def main(argv=None) -> int:
                                           "child_processes"],
                          {"device": device_name(dev), "device_tag": dev.type, "workers": a.workers,
                           "batch_size": a.batch_size, "timed_batches": a.batches, "warmup_batches": a.warmup,
-                          "dataset": f"{a.videos} videos 340x256, {a.frames} frames at 25 fps, H.264 GOP 16 + flow videos",
+                          "dataset": f"{a.videos} videos 340x256, {a.frames} frames at 25 fps, H.264 GOP 16 "
+                                     f"({a.entropy.upper()}) + flow videos",
                           "recipe": "2x16 + 4x8 frames, stride 2, min distance 16, scale 128-160, crop 112",
                           "repeats": a.repeats, "dali": _dali_version(),
                           "rss": "host RSS of the loader process (DataLoader workers not included)",

@@ -99,6 +99,7 @@ def _check_params(out: str, opts: PrepareOptions, force: bool) -> None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             have = json.load(f)
+        have.setdefault("entropy", "cabac")  # written before the entropy coder was a setting: CABAC then
         if have != want and not force:
             diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
             raise ValueError(f"{out} was prepared with other parameters {diff} (old, new); "

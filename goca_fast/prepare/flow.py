@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from goca_fast.runtime.atomic import remove_stale_temps
-from goca_fast.video.io import VideoReadError, read_all_frames, set_decoder_threads
+from goca_fast.video.io import ENTROPY_CODERS, PREPARED_ENTROPY, VideoReadError, read_all_frames, set_decoder_threads
 from goca_fast.video.flow_codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
 from goca_fast.prepare.flow_files import (FlowJob, FlowJournal, finish_shard, load_master, pending_jobs,
                                           read_journals)
@@ -43,9 +43,10 @@ def grey_frames(rgb: np.ndarray) -> np.ndarray:
     return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb])
 
 
-def flows_to_video(path: str, flows: np.ndarray, frames: int, fps: float, gop: int, crf: float) -> None:
+def flows_to_video(path: str, flows: np.ndarray, frames: int, fps: float, gop: int, crf: float,
+                   entropy: str) -> None:
     """(T−1)×H×W×2 float px -> quantised flow video with `frames` frames (last flow repeated)."""
-    write_flow_video(path, pad_flow_to_frames(quantise_flow(flows), frames), fps, gop=gop, crf=crf)
+    write_flow_video(path, pad_flow_to_frames(quantise_flow(flows), frames), fps, gop=gop, crf=crf, entropy=entropy)
 
 
 def load_grey(job: FlowJob) -> np.ndarray:
@@ -75,7 +76,7 @@ def opencv_job(job: FlowJob) -> dict:
         g = load_grey(job)
         tv = opencv_tvl1(_CV_PARAMS)
         flows = np.stack([tv.calc(g[i], g[i + 1], None) for i in range(len(g) - 1)])
-        flows_to_video(job.out, flows, job.rec.frames, job.rec.fps, job.gop, job.crf)
+        flows_to_video(job.out, flows, job.rec.frames, job.rec.fps, job.gop, job.crf, job.entropy)
         return {"id": job.rec.id, "status": "done", "pairs": len(g) - 1, "seconds": time.perf_counter() - t0}
     except Exception as e:  # noqa: BLE001 - one bad video never stops the run
         return {"id": job.rec.id, "status": "failed", "reason": f"flow failed: {type(e).__name__}: {e}",
@@ -118,7 +119,8 @@ def _run_torch(jobs: list[FlowJob], params: TVL1Params, device: str, batch: int,
                     e = min(s + batch, len(g) - 1)
                     out.append(tvl1_flow(g[s:e], g[s + 1:e + 1], params, compile=compile).permute(0, 2, 3, 1))
                 flows = torch.cat(out).cpu().numpy()
-                w = writer.submit(flows_to_video, job.out, flows, job.rec.frames, job.rec.fps, job.gop, job.crf)
+                w = writer.submit(flows_to_video, job.out, flows, job.rec.frames, job.rec.fps, job.gop, job.crf,
+                                  job.entropy)
                 writes.append((job, w, len(g) - 1, time.perf_counter() - t0))
             except Exception as e:  # noqa: BLE001
                 yield {"id": job.rec.id, "status": "failed", "reason": f"flow failed: {type(e).__name__}: {e}",
@@ -169,6 +171,7 @@ class FlowSettings:
     params: TVL1Params = TVL1Params()
     gop: int = 16
     crf: float = FLOW_CRF
+    entropy: str = PREPARED_ENTROPY
 
 
 def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers: int = 1,
@@ -177,6 +180,8 @@ def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers:
     rewriting the index; shard i/n of n > 1 leaves that to one `merge_shards` once every shard has finished."""
     backend, device, params, gop, crf = settings.backend, settings.device, settings.params, settings.gop, settings.crf
     params.check()
+    if settings.entropy not in ENTROPY_CODERS:
+        raise ValueError(f"entropy must be one of {', '.join(ENTROPY_CODERS)}, got {settings.entropy!r}")
     if backend not in ("opencv", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use opencv or torch")
     root = os.path.abspath(root)
@@ -185,7 +190,7 @@ def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers:
     remove_stale_temps(os.path.join(root, "flow"))
     journals = read_journals(root)
     with FlowJournal(root, shard, journals) as journal:
-        jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified)
+        jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified, settings.entropy)
         if limit is not None:
             jobs = jobs[:limit]
         startup = time.time() - t_start

@@ -22,7 +22,7 @@ import numpy as np
 from goca_fast.runtime.atomic import file_stamp, write_atomic
 from goca_fast.data.index import (CLASSES_FILE, EXCLUDED_FILE, INDEX_FILE, MASTER_EXCLUDED, MASTER_INDEX,
                                   DatasetIndexError, VideoRecord, write_index)
-from goca_fast.video.io import VideoReadError, probe_video
+from goca_fast.video.io import PREPARED_ENTROPY, VideoReadError, probe_video
 from goca_fast.video.flow_codec import FLOW_CRF
 
 REPORT_FILE = "flow_report.json"
@@ -229,6 +229,7 @@ class FlowJob:
     rec: VideoRecord
     gop: int = 16
     crf: float = FLOW_CRF
+    entropy: str = PREPARED_ENTROPY
 
     @property
     def out(self) -> str:
@@ -242,7 +243,7 @@ def shard_records(records: Sequence[VideoRecord], shard: tuple[int, int]) -> lis
 
 def pending_jobs(root: str, records: Sequence[VideoRecord], shard: tuple[int, int] = (0, 1), gop: int = 16,
                  crf: float = FLOW_CRF, journal: Optional[FlowJournal] = None,
-                 verified: Collection[str] = ()) -> tuple[list[FlowJob], int]:
+                 verified: Collection[str] = (), entropy: str = PREPARED_ENTROPY) -> tuple[list[FlowJob], int]:
     """Jobs for this shard whose flow video is missing or does not match its RGB; (jobs, already done). Files found
     good by a probe are added to `journal`, so the next start need not probe them again."""
     mine = shard_records(records, shard)
@@ -257,5 +258,5 @@ def pending_jobs(root: str, records: Sequence[VideoRecord], shard: tuple[int, in
         out = os.path.join(root, flow_rel_path(r))
         if why != "flow missing" and os.path.exists(out):
             os.unlink(out)  # a stale flow video that does not match its RGB: recompute
-        jobs.append(FlowJob(root, r, gop, crf))
+        jobs.append(FlowJob(root, r, gop, crf, entropy))
     return jobs, done

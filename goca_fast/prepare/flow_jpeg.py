@@ -26,6 +26,7 @@ import cv2
 from goca_fast.runtime.atomic import remove_stale_temps
 from goca_fast.prepare.sources import SPLIT_DIR_NAMES
 from goca_fast.data.index import VideoRecord
+from goca_fast.video.io import PREPARED_ENTROPY
 from goca_fast.video.flow_codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
 from goca_fast.prepare.flow_files import (FlowJournal, finish_shard, flow_rel_path, load_master, pending_jobs,
                                           read_journals)
@@ -105,7 +106,7 @@ def index_jpeg_folders(jpeg_root: str) -> dict[str, list[str]]:
 
 
 def import_one(root: str, rec: VideoRecord, folder: str, out_rel: str, tolerance: int, gop: int,
-               crf: float) -> dict:
+               crf: float, entropy: str) -> dict:
     """Convert one JPEG folder; never raises."""
     t0 = time.perf_counter()
     try:
@@ -119,7 +120,8 @@ def import_one(root: str, rec: VideoRecord, folder: str, out_rel: str, tolerance
             return {"id": rec.id, "status": "failed",
                     "reason": f"flow frame count mismatch: {n} JPEGs for {rec.frames} RGB frames (tolerance {tolerance})"}
         flow = resize_flow_u8(read_flow_jpegs(layout, files), rec.width, rec.height)
-        write_flow_video(os.path.join(root, out_rel), pad_flow_to_frames(flow, rec.frames), rec.fps, gop=gop, crf=crf)
+        write_flow_video(os.path.join(root, out_rel), pad_flow_to_frames(flow, rec.frames), rec.fps, gop=gop, crf=crf,
+                         entropy=entropy)
         return {"id": rec.id, "status": "done", "pairs": n, "seconds": time.perf_counter() - t0}
     except Exception as e:  # noqa: BLE001
         return {"id": rec.id, "status": "failed", "reason": f"flow import failed: {type(e).__name__}: {e}",
@@ -127,7 +129,8 @@ def import_one(root: str, rec: VideoRecord, folder: str, out_rel: str, tolerance
 
 
 def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int = 5, gop: int = 16,
-                     crf: float = FLOW_CRF, shard: tuple[int, int] = (0, 1), progress: bool = False) -> dict:
+                     crf: float = FLOW_CRF, shard: tuple[int, int] = (0, 1), progress: bool = False,
+                     entropy: str = PREPARED_ENTROPY) -> dict:
     """Import every missing flow video of this shard of the prepared dataset `root` from JPEG folders; one shard
     (0/1) rewrites the index, shards of n > 1 leave it to `goca-flow --merge` (as `extract_flow`)."""
     root = os.path.abspath(root)
@@ -135,7 +138,7 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
     remove_stale_temps(os.path.join(root, "flow"))
     journals = read_journals(root)
     with FlowJournal(root, shard, journals) as journal:
-        jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified)
+        jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified, entropy)
         report = _import(root, jpeg_root, jobs, workers, tolerance, gop, crf, progress, journal)
     report.update({"videos": len(records), "already_done": done_before, "shard": list(shard)})
     return finish_shard(root, (records, classes, excluded), shard, report, journals)
@@ -156,7 +159,7 @@ def _import(root: str, jpeg_root: str, jobs: list, workers: int, tolerance: int,
         if not cands:
             failures[j.rec.id] = "flow missing: no JPEG folder named after the video"
             continue
-        work.append((root, j.rec, cands[0], flow_rel_path(j.rec), tolerance, gop, crf))
+        work.append((root, j.rec, cands[0], flow_rel_path(j.rec), tolerance, gop, crf, j.entropy))
     t0 = time.time()
     by_id = {j.rec.id: j.rec for j in jobs}
     for vid, reason in failures.items():

@@ -54,8 +54,9 @@ def pad_flow_to_frames(flow: np.ndarray, num_frames: int) -> np.ndarray:
 
 
 def write_flow_video(path: str | os.PathLike, flow_u8: np.ndarray, fps: float, gop: int = 16,
-                     crf: float = FLOW_CRF) -> None:
-    """Write T×H×W×2 uint8 flow as a full-range 2H×W luma video (atomic)."""
+                     crf: float = FLOW_CRF, entropy: str = "cabac") -> None:
+    """Write T×H×W×2 uint8 flow as a full-range 2H×W luma video (atomic); `entropy`: see
+    `goca_fast.video.io.ENTROPY_CODERS`."""
     flow_u8 = np.asarray(flow_u8)
     if flow_u8.ndim != 4 or flow_u8.shape[-1] != 2 or flow_u8.dtype != np.uint8 or len(flow_u8) == 0:
         raise ValueError(f"flow must be a non-empty T×H×W×2 uint8 array, got {flow_u8.dtype} {flow_u8.shape}")
@@ -70,7 +71,7 @@ def write_flow_video(path: str | os.PathLike, flow_u8: np.ndarray, fps: float, g
             vf.pts = i
             yield vf
 
-    _encode(path, w, 2 * h, fps, gop, crf, gen, full_range=True)
+    _encode(path, w, 2 * h, fps, gop, crf, gen, full_range=True, entropy=entropy)
 
 
 def _luma(frame: "av.VideoFrame") -> np.ndarray:

@@ -19,7 +19,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
-from goca_fast.video.io import VideoWriter, _configure_decoder
+from goca_fast.video.io import ENTROPY_CODERS, PREPARED_ENTROPY, VideoWriter, _configure_decoder
 
 _VERSION = 1
 
@@ -29,10 +29,11 @@ _RESIZE = Interpolation.AREA | Interpolation.FULL_CHR_H_INT | Interpolation.ACCU
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    """Encoding and admission parameters (the first four fix the output; see prepare.json)."""
+    """Encoding and admission parameters (`encoding()` fixes the output; see prepare.json)."""
     short_side: int = 256          # official README: flow (and so RGB) at 256
     gop: int = 16
     crf: float = 18
+    entropy: str = PREPARED_ENTROPY  # H.264 entropy coder (goca_fast.video.io.ENTROPY_CODERS)
     fps: Optional[float] = None    # None: keep each video's native rate (the official loader does)
     min_frames: int = 31           # official: > 30 frames; (16-1)*2+1 = 31 spans the longest default clip
     max_gap: float = 1.0           # seconds without frames that resampling to CFR may not paper over
@@ -40,7 +41,7 @@ class PrepareOptions:
 
     def encoding(self) -> dict:
         return {"version": _VERSION, "short_side": self.short_side, "gop": self.gop, "crf": self.crf,
-                "fps": self.fps, "upscale": self.upscale}
+                "entropy": self.entropy, "fps": self.fps, "upscale": self.upscale}
 
     def check(self) -> None:
         if self.short_side < 16 or self.short_side % 2:
@@ -49,6 +50,8 @@ class PrepareOptions:
             raise ValueError(f"gop must be >= 1, got {self.gop}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {self.crf}")
+        if self.entropy not in ENTROPY_CODERS:
+            raise ValueError(f"entropy must be one of {', '.join(ENTROPY_CODERS)}, got {self.entropy!r}")
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise ValueError(f"fps must be in [1, 240], got {self.fps}")
         if self.min_frames < 1:
@@ -325,7 +328,7 @@ def transcode(path: str, out: Optional[str], opts: PrepareOptions) -> dict:
                     turns = int(round((getattr(fr, "rotation", 0) or 0) / 90.0)) % 4  # display matrix
                     if out is not None:
                         w, h = size[::-1] if turns % 2 else size
-                        writer = VideoWriter(out, w, h, fps, gop=opts.gop, crf=opts.crf)
+                        writer = VideoWriter(out, w, h, fps, gop=opts.gop, crf=opts.crf, entropy=opts.entropy)
                 img = None
                 if out is not None:
                     img = fr.reformat(width=size[0], height=size[1], format="rgb24",
