@@ -336,3 +336,32 @@ def trainer_for(cfg, run_dir, make_batches, batches_per_epoch, info=None):
     """A Trainer of `cfg` writing to `run_dir`, fed by `make_batches(epoch, start_batch)` instead of a dataset."""
     plan = replace(plan_settings(cfg, info), run_dir=Path(run_dir))
     return build_trainer(plan, TrainLoader(make_batches, batches_per_epoch))
+
+
+def _read_ue(bits: str, pos: int) -> tuple[int, int]:
+    """One unsigned Exp-Golomb code of an H.264 bit string at `pos`: (value, next position)."""
+    zeros = 0
+    while bits[pos + zeros] == "0":
+        zeros += 1
+    end = pos + 2 * zeros + 1
+    return int(bits[pos + zeros:end], 2) - 1, end
+
+
+def entropy_coding_mode_flags(path) -> list[int]:
+    """entropy_coding_mode_flag (1 = CABAC, 0 = CAVLC) of every picture parameter set in an mp4's avcC box, parsed
+    by hand from the H.264 syntax (ISO 14496-15 avcC; PPS: ue pps_id, ue sps_id, then the flag)."""
+    with av.open(str(path)) as c:
+        avcc = bytes(c.streams.video[0].codec_context.extradata)
+    pos, flags = 6, []
+    for _ in range(avcc[5] & 0x1F):  # skip the sequence parameter sets
+        pos += 2 + int.from_bytes(avcc[pos:pos + 2], "big")
+    for _ in range(avcc[pos]):
+        size = int.from_bytes(avcc[pos + 1:pos + 3], "big")
+        nal = avcc[pos + 3:pos + 3 + size]
+        assert nal[0] & 0x1F == 8  # a PPS
+        bits = "".join(f"{byte:08b}" for byte in nal[1:])
+        _, at = _read_ue(bits, 0)
+        _, at = _read_ue(bits, at)
+        flags.append(int(bits[at]))
+        pos += 3 + size
+    return flags

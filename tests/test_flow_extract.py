@@ -23,6 +23,7 @@ from goca_fast.prepare.flow_files import flow_rel_path
 from goca_fast.cli.flow import main
 from goca_fast.prepare.flow import FlowSettings, extract_flow, grey_frames
 from goca_fast.video.tvl1 import TVL1Params, opencv_tvl1
+from helpers import entropy_coding_mode_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = TVL1Params(nscales=3, warps=3, outer_iterations=3)  # small, fast cases; defaults are tested in test_flow_tvl1
@@ -80,6 +81,7 @@ def test_extract_opencv_and_torch_agree_and_index_is_updated(prepared, tmp_path)
     records, _ = read_index(prepared)
     for r in records:
         assert r.flow == flow_rel_path(r) and r.flow.startswith("flow/")
+        assert entropy_coding_mode_flags(prepared / r.flow) == [0]  # CAVLC, as goca-flow writes by default
         info = probe_video(prepared / r.flow)
         assert (info.frames, info.width, info.height) == (r.frames, r.width, 2 * r.height)
     r = records[0]
@@ -92,8 +94,10 @@ def test_extract_opencv_and_torch_agree_and_index_is_updated(prepared, tmp_path)
     # the torch backend on the same dataset (fresh copy of the flow dir) gives the same flow
     import shutil
     shutil.rmtree(prepared / "flow")
-    rep = extract_flow(str(prepared), FlowSettings("torch", batch=4, params=SMALL), workers=1, limit=1)
+    rep = extract_flow(str(prepared), FlowSettings("torch", batch=4, params=SMALL, entropy="cabac"), workers=1,
+                       limit=1)
     assert rep["computed"] == 1 and rep["with_flow"] == 1          # the others are listed as missing flow
+    assert entropy_coding_mode_flags(prepared / r.flow) == [1]
     stored_t = read_flow_frames(prepared / r.flow, list(range(r.frames)))
     assert np.abs(stored_t.astype(int) - stored.astype(int)).mean() <= 1.0
     assert extract_flow(str(prepared), FlowSettings(params=SMALL), workers=1)["computed"] == 4

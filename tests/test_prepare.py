@@ -25,6 +25,7 @@ from goca_fast.prepare.sources import SplitFileError
 from goca_fast.prepare.build import prepare_dataset
 from goca_fast.video.transcode import ExcludedInput, PrepareOptions, cfr_indices, nominal_fps, target_size
 from goca_fast.video.io import probe_video, read_all_frames
+from helpers import entropy_coding_mode_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIX = {"mpeg4": "yuv420p", "mjpeg": "yuvj420p", "cinepak": "rgb24", "libx264": "yuv420p", "msmpeg4v2": "yuv420p"}
@@ -208,6 +209,7 @@ def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
         ("test__x", ("test",)), ("test__y", ("test",)), ("train__x", ("train",)), ("train__y", ("train",)),
         ("z", ("test",))]
     assert len({r.rgb for r in records}) == 5
+    assert all(entropy_coding_mode_flags(tmp_path / "out" / r.rgb) == [0] for r in records)  # CAVLC by default
     assert (tmp_path / "out" / "excluded.jsonl").read_text() == ""
     # flow JPEGs in the same layout (<split>/<class>/<name>/): each video gets its own split's folder
     import cv2
@@ -229,6 +231,7 @@ def test_split_folders_with_repeated_names_keep_every_video(tmp_path, capsys):
     for vid, want in u.items():
         got = read_flow_frames(tmp_path / "out" / flows[vid].flow, [0, 5])[..., 0].astype(int)
         assert np.abs(got - want).max() <= 2, vid
+        assert entropy_coding_mode_flags(tmp_path / "out" / flows[vid].flow) == [0]
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -348,6 +351,19 @@ def test_prepare_rerun_skips_and_refuses_other_params(ucf_prepared):
     assert stamp == {p: os.stat(p).st_mtime_ns for p in (out / "rgb").rglob("*.mp4")}
     with pytest.raises(ValueError, match="other parameters"):
         prepare_dataset(ds, str(out), PrepareOptions(short_side=64, min_frames=20))
+    with pytest.raises(ValueError, match=r"other parameters \{'entropy': \('cavlc', 'cabac'\)\}"):
+        prepare_dataset(ds, str(out), PrepareOptions(short_side=48, min_frames=20, entropy="cabac"))
+    # a root prepared before the coder was recorded was CABAC: the default (CAVLC) refuses it, cabac carries on
+    params = out / "prepare.json"
+    before = params.read_text()
+    old = json.loads(before)
+    del old["entropy"]
+    params.write_text(json.dumps(old))
+    try:
+        with pytest.raises(ValueError, match=r"\{'entropy': \('cabac', 'cavlc'\)\}"):
+            prepare_dataset(ds, str(out), PrepareOptions(short_side=48, min_frames=20))
+    finally:
+        params.write_text(before)
 
 
 def _cli(*args, **kw):

@@ -26,7 +26,7 @@ from goca_fast.video.flow_codec import (
     write_flow_video,
 )
 from goca_fast.video import io as video_io
-from helpers import decode_frame_index, encode_rgb, frame_index_video
+from helpers import decode_frame_index, encode_rgb, entropy_coding_mode_flags, frame_index_video
 
 
 def _blocky_video(t=40, h=64, w=80, seed=0):
@@ -110,13 +110,32 @@ def test_yuv420_planes_are_the_decoded_planes_of_the_asked_frames(long_index_vid
         assert np.array_equal(v, planes[h * w * 5 // 4:].reshape(h // 2, w // 2))
 
 
-@pytest.fixture(scope="module")
-def long_index_video(tmp_path_factory):
-    """300 frames whose pixels carry their own index (GOP 16, as goca-prepare writes)."""
+@pytest.fixture(scope="module", params=["cavlc", "cabac"])
+def long_index_video(tmp_path_factory, request):
+    """300 frames whose pixels carry their own index (GOP 16, as goca-prepare writes), in either entropy coder."""
     path = tmp_path_factory.mktemp("long") / "idx.mp4"
     rgb, _ = frame_index_video(300, 48, 32)
-    write_video(path, rgb, 25, gop=16)
+    write_video(path, rgb, 25, gop=16, entropy=request.param)
     return path
+
+
+def test_entropy_coder_is_the_one_asked_for(tmp_path):
+    rgb = _blocky_video(t=8)
+    for entropy, flag in (("cavlc", 0), ("cabac", 1)):
+        write_video(tmp_path / f"{entropy}.mp4", rgb, 25, entropy=entropy)
+        write_flow_video(tmp_path / f"flow_{entropy}.mp4", rgb[..., :2], 25, entropy=entropy)
+        with VideoWriter(tmp_path / f"stream_{entropy}.mp4", 80, 64, 25, entropy=entropy) as w:
+            w.write(rgb)
+        for name in (f"{entropy}.mp4", f"flow_{entropy}.mp4", f"stream_{entropy}.mp4"):
+            assert entropy_coding_mode_flags(tmp_path / name) == [flag], name
+    assert entropy_coding_mode_flags(tmp_path / "cabac.mp4") == entropy_coding_mode_flags(_default(tmp_path, rgb))
+    with pytest.raises(ValueError, match="entropy must be one of cavlc, cabac"):
+        write_video(tmp_path / "x.mp4", rgb, 25, entropy="ac")
+
+
+def _default(tmp_path, rgb):
+    write_video(tmp_path / "default.mp4", rgb, 25)  # the writers' own default: CABAC
+    return tmp_path / "default.mp4"
 
 
 def test_seeking_reader_is_exact_and_never_falls_back(long_index_video, monkeypatch):
