@@ -3,8 +3,8 @@
     python benchmarks/decode_bench.py [--readers pyav_seek,pyav_table,decord2,dali_cpu] [--lengths 300 750]
         [--clips 500] [--reps 10]
 
-Videos: 340×256 at 25 fps, H.264 GOP 16 (what goca-prepare writes), 300 and 750 frames (Kinetics 10 s; a long
-UCF101 video), a textured scene panning under a band that carries each frame's index in binary, so every decoded
+Videos: 340×256 at 25 fps, H.264 GOP 16, CAVLC unless --entropy cabac (what goca-prepare writes), 300 and 750
+frames (Kinetics 10 s; a long UCF101 video), a textured scene panning under a band that carries each frame's index in binary, so every decoded
 frame is checked to be the frame asked for. A clip is 16 consecutive frames. Readers, each single-threaded:
 
 - pyav_seek: the project's reader (`goca_fast.video.io.read_frames`): seeks to the keyframe before the clip,
@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import write_results  # noqa: E402
+from goca_fast.video.io import ENTROPY_CODERS, PREPARED_ENTROPY  # noqa: E402
 
 HEIGHT, WIDTH, FPS, GOP, CLIP = 256, 340, 25, 16, 16
 BITS, BAND = 10, 40  # frame index in 10 stripes of the 40 leftmost columns
@@ -63,14 +64,14 @@ def frame_number(frame: np.ndarray) -> int:
     return sum(int(b) << k for k, b in enumerate(bits))
 
 
-def make_videos(cache: Path, lengths) -> dict[int, Path]:
+def make_videos(cache: Path, lengths, entropy: str) -> dict[int, Path]:
     from goca_fast.video.io import write_video
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for n in lengths:
-        path = cache / f"index_{n}.mp4"
+        path = cache / f"index_{n}_{entropy}.mp4"
         if not path.is_file():
-            write_video(path, index_frames(n, seed=n), FPS, gop=GOP)
+            write_video(path, index_frames(n, seed=n), FPS, gop=GOP, entropy=entropy)
         out[n] = path
     return out
 
@@ -159,11 +160,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[300, 750])
     ap.add_argument("--clips", type=int, default=500, help="clips with a uniformly drawn start, per length")
     ap.add_argument("--reps", type=int, default=10, help="reads per fixed start (the median is reported)")
+    ap.add_argument("--entropy", choices=ENTROPY_CODERS, default=PREPARED_ENTROPY,
+                    help="H.264 entropy coder of the videos (default: what goca-prepare writes)")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/goca_fast/decode_bench"))
     ap.add_argument("--name", default="decode")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    videos = make_videos(Path(a.cache), a.lengths)
+    videos = make_videos(Path(a.cache), a.lengths, a.entropy)
     if a.one:  # child: one reader in a fresh process, so its RSS is its own
         print(json.dumps(measure(a.one, videos, a.clips, a.reps)))
         return 0
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
                                         "end_over_start", "clips_per_cpu_s", "clips_per_s", "cpu_util_pct", "wrong_frames", "rss_first_mib",
                                         "rss_last_mib"],
                          {"device": f"CPU, one decoding thread ({os.cpu_count()} cores)", "device_tag": "cpu",
-                          "videos": f"{WIDTH}x{HEIGHT} at {FPS} fps, H.264 GOP {GOP}, lengths {a.lengths}",
+                          "videos": f"{WIDTH}x{HEIGHT} at {FPS} fps, H.264 GOP {GOP} ({a.entropy.upper()}), "
+                                    f"lengths {a.lengths}",
                           "clip": f"{CLIP} consecutive frames", "reps": a.reps, "uniform_clips": a.clips,
                           "versions": versions, "readers_with_wrong_frames": bad})
     print(f"wrote {path}")

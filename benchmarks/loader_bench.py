@@ -2,9 +2,9 @@
 
     python benchmarks/loader_bench.py [--loaders dali_cpu,cpu,official] [--workers 2] [--batches 30] [--repeats 2]
 
-Same dataset for all (generated once into --cache: --videos videos of 340×256, 10 s at 25 fps, encoded as goca-prepare
-and goca-flow encode: H.264 GOP 16, CAVLC unless --entropy cabac; with their flow videos), same recipe (2×16 + 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the
-official code), same worker/thread count. The official-style loader is what the released code does per sample
+Same dataset for all (generated once into --cache: --videos videos of 340×256, 10 s at 25 fps, with their flow
+videos, encoded as goca-prepare and goca-flow encode: H.264 GOP 16, CAVLC unless --entropy cabac), same recipe (2×16
++ 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the official code), same worker/thread count. The official-style loader is what the released code does per sample
 (docs/official_behaviour.md#known-bugs-of-the-official-code): PyAV-decode the *whole* RGB and flow videos,
 convert the sampled frames with to_rgb, then run the torch augmentation on RGB and, independently, on the
 3-channel flow image. Where DALI's time goes: `dali_decode` is the DALI source and the two decoders alone (no
