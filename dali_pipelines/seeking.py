@@ -1,7 +1,7 @@
 """The training source of DALI's CPU backend: the sample's frames decoded by the project's seeking reader, each RGB
 clip's crop resized and coloured in the source's worker processes, the rest of the clip left to the DALI graph.
 
-DALI 1.53's CPU decoder decodes every file from its first frame (measured: 18x the cost of a clip at frame 0 for
+DALI 1.53's CPU decoder decodes every file from its first frame (measured: 10-18x the cost of a clip at frame 0 for
 one at the end of a 750-frame video), so the frames come from `goca_fast.video.io.read_yuv420` and
 `goca_fast.video.flow_codec.read_flow_planes` (exact, and their cost does not grow with where a clip starts).
 
@@ -9,8 +9,8 @@ RGB arrives as the decoder's 4:2:0 planes. Each plane's crop window is resized s
 triangle filter of DALI's antialiased linear resize (`resize_window`), then one affine map takes the clip from
 BT.601 YCbCr to colour-jittered RGB (`ycbcr_colour_map`, applied by `apply_colour_map`). Done here instead of by
 DALI's CPU operators because those cost far more on these small crops (measured per sample of 6 clips on one
-core: resize 15 ms, the colour map 17 ms and the channel concatenation 4 ms in DALI, against about 10 ms for the
-same work here). The GPU graph keeps its own resize and `color_twist`; `tests/test_dali.py` holds both to each
+core: resize 15 ms, the colour map 17 ms and the channel concatenation 4 ms in DALI; moving the work here made the
+DALI graph 39 ms cheaper and the source 18 ms dearer). The GPU graph keeps its own resize and `color_twist`; `tests/test_dali.py` holds both to each
 other.
 """
 from __future__ import annotations
@@ -71,8 +71,8 @@ def rgb_clip(planes: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], order:
              colour: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
     """F×h×w×3 uint8 RGB training crop of the frames `order` of the decoded (Y, Cb, Cr) planes: each plane's crop
     `window` (in luma pixels; the chroma window is it halved, exact for centre-sited chroma) resized to `crop`,
-    then the clip's 3×4 `colour` map (`ycbcr_colour_map`, `apply_colour_map`) in one rounding pass. Black when nothing was decoded,
-    so the batch keeps its shape."""
+    then the clip's 3×4 `colour` map (`ycbcr_colour_map`, `apply_colour_map`) in one rounding pass. Black when
+    nothing was decoded, so the batch keeps its shape."""
     out = np.zeros((len(order), crop[0], crop[1], 3), np.uint8)
     luma_window = tuple(float(v) for v in window)
     chroma_window = tuple(v / 2 for v in luma_window)
