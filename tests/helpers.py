@@ -33,7 +33,7 @@ from goca_fast.train.checkpoint import latest_path, save_checkpoint
 from goca_fast.config import Config, config_to_yaml, load_config
 from goca_fast.data.index import VideoRecord, write_index
 from goca_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
-from goca_fast.video.io import write_video
+from goca_fast.video.io import PREPARED_ENTROPY, write_video
 from goca_fast.data.views import ViewOverrides
 from goca_fast.eval.codes import CodesOptions, run_codes
 from goca_fast.eval.export import ExportOptions, run_export
@@ -311,7 +311,8 @@ def decode_frame_index(frame, nbits: int = INDEX_BITS) -> int:
 def make_frame_index_dataset(root: str | os.PathLike, frame_counts: Sequence[int], height: int = 64,
                              width: int = 80, fps: float = 25, gop: int = 16, with_flow: bool = True,
                              num_classes: int = 2) -> str:
-    """Small dataset of frame-index videos in the on-disk format (loader alignment tests)."""
+    """Small dataset of frame-index videos in the on-disk format goca-prepare and goca-flow write (CAVLC; loader
+    alignment tests, on the GPU too)."""
     root = os.fspath(root)
     classes = [f"class{c}" for c in range(num_classes)]
     records = []
@@ -320,11 +321,11 @@ def make_frame_index_dataset(root: str | os.PathLike, frame_counts: Sequence[int
         vid = f"idx_{i:04d}"
         rgb, flow = frame_index_video(n, height, width)
         rel_rgb = f"rgb/{classes[label]}/{vid}.mp4"
-        write_video(os.path.join(root, rel_rgb), rgb, fps, gop=gop)
+        write_video(os.path.join(root, rel_rgb), rgb, fps, gop=gop, entropy=PREPARED_ENTROPY)
         rel_flow = None
         if with_flow:
             rel_flow = f"flow/{classes[label]}/{vid}.mp4"
-            write_flow_video(os.path.join(root, rel_flow), flow, fps, gop=gop)
+            write_flow_video(os.path.join(root, rel_flow), flow, fps, gop=gop, entropy=PREPARED_ENTROPY)
         records.append(VideoRecord(id=vid, rgb=rel_rgb, flow=rel_flow, label=label, cls=classes[label],
                                    frames=n, fps=float(fps), width=width, height=height,
                                    splits=["train", "test"]))
