@@ -41,7 +41,7 @@ RECIPE = ["data.train_split=train", "data.clips_per_group=[2,4]", "data.frames_p
 
 
 def make_dataset(root: Path, videos: int, frames: int = 250, height: int = 256, width: int = 340,
-                 entropy: str = "cavlc") -> Path:
+                 entropy: str = PREPARED_ENTROPY) -> Path:
     """Textured scenes panning at varying speed (realistic H.264 bitrate), their exact flow, an index; encoded as
     goca-prepare and goca-flow encode (GOP 16, `entropy` coder)."""
     import cv2

@@ -9,9 +9,9 @@ RGB arrives as the decoder's 4:2:0 planes. Each plane's crop window is resized s
 triangle filter of DALI's antialiased linear resize (`resize_window`), then one affine map takes the clip from
 BT.601 YCbCr to colour-jittered RGB (`ycbcr_colour_map`, applied by `apply_colour_map`). Done here instead of by
 DALI's CPU operators because those cost far more on these small crops (measured per sample of 6 clips on one
-core: resize 15 ms, the colour map 17 ms and the channel concatenation 4 ms in DALI; moving the work here made the
-DALI graph 39 ms cheaper and the source 18 ms dearer). The GPU graph keeps its own resize and `color_twist`; `tests/test_dali.py` holds both to each
-other.
+core: resize 15 ms, the colour map 17 ms and the channel concatenation 4 ms in DALI; moving the work here made
+the DALI graph 39 ms cheaper and the source 18 ms dearer). The GPU graph keeps its own resize and `color_twist`;
+the tests hold both to each other.
 """
 from __future__ import annotations
 
@@ -95,8 +95,9 @@ def apply_colour_map(pixels: np.ndarray, colour: np.ndarray) -> np.ndarray:
 
 def crop_box(roi: np.ndarray, height: int, width: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the part of a height×width frame that resizing the window `roi` (y0, x0, y1,
-    x1) to `crop` reads: the window grown by a safe bound on the resampling filter's reach (twice its radius, the
-    downscale factor but at least one pixel, plus two), clipped to the frame, with an even top and left."""
+    x1) to `crop` reads: the window grown by 2·(ceil(downscale factor) + 2) pixels, a safe bound on the filter's
+    reach (its radius is the downscale factor, at least one pixel), clipped to the frame, with an even top and left
+    (needed once for half-resolution chroma boxes; kept, it costs at most a pixel)."""
     y0, x0, y1, x1 = (float(v) for v in roi)
     scale = max((y1 - y0) / crop[0], (x1 - x0) / crop[1], 1.0)
     reach = 2 * (int(np.ceil(scale)) + 2)

@@ -8,8 +8,8 @@ depend on thread count, rank count or on where a run was resumed, and the DALI g
 operator. A sample hands DALI the whole encoded file and the sorted distinct frame indices its clips need
 (`decoders.video(frames=...)` decodes just those, seeking by keyframe); each clip then picks its frames from that
 decode by position (stride, repeats and time reversal included). RGB and flow share the one frame list. On DALI's
-CPU backend, whose decoder does not seek, `dali_pipelines.seeking.SeekingTrainSource` hands over each clip's frames
-decoded by the project's seeking reader instead of the files.
+CPU backend, whose decoder does not seek, `dali_pipelines.seeking.SeekingTrainSource` decodes with the project's
+seeking reader instead and hands over each RGB clip resized and coloured, each flow clip as its frames.
 """
 from __future__ import annotations
 

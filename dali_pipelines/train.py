@@ -40,8 +40,9 @@ def train_pipeline(source: TrainSource, num_clips: int, with_flow: bool, crop: S
                    blur_window: int, out_dtype, gpu: bool):
     """Outputs: meta (N×3 int64: label, index, keep), the RGB clips, then the flow clips (config order).
 
-    A `SeekingTrainSource` (the CPU backend) hands over each clip's decoded frames (`_decoded_clips`); otherwise the
-    source hands over the files and DALI decodes them (NVDEC on the GPU)."""
+    A `SeekingTrainSource` (the CPU backend) hands over each RGB clip resized and coloured and each flow clip's
+    frames (`_decoded_clips`); otherwise the source hands over the files and DALI decodes them (NVDEC on the
+    GPU)."""
     if isinstance(source, SeekingTrainSource):
         return _decoded_clips(source, num_clips, with_flow, crop, official_flow, blur_window, out_dtype)
     per_clip = [types.INT32, types.FLOAT] * (2 if with_flow else 1)

@@ -145,7 +145,8 @@ def test_import_memdpc_jpegs(prepared, tmp_path):
         elif k != 4:                                          # record 4: no folder at all
             _memdpc_jpegs(jroot / r.cls / r.id, flow)
         truth[r.id] = flow
-    rep = main(["--root", str(prepared), "--import-jpeg", str(tmp_path / "jpeg"), "--no-progress", "--workers", "2"])
+    rep = main(["--root", str(prepared), "--import-jpeg", str(tmp_path / "jpeg"), "--no-progress", "--workers", "2",
+                "--entropy", "cabac"])
     assert rep == 0
     recs, _ = read_index(prepared)
     assert {r.id for r in recs} == {records[0].id, records[2].id, records[3].id}
@@ -158,6 +159,7 @@ def test_import_memdpc_jpegs(prepared, tmp_path):
         got = dequantise_flow(read_flow_frames(prepared / flow_rel_path(r), list(range(r.frames - 1))))
         tol = 0.25 if k == 0 else 0.6                         # JPEG + H.264 (+ resize for k = 3), in px
         assert np.abs(got - truth[r.id]).mean() < tol
+        assert entropy_coding_mode_flags(prepared / flow_rel_path(r)) == [1]  # --entropy reached the writer
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -362,6 +362,8 @@ def test_prepare_rerun_skips_and_refuses_other_params(ucf_prepared):
     try:
         with pytest.raises(ValueError, match=r"\{'entropy': \('cabac', 'cavlc'\)\}"):
             prepare_dataset(ds, str(out), PrepareOptions(short_side=48, min_frames=20))
+        rep = prepare_dataset(ds, str(out), PrepareOptions(short_side=48, min_frames=20, entropy="cabac"), workers=1)
+        assert rep["encoded"] == 0 and rep["skipped_existing"] == 4
     finally:
         params.write_text(before)
 

@@ -63,8 +63,8 @@ def _print_check(report: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    opts = PrepareOptions(short_side=a.short_side, gop=a.gop, crf=a.crf, entropy=a.entropy, fps=a.fps, min_frames=a.min_frames,
-                          max_gap=a.max_gap, upscale=not a.no_upscale)
+    opts = PrepareOptions(short_side=a.short_side, gop=a.gop, crf=a.crf, entropy=a.entropy, fps=a.fps,
+                          min_frames=a.min_frames, max_gap=a.max_gap, upscale=not a.no_upscale)
     try:
         opts.check()
         if a.workers < 1:

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from goca_fast.runtime.atomic import remove_stale_temps
-from goca_fast.video.io import ENTROPY_CODERS, PREPARED_ENTROPY, VideoReadError, read_all_frames, set_decoder_threads
+from goca_fast.video.io import (PREPARED_ENTROPY, VideoReadError, check_entropy, read_all_frames,
+                                 set_decoder_threads)
 from goca_fast.video.flow_codec import FLOW_CRF, pad_flow_to_frames, quantise_flow, write_flow_video
 from goca_fast.prepare.flow_files import (FlowJob, FlowJournal, finish_shard, load_master, pending_jobs,
                                           read_journals)
@@ -180,8 +181,7 @@ def extract_flow(root: str, settings: FlowSettings = FlowSettings(), *, workers:
     rewriting the index; shard i/n of n > 1 leaves that to one `merge_shards` once every shard has finished."""
     backend, device, params, gop, crf = settings.backend, settings.device, settings.params, settings.gop, settings.crf
     params.check()
-    if settings.entropy not in ENTROPY_CODERS:
-        raise ValueError(f"entropy must be one of {', '.join(ENTROPY_CODERS)}, got {settings.entropy!r}")
+    check_entropy(settings.entropy)
     if backend not in ("opencv", "torch"):
         raise ValueError(f"unknown backend {backend!r}; use opencv or torch")
     root = os.path.abspath(root)

@@ -26,7 +26,7 @@ import cv2
 from goca_fast.runtime.atomic import remove_stale_temps
 from goca_fast.prepare.sources import SPLIT_DIR_NAMES
 from goca_fast.data.index import VideoRecord
-from goca_fast.video.io import PREPARED_ENTROPY
+from goca_fast.video.io import PREPARED_ENTROPY, check_entropy
 from goca_fast.video.flow_codec import FLOW_CRF, dequantise_flow, pad_flow_to_frames, quantise_flow, write_flow_video
 from goca_fast.prepare.flow_files import (FlowJournal, finish_shard, flow_rel_path, load_master, pending_jobs,
                                           read_journals)
@@ -133,6 +133,7 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
                      entropy: str = PREPARED_ENTROPY) -> dict:
     """Import every missing flow video of this shard of the prepared dataset `root` from JPEG folders; one shard
     (0/1) rewrites the index, shards of n > 1 leave it to `goca-flow --merge` (as `extract_flow`)."""
+    check_entropy(entropy)
     root = os.path.abspath(root)
     records, classes, excluded = load_master(root)
     remove_stale_temps(os.path.join(root, "flow"))

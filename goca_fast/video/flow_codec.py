@@ -21,7 +21,7 @@ from typing import Sequence
 import av
 import numpy as np
 
-from goca_fast.video.io import VideoReadError, _decode_at, _encode, _plane, _planes_frame
+from goca_fast.video.io import WRITER_ENTROPY, VideoReadError, _decode_at, _encode, _plane, _planes_frame
 
 FLOW_BOUND = 20.0   # px: u and v are clipped to ±FLOW_BOUND; the network's flow input is px / FLOW_BOUND
 U8_LEVELS = 255.0   # quantisation: u8 = (px + FLOW_BOUND) · U8_LEVELS / (2 · FLOW_BOUND)
@@ -54,7 +54,7 @@ def pad_flow_to_frames(flow: np.ndarray, num_frames: int) -> np.ndarray:
 
 
 def write_flow_video(path: str | os.PathLike, flow_u8: np.ndarray, fps: float, gop: int = 16,
-                     crf: float = FLOW_CRF, entropy: str = "cabac") -> None:
+                     crf: float = FLOW_CRF, entropy: str = WRITER_ENTROPY) -> None:
     """Write T×H×W×2 uint8 flow as a full-range 2H×W luma video (atomic); `entropy`: see
     `goca_fast.video.io.ENTROPY_CODERS`."""
     flow_u8 = np.asarray(flow_u8)

@@ -108,6 +108,13 @@ def _fps_fraction(fps: float) -> Fraction:
 # epoch. The writers' own default stays CABAC, so the procedural datasets behind measured results keep their bytes.
 ENTROPY_CODERS = ("cavlc", "cabac")
 PREPARED_ENTROPY = "cavlc"
+WRITER_ENTROPY = "cabac"
+
+
+def check_entropy(entropy: str) -> None:
+    """A one-line ValueError unless `entropy` is one of `ENTROPY_CODERS`."""
+    if entropy not in ENTROPY_CODERS:
+        raise ValueError(f"entropy must be one of {', '.join(ENTROPY_CODERS)}, got {entropy!r}")
 
 
 def _x264_params(gop: int, entropy: str) -> str:
@@ -119,8 +126,7 @@ def _x264_params(gop: int, entropy: str) -> str:
     # 1 encode in 40 differed). One thread differs less often but is not bit-exact either (1 in 80
     # on a quiet machine, cause not found). Speed is kept by encoding videos in parallel processes
     # (the --workers of goca-prepare and goca-flow).
-    if entropy not in ENTROPY_CODERS:
-        raise ValueError(f"entropy must be one of {', '.join(ENTROPY_CODERS)}, got {entropy!r}")
+    check_entropy(entropy)
     cabac = int(entropy == "cabac")
     return f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:chromaloc=1:threads=1:cabac={cabac}"
 
@@ -131,7 +137,7 @@ def _temp_output(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def _encode(path: str | os.PathLike, width: int, height: int, fps: float, gop: int, crf: float,
-            frames: Callable[[], Iterable["av.VideoFrame"]], full_range: bool, entropy: str = "cabac") -> None:
+            frames: Callable[[], Iterable["av.VideoFrame"]], full_range: bool, entropy: str = WRITER_ENTROPY) -> None:
     """Shared H.264 writer: temp file in the target dir, then os.replace (atomic)."""
     if width % 2 or height % 2:
         raise ValueError(f"H.264 yuv420p needs even width and height, got {width}x{height}")
@@ -167,7 +173,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float, gop: int = 16,
-                 crf: float = 18, entropy: str = "cabac"):
+                 crf: float = 18, entropy: str = WRITER_ENTROPY):
         if width % 2 or height % 2:
             raise ValueError(f"H.264 yuv420p needs even width and height, got {width}x{height}")
         if gop < 1:
@@ -236,7 +242,7 @@ class VideoWriter:
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, gop: int = 16,
-                crf: float = 18, entropy: str = "cabac") -> None:
+                crf: float = 18, entropy: str = WRITER_ENTROPY) -> None:
     """Write T×H×W×3 uint8 RGB as CFR H.264 yuv420p mp4 with a fixed GOP (atomic); `entropy`: see
     `ENTROPY_CODERS`."""
     frames = np.asarray(frames)

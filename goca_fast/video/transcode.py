@@ -19,7 +19,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
-from goca_fast.video.io import ENTROPY_CODERS, PREPARED_ENTROPY, VideoWriter, _configure_decoder
+from goca_fast.video.io import PREPARED_ENTROPY, VideoWriter, _configure_decoder, check_entropy
 
 _VERSION = 1
 
@@ -50,8 +50,7 @@ class PrepareOptions:
             raise ValueError(f"gop must be >= 1, got {self.gop}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {self.crf}")
-        if self.entropy not in ENTROPY_CODERS:
-            raise ValueError(f"entropy must be one of {', '.join(ENTROPY_CODERS)}, got {self.entropy!r}")
+        check_entropy(self.entropy)
         if self.fps is not None and not 1 <= self.fps <= 240:
             raise ValueError(f"fps must be in [1, 240], got {self.fps}")
         if self.min_frames < 1:
