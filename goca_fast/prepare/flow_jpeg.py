@@ -140,12 +140,12 @@ def import_jpeg_flow(root: str, jpeg_root: str, workers: int = 1, tolerance: int
     journals = read_journals(root)
     with FlowJournal(root, shard, journals) as journal:
         jobs, done_before = pending_jobs(root, records, shard, gop, crf, journal, journals.verified, entropy)
-        report = _import(root, jpeg_root, jobs, workers, tolerance, gop, crf, progress, journal)
+        report = _import(root, jpeg_root, jobs, workers, tolerance, progress, journal)
     report.update({"videos": len(records), "already_done": done_before, "shard": list(shard)})
     return finish_shard(root, (records, classes, excluded), shard, report, journals)
 
 
-def _import(root: str, jpeg_root: str, jobs: list, workers: int, tolerance: int, gop: int, crf: float,
+def _import(root: str, jpeg_root: str, jobs: list, workers: int, tolerance: int,
             progress: bool, journal: FlowJournal) -> dict:
     folders = index_jpeg_folders(jpeg_root)
     failures: dict[str, str] = {}
@@ -160,7 +160,7 @@ def _import(root: str, jpeg_root: str, jobs: list, workers: int, tolerance: int,
         if not cands:
             failures[j.rec.id] = "flow missing: no JPEG folder named after the video"
             continue
-        work.append((root, j.rec, cands[0], flow_rel_path(j.rec), tolerance, gop, crf, j.entropy))
+        work.append((root, j.rec, cands[0], flow_rel_path(j.rec), tolerance, j.gop, j.crf, j.entropy))
     t0 = time.time()
     by_id = {j.rec.id: j.rec for j in jobs}
     for vid, reason in failures.items():

@@ -136,22 +136,34 @@ def _temp_output(path: str | os.PathLike) -> tuple[str, str]:
     return os.fspath(path), temp_beside(path, os.path.splitext(os.fspath(path))[1] or ".mp4")
 
 
-def _encode(path: str | os.PathLike, width: int, height: int, fps: float, gop: int, crf: float,
-            frames: Callable[[], Iterable["av.VideoFrame"]], full_range: bool, entropy: str = WRITER_ENTROPY) -> None:
-    """Shared H.264 writer: temp file in the target dir, then os.replace (atomic)."""
+def _check_h264_size(width: int, height: int, gop: int) -> None:
     if width % 2 or height % 2:
         raise ValueError(f"H.264 yuv420p needs even width and height, got {width}x{height}")
     if gop < 1:
         raise ValueError(f"gop must be >= 1, got {gop}")
+
+
+def _add_h264_stream(container, width: int, height: int, fps: float, gop: int, crf: float, entropy: str,
+                     full_range: bool = False):
+    """The project's H.264 stream (CFR yuv420p, fixed GOP, `_x264_params`) on an output container: the one
+    encoding setup every writer shares."""
+    stream = container.add_stream("libx264", rate=_fps_fraction(fps))
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    if full_range:
+        stream.codec_context.color_range = av.video.reformatter.ColorRange.JPEG
+    stream.codec_context.gop_size = gop
+    stream.options = {"crf": str(crf), "preset": "medium", "x264-params": _x264_params(gop, entropy)}
+    return stream
+
+
+def _encode(path: str | os.PathLike, width: int, height: int, fps: float, gop: int, crf: float,
+            frames: Callable[[], Iterable["av.VideoFrame"]], full_range: bool, entropy: str = WRITER_ENTROPY) -> None:
+    """Shared H.264 writer: temp file in the target dir, then os.replace (atomic)."""
+    _check_h264_size(width, height, gop)
     final, tmp = _temp_output(path)
     try:
         with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=_fps_fraction(fps))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            if full_range:
-                stream.codec_context.color_range = av.video.reformatter.ColorRange.JPEG
-            stream.codec_context.gop_size = gop
-            stream.options = {"crf": str(crf), "preset": "medium", "x264-params": _x264_params(gop, entropy)}
+            stream = _add_h264_stream(container, width, height, fps, gop, crf, entropy, full_range)
             for frame in frames():
                 for packet in stream.encode(frame):
                     container.mux(packet)
@@ -174,18 +186,12 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float, gop: int = 16,
                  crf: float = 18, entropy: str = WRITER_ENTROPY):
-        if width % 2 or height % 2:
-            raise ValueError(f"H.264 yuv420p needs even width and height, got {width}x{height}")
-        if gop < 1:
-            raise ValueError(f"gop must be >= 1, got {gop}")
+        _check_h264_size(width, height, gop)
         self.width, self.height, self.frames = width, height, 0
         self._final, self._tmp = _temp_output(path)
         try:
             self._container = av.open(self._tmp, mode="w", format="mp4")
-            self._stream = self._container.add_stream("libx264", rate=_fps_fraction(fps))
-            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
-            self._stream.codec_context.gop_size = gop
-            self._stream.options = {"crf": str(crf), "preset": "medium", "x264-params": _x264_params(gop, entropy)}
+            self._stream = _add_h264_stream(self._container, width, height, fps, gop, crf, entropy)
         except BaseException:
             self.abort()
             raise
