@@ -4,8 +4,8 @@
         [--clips 500] [--reps 10]
 
 Videos: 340×256 at 25 fps, H.264 GOP 16, CAVLC unless --entropy cabac (what goca-prepare writes), 300 and 750
-frames (Kinetics 10 s; a long UCF101 video), a textured scene panning under a band that carries each frame's index in binary, so every decoded
-frame is checked to be the frame asked for. A clip is 16 consecutive frames. Readers, each single-threaded:
+frames (Kinetics 10 s; a long UCF101 video), a textured scene panning under a band that carries each frame's
+index in binary, so every decoded frame is checked to be the frame asked for. A clip is 16 consecutive frames. Readers, each single-threaded:
 
 - pyav_seek: the project's reader (`goca_fast.video.io.read_frames`): seeks to the keyframe before the clip,
   frames identified by their timestamp on the frame grid, RGB converted by the project's own conversion;

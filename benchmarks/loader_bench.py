@@ -3,11 +3,12 @@
     python benchmarks/loader_bench.py [--loaders dali_cpu,cpu,official] [--workers 2] [--batches 30] [--repeats 2]
 
 Same dataset for all (generated once into --cache: --videos videos of 340×256, 10 s at 25 fps, with their flow
-videos, encoded as goca-prepare and goca-flow encode: H.264 GOP 16, CAVLC unless --entropy cabac), same recipe (2×16
-+ 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the official code), same worker/thread count. The official-style loader is what the released code does per sample
-(docs/official_behaviour.md#known-bugs-of-the-official-code): PyAV-decode the *whole* RGB and flow videos,
-convert the sampled frames with to_rgb, then run the torch augmentation on RGB and, independently, on the
-3-channel flow image. Where DALI's time goes: `dali_decode` is the DALI source and the two decoders alone (no
+videos, encoded as goca-prepare and goca-flow encode: H.264 GOP 16, CAVLC unless --entropy cabac), same recipe
+(2×16 + 4×8 frames at stride 2, scale 128-160, crop 112, jitter/grey as the official code), same worker/thread
+count. The official-style loader is what the released code does per sample
+(docs/official_behaviour.md#known-bugs-of-the-official-code): PyAV-decode the *whole* RGB and flow videos, convert
+the sampled frames with to_rgb, then run the torch augmentation on RGB and, independently, on the 3-channel flow
+image. Where DALI's time goes: `dali_decode` is the DALI source and the two decoders alone (no
 augmentation, no copy into torch), `dali_graph` the whole training graph without the copy into torch, so
 decode / augmentation / copy are the differences of `dali_decode`, `dali_graph` and `dali_cpu`. Reported per loader:
 clips/s, clips per CPU-second (steadier than clips/s on a shared machine), ms/batch, CPU utilisation (process +
